@@ -1,0 +1,246 @@
+"""Offline model directories for tests, the CPU demo and benchmarks.
+
+``build_model_dir(family, size)`` writes a complete Hugging Face model directory (config, random
+weights, tokenizer, processor) that ``AutoModelForImageTextToText.from_pretrained`` and
+``swift infer --model DIR`` load exactly like a downloaded checkpoint. Sizes:
+
+- ``tiny``: a few layers of width 128 (about 20 M parameters, mostly the 151936-row embedding), for tests;
+- ``bench``: width 512, 12 layers (tens of millions of parameters), for CPU benchmarks;
+- full-size shapes of the real checkpoints (``full_size_config``) to instantiate with random weights on a
+  GPU, where compute cost equals the real model's.
+
+Builds are deterministic (seeded), cached under ``QZOOM_CACHE`` (default ``~/.cache/qzoom_swift``) and
+written atomically, so parallel test processes and interrupted builds never see half a directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qzoom_swift.testing.tokenizer import (
+    LLAVA_CHAT_TEMPLATE,
+    QWEN2_VL_CHAT_TEMPLATE,
+    QWEN3_VL_CHAT_TEMPLATE,
+    QWEN_VOCAB_SIZE,
+    build_llava_tokenizer,
+    build_qwen_tokenizer,
+)
+
+BUILDER_VERSION = 1
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
+SIZES = ("tiny", "bench")
+
+# swift's --model_type / --template for the stock (branch-less) model of each family.
+SWIFT_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "llava": "llava1_5_hf"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QZOOM_CACHE", Path.home() / ".cache" / "qzoom_swift"))
+
+
+_TEXT_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
+                 num_key_value_heads=2, initializer_range=0.05),
+    "bench": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
+                  num_key_value_heads=2),
+}
+_VISION_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2),
+    "bench": dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4),
+}
+
+
+def _qwen2_5_vl_config(size: str) -> dict[str, Any]:
+    text = dict(_TEXT_SIZES[size], vocab_size=QWEN_VOCAB_SIZE, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": None})
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    half = head_dim // 2
+    t = half // 4
+    text["rope_parameters"]["mrope_section"] = [t, (half - t) // 2, half - t - (half - t) // 2]
+    depth = _VISION_SIZES[size]["depth"]
+    vision = dict(_VISION_SIZES[size], out_hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=list(range(1, depth, 2)))
+    return dict(text_config=text, vision_config=vision, tie_word_embeddings=True)
+
+
+def _qwen3_vl_config(size: str) -> dict[str, Any]:
+    text = dict(_TEXT_SIZES[size], vocab_size=QWEN_VOCAB_SIZE, max_position_embeddings=32768)
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    half = head_dim // 2
+    h = (half * 5) // 16
+    text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                    "mrope_section": [half - 2 * h, h, h], "mrope_interleaved": True})
+    depth = _VISION_SIZES[size]["depth"]
+    vision = dict(_VISION_SIZES[size], out_hidden_size=text["hidden_size"], patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=256,
+                  deepstack_visual_indexes=list(range(min(depth, 3))))
+    return dict(text_config=text, vision_config=vision, tie_word_embeddings=True)
+
+
+def _llava_config(size: str, image_token_id: int, vocab_size: int) -> dict[str, Any]:
+    t = _TEXT_SIZES[size]
+    text = dict(model_type="llama", vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5, **t)
+    v = _VISION_SIZES[size]
+    vision = dict(model_type="clip_vision_model", hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                  num_hidden_layers=v["depth"], num_attention_heads=v["num_heads"], image_size=224, patch_size=14,
+                  projection_dim=v["hidden_size"])
+    return dict(text_config=text, vision_config=vision, image_token_index=image_token_id, image_seq_length=256,
+                vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+# Full-size shapes of the checkpoints the paper uses (values of their public config.json files).
+FULL_SIZE_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Qwen2.5-VL-3B-Instruct": ("qwen2_5_vl", dict(
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+        tie_word_embeddings=True)),
+    "Qwen2.5-VL-7B-Instruct": ("qwen2_5_vl", dict(
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+        tie_word_embeddings=False)),
+    "Qwen3-VL-4B-Instruct": ("qwen3_vl", dict(
+        text_config=dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                          "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+        vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                           deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh"),
+        tie_word_embeddings=True)),
+    "llava-1.5-7b-hf": ("llava", dict(
+        text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                         max_position_embeddings=4096, rms_norm_eps=1e-5),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
+                           projection_dim=768),
+        image_token_index=32000, image_seq_length=576, vision_feature_layer=-2,
+        vision_feature_select_strategy="default")),
+}
+
+
+def make_config(family: str, config_kwargs: dict[str, Any]):
+    """A transformers config object of ``family`` from plain dict kwargs."""
+    from transformers import LlavaConfig, Qwen2_5_VLConfig, Qwen3VLConfig
+
+    kwargs = copy.deepcopy(config_kwargs)
+    if family == "qwen2_5_vl":
+        return Qwen2_5_VLConfig(**kwargs)
+    if family == "qwen3_vl":
+        return Qwen3VLConfig(**kwargs)
+    if family == "llava":
+        return LlavaConfig(**kwargs)
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def full_size_config(name: str):
+    """The config of a real checkpoint by name (e.g. ``Qwen2.5-VL-7B-Instruct``), for random-init cost runs."""
+    if name not in FULL_SIZE_CONFIGS:
+        raise KeyError(f"no full-size shape named {name!r}; known: {sorted(FULL_SIZE_CONFIGS)}")
+    family, kwargs = FULL_SIZE_CONFIGS[name]
+    return family, make_config(family, kwargs)
+
+
+def _make_processor(family: str, tokenizer):
+    if family == "llava":
+        from transformers import CLIPImageProcessor, LlavaProcessor
+
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                             do_center_crop=True)
+        return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=LLAVA_CHAT_TEMPLATE)
+    from transformers import Qwen2VLImageProcessor
+
+    patch = 14 if family == "qwen2_5_vl" else 16
+    unit = (patch * 2) ** 2  # pixels of one merged visual token
+    image_kwargs: dict[str, Any] = dict(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                        size={"shortest_edge": 4 * unit, "longest_edge": 4096 * unit})
+    if family == "qwen3_vl":
+        image_kwargs.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    image_processor = Qwen2VLImageProcessor(**image_kwargs)
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+
+        return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                            video_processor=Qwen3VLVideoProcessor(patch_size=16), chat_template=QWEN3_VL_CHAT_TEMPLATE)
+
+
+def _write_model_dir(family: str, config, out_dir: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    if family == "llava":
+        tokenizer = build_llava_tokenizer(None)
+    else:
+        tokenizer = build_qwen_tokenizer(None, family=family)
+    processor = _make_processor(family, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.eval()
+    if family == "llava":
+        gen = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
+    else:
+        gen = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643)
+    model.generation_config = gen
+    model.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+
+
+def tiny_config(family: str, size: str = "tiny"):
+    """The config of a locally built model (``tiny`` or ``bench``)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    if family == "qwen2_5_vl":
+        return make_config(family, _qwen2_5_vl_config(size))
+    if family == "qwen3_vl":
+        return make_config(family, _qwen3_vl_config(size))
+    if family == "llava":
+        tok = build_llava_tokenizer(None)
+        vocab = ((len(tok) + 63) // 64) * 64
+        return make_config(family, _llava_config(size, tok.convert_tokens_to_ids("<image>"), vocab))
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def build_model_dir(family: str, size: str = "tiny", *, cache_dir: str | Path | None = None, seed: int = 0,
+                    force: bool = False) -> Path:
+    """Build (once) and return a model directory for ``family`` at ``size``; reused while it exists."""
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    out = root / "models" / f"{family}-{size}-s{seed}-v{BUILDER_VERSION}"
+    if out.is_dir() and (out / "config.json").is_file() and not force:
+        return out
+    root.joinpath("models").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=root / "models"))
+    try:
+        _write_model_dir(family, tiny_config(family, size), tmp, seed)
+        if out.exists():
+            shutil.rmtree(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "config.json").is_file():  # another process won the race with a complete dir
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
