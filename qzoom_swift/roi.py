@@ -1,0 +1,369 @@
+"""Region-of-interest geometry for Q-Zoom inference: heatmap -> box -> crop -> token budget -> positions.
+
+Kept free of model code so every rule of the official release (reference §3.3, §5.2 C, §5.4) can be
+checked exhaustively by hand-made grids and numbers. Conventions used throughout:
+
+- grid sizes are ``(height, width)`` in merged visual tokens (as Qwen's ``image_grid_thw`` without t);
+- image sizes are ``(width, height)`` in pixels (as PIL's ``Image.size``);
+- boxes are half-open: ``x1``/``y1``/``right``/``bottom`` are exclusive, like PIL's ``crop``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from qwen_vl_utils import smart_resize
+from qwen_vl_utils.vision_process import MAX_RATIO
+from torch import Tensor
+from torchvision.transforms.functional import gaussian_blur
+
+logger = logging.getLogger(__name__)
+
+MAX_ASPECT_RATIO: float = float(MAX_RATIO)
+"""Qwen's resize rule refuses images whose long/short side ratio exceeds this (200)."""
+
+# Tolerance when turning normalised floats back into pixels: 0.3 * 10 is 3.0000000000000004 in floats,
+# which must stay pixel 3 on both the floor (left/top) and the ceil (right/bottom) side.
+_NORMALIZED_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class GridBox:
+    """A box of merged-token grid cells; ``x1`` and ``y1`` are exclusive, so a 1-cell box has width 1."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.x0 < self.x1 and 0 <= self.y0 < self.y1):
+            raise ValueError(f"empty or negative GridBox {self}: need 0 <= x0 < x1 and 0 <= y0 < y1")
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def area(self) -> int:
+        """Number of grid cells covered."""
+        return self.width * self.height
+
+    def fits_grid(self, grid_hw: tuple[int, int]) -> bool:
+        """Whether the box lies inside a grid of ``(height, width)`` cells."""
+        return self.x1 <= grid_hw[1] and self.y1 <= grid_hw[0]
+
+
+@dataclass(frozen=True)
+class PixelBox:
+    """A box in pixels of the ORIGINAL image; ``right`` and ``bottom`` are exclusive, as in PIL's crop."""
+
+    left: int
+    top: int
+    right: int
+    bottom: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.left < self.right and 0 <= self.top < self.bottom):
+            raise ValueError(
+                f"empty or negative PixelBox {self}: need 0 <= left < right and 0 <= top < bottom"
+            )
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        """``(left, top, right, bottom)``, the argument order of ``PIL.Image.crop``."""
+        return (self.left, self.top, self.right, self.bottom)
+
+    def normalized(self, image_w: int, image_h: int) -> tuple[float, float, float, float]:
+        """``(x0, y0, x1, y1)`` in [0, 1], to report or store a box independently of the image size."""
+        return (self.left / image_w, self.top / image_h, self.right / image_w, self.bottom / image_h)
+
+    @classmethod
+    def from_normalized(cls, box: tuple[float, float, float, float], image_w: int, image_h: int) -> PixelBox:
+        """Inverse of :meth:`normalized`: floor the left/top edge, ceil the right/bottom edge, clamp to the
+        image, so the pixel box always covers the normalised one (and round-trips exactly)."""
+        x0, y0, x1, y1 = box
+        left = max(0, math.floor(x0 * image_w + _NORMALIZED_EPS))
+        top = max(0, math.floor(y0 * image_h + _NORMALIZED_EPS))
+        right = min(image_w, math.ceil(x1 * image_w - _NORMALIZED_EPS))
+        bottom = min(image_h, math.ceil(y1 * image_h - _NORMALIZED_EPS))
+        return cls(left, top, right, bottom)
+
+
+def _check_heatmap(logits: Tensor) -> None:
+    if logits.ndim != 2 or logits.numel() == 0:
+        raise ValueError(f"expected a non-empty [h, w] heatmap, got shape {tuple(logits.shape)}")
+
+
+def heatmap_probabilities(
+    logits: Tensor,
+    blur_kernel: int = 3,
+    blur_sigma: float = 1.0,
+    keep_mask: Tensor | None = None,
+) -> Tensor:
+    """Sigmoid, then a Gaussian blur (torchvision, reflect padding), as the official release does.
+
+    The blur fills one-cell holes and grows isolated peaks a little, so a box around the thresholded map
+    is less ragged. ``keep_mask`` (bool ``[h, w]``, False = attention-sink cell) zeroes probabilities
+    before the blur, like the official sink mask. Non-finite logits flow through unchanged (NaN stays
+    NaN); :func:`roi_box_from_heatmap` decides what to do with them.
+
+    Reflect padding needs the padding to be smaller than the grid side, so on an axis shorter than the
+    kernel the kernel is clamped to ``2 * side - 1`` (1 for a side of 1: that axis is not blurred).
+    Returns float32 ``[h, w]``.
+    """
+    _check_heatmap(logits)
+    if blur_kernel < 1 or blur_kernel % 2 == 0:
+        raise ValueError(f"blur_kernel={blur_kernel}: expected a positive odd integer")
+    if not blur_sigma > 0:
+        raise ValueError(f"blur_sigma={blur_sigma}: expected a positive number")
+    probs = torch.sigmoid(logits.detach().to(torch.float32))
+    if keep_mask is not None:
+        if keep_mask.shape != logits.shape:
+            raise ValueError(
+                f"keep_mask shape {tuple(keep_mask.shape)} != heatmap shape {tuple(logits.shape)}"
+            )
+        probs = probs * keep_mask.to(device=probs.device, dtype=torch.bool)
+    h, w = probs.shape
+    kernel_x = min(blur_kernel, 2 * w - 1)
+    kernel_y = min(blur_kernel, 2 * h - 1)
+    if kernel_x == 1 and kernel_y == 1:
+        return probs
+    blurred = gaussian_blur(probs.unsqueeze(0), [kernel_x, kernel_y], [float(blur_sigma), float(blur_sigma)])
+    return blurred.squeeze(0)
+
+
+def mask_bounding_box(mask: Tensor) -> GridBox | None:
+    """The single axis-aligned box around ALL True cells of a bool ``[h, w]`` mask, or None if none.
+
+    No connected components, on purpose: the official release keeps one box, so two distant blobs give
+    one large box covering both.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"expected an [h, w] mask, got shape {tuple(mask.shape)}")
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    if rows.numel() == 0:
+        return None
+    return GridBox(int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+
+
+def roi_box_from_heatmap(
+    logits: Tensor,
+    tau_roi: float,
+    blur_kernel: int = 3,
+    blur_sigma: float = 1.0,
+    keep_mask: Tensor | None = None,
+) -> GridBox | None:
+    """The region to zoom into: cells whose blurred probability is strictly above ``tau_roi``, boxed.
+
+    Returns None (no zoom: the caller answers from the low-resolution pass) when no cell survives, or,
+    with a logged warning, when any logit is NaN or infinite, since a broken heatmap should never pick
+    a crop. When every cell survives the box is the whole grid.
+    """
+    _check_heatmap(logits)
+    if not math.isfinite(tau_roi):
+        raise ValueError(f"tau_roi={tau_roi}: expected a finite number")
+    finite = torch.isfinite(logits)
+    if not bool(finite.all()):
+        logger.warning(
+            "RoI heatmap has %d non-finite logit(s) out of %d; skipping the zoom for this sample",
+            int((~finite).sum()),
+            logits.numel(),
+        )
+        return None
+    probs = heatmap_probabilities(logits, blur_kernel, blur_sigma, keep_mask)
+    return mask_bounding_box(probs > tau_roi)
+
+
+def _grow_span(lo: int, hi: int, target: int, limit: int) -> tuple[int, int]:
+    """Grow ``[lo, hi)`` to ``min(target, limit)`` around its centre, then slide it back into [0, limit)."""
+    target = min(target, limit)
+    if hi - lo >= target:
+        return lo, hi
+    lo = (lo + hi - target) // 2  # floor of (centre - target / 2)
+    lo = min(max(lo, 0), limit - target)
+    return lo, lo + target
+
+
+def grid_box_to_pixel_box(
+    box: GridBox,
+    grid_hw: tuple[int, int],
+    image_wh: tuple[int, int],
+    min_side: int = 28,
+    max_aspect: float = MAX_ASPECT_RATIO,
+) -> PixelBox:
+    """Map grid cells to pixels of the original image, growing boxes too small or too thin to encode.
+
+    A cell edge ``x`` maps to ``x * image_w / grid_w`` (likewise for y), exactly as the official
+    ``get_bbox4src`` (which goes through the resized image; the patch size cancels). Left/top are
+    floored and right/bottom ceiled, so the crop always covers the selected cells (the official code
+    truncates both, which can shave a pixel). Then:
+
+    - a side shorter than ``min_side`` pixels grows around its centre to ``min_side``, slides back inside
+      the image and never exceeds the image side (28 source pixels for every backbone, as released);
+    - if long/short side exceeds ``max_aspect``, the short side grows the same way until it does not, so
+      Qwen's resize rule (which refuses ratios above 200) can always encode the crop unless the image
+      itself is that thin. Pass ``math.inf`` to disable.
+    """
+    grid_h, grid_w = grid_hw
+    image_w, image_h = image_wh
+    if min(grid_h, grid_w, image_w, image_h) < 1:
+        raise ValueError(f"grid_hw={grid_hw} and image_wh={image_wh} must be positive")
+    if not box.fits_grid(grid_hw):
+        raise ValueError(f"{box} does not fit a grid of (h, w)={grid_hw}")
+    if min_side < 1:
+        raise ValueError(f"min_side={min_side}: expected >= 1")
+    if not max_aspect >= 1:
+        raise ValueError(f"max_aspect={max_aspect}: expected >= 1")
+    left = box.x0 * image_w // grid_w
+    top = box.y0 * image_h // grid_h
+    right = -(-box.x1 * image_w // grid_w)  # ceil division
+    bottom = -(-box.y1 * image_h // grid_h)
+    left, right = _grow_span(left, right, min_side, image_w)
+    top, bottom = _grow_span(top, bottom, min_side, image_h)
+    width, height = right - left, bottom - top
+    if math.isfinite(max_aspect) and max(width, height) / min(width, height) > max_aspect:
+        short_target = math.ceil(max(width, height) / max_aspect)
+        if width < height:
+            left, right = _grow_span(left, right, short_target, image_w)
+        else:
+            top, bottom = _grow_span(top, bottom, short_target, image_h)
+    return PixelBox(left, top, right, bottom)
+
+
+def crop_image(image: Image.Image, box: PixelBox) -> Image.Image:
+    """The region of the original image to re-encode. Refuses boxes reaching outside the image, which
+    PIL would silently pad with black."""
+    if box.right > image.width or box.bottom > image.height:
+        raise ValueError(f"{box} reaches outside the {image.width}x{image.height} (w x h) image")
+    return image.crop(box.as_tuple())
+
+
+def resized_hw_for_budget(
+    height: int, width: int, *, patch_unit: int, min_tokens: int, max_tokens: int
+) -> tuple[int, int]:
+    """``(height, width)`` in pixels that Qwen's resize rule gives an image under a visual-token budget.
+
+    ``patch_unit`` is patch_size * merge_size (28 for Qwen2.5-VL, 32 for Qwen3-VL); one merged token
+    covers ``patch_unit**2`` pixels. Sides become multiples of ``patch_unit``, the aspect ratio is kept
+    as well as possible, large crops shrink to at most ``max_tokens`` and small ones are UP-sampled to
+    at least ``min_tokens``: that up-sampling is the zoom.
+
+    Uses ``qwen_vl_utils.smart_resize``, with each side floored at ``patch_unit`` like transformers'
+    own rule (qwen_vl_utils can return a side of 0 for thin crops on a small budget). Aspect ratios
+    above 200 raise a ValueError naming the crop size; :func:`grid_box_to_pixel_box` prevents them.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"crop of {width}x{height} (w x h) px is empty")
+    if patch_unit < 1:
+        raise ValueError(f"patch_unit={patch_unit}: expected >= 1")
+    if not 1 <= min_tokens <= max_tokens:
+        raise ValueError(f"token budget min={min_tokens}, max={max_tokens}: need 1 <= min <= max")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"crop of {width}x{height} (w x h) px has aspect ratio {ratio:.1f} > {MAX_ASPECT_RATIO:g}, "
+            "which Qwen's resize rule cannot encode; grow its short side first (grid_box_to_pixel_box does)"
+        )
+    unit_pixels = patch_unit * patch_unit
+    new_h, new_w = smart_resize(
+        height,
+        width,
+        factor=patch_unit,
+        min_pixels=min_tokens * unit_pixels,
+        max_pixels=max_tokens * unit_pixels,
+    )
+    return max(patch_unit, new_h), max(patch_unit, new_w)
+
+
+def tokens_for_hw(height: int, width: int, patch_unit: int) -> int:
+    """Merged visual tokens of a resized image: one per ``patch_unit x patch_unit`` pixel square."""
+    if height < 1 or width < 1 or height % patch_unit or width % patch_unit:
+        raise ValueError(f"{height}x{width} (h x w) px is not a positive multiple of patch_unit={patch_unit}")
+    return (height // patch_unit) * (width // patch_unit)
+
+
+def roi_position_ids(
+    src_visual_positions: Tensor,
+    src_grid_hw: tuple[int, int],
+    src_vision_end_pos: float,
+    box: GridBox,
+    roi_grid_hw: tuple[int, int],
+    num_tail: int,
+) -> Tensor:
+    """Continuous spatio-temporal MRoPE positions (t, h, w) of the tokens spliced after the source image.
+
+    The RoI tokens reuse the source image's coordinate frame, so the model sees them as a finer sampling
+    of the same place rather than as an unrelated second image (reference §3.3). The spliced tokens are:
+    RoI ``<|vision_start|>``, the ``h' * w'`` RoI visual tokens (row-major), RoI ``<|vision_end|>``, then
+    ``num_tail`` text tokens (the prompt after the source ``<|vision_end|>``, which stays in the cached
+    prefix and keeps its position).
+
+    - RoI ``<vs>``: ``src_vision_end_pos + 1`` on all axes.
+    - RoI visual t: ``st + max(h_s, w_s) + 2`` with ``st`` the source t position (the code's value; the
+      paper's "min" is not what was released).
+    - RoI visual h of row i: ``linspace(h_pos[y0], h_pos[y1 - 1], h')[i]``, w of column j:
+      ``linspace(w_pos[x0], w_pos[x1 - 1], w')[j]``, where ``h_pos``/``w_pos`` are the source positions of
+      the grid rows/columns: end points are the first and last COVERED cells, values stay fractional.
+    - RoI ``<ve>``: ``src_vision_end_pos + max(h', w') + 2``; tail token k: that + 1 + k, on all axes.
+
+    ``src_visual_positions`` is the ``[3, h_s * w_s]`` (t, h, w) positions the source visual tokens had
+    in the first pass, row-major. Returns float32 ``[3, 1 + h' * w' + 1 + num_tail]`` on its device.
+    """
+    src_h, src_w = src_grid_hw
+    roi_h, roi_w = roi_grid_hw
+    if min(src_h, src_w, roi_h, roi_w) < 1:
+        raise ValueError(f"grids must be positive: src_grid_hw={src_grid_hw}, roi_grid_hw={roi_grid_hw}")
+    if tuple(src_visual_positions.shape) != (3, src_h * src_w):
+        raise ValueError(
+            f"src_visual_positions shape {tuple(src_visual_positions.shape)} != (3, {src_h * src_w}) "
+            f"for src_grid_hw={src_grid_hw}"
+        )
+    if not box.fits_grid(src_grid_hw):
+        raise ValueError(f"{box} does not fit the source grid (h, w)={src_grid_hw}")
+    if num_tail < 0:
+        raise ValueError(f"num_tail={num_tail}: expected >= 0")
+
+    src = src_visual_positions.detach().to(torch.float64).cpu()
+    start_t = float(src[0, 0])
+    row_h = src[1, ::src_w]  # h position of each source grid row (taken from column 0)
+    col_w = src[2, :src_w]  # w position of each source grid column (taken from row 0)
+    vision_end = float(src_vision_end_pos)
+
+    roi_t = torch.full((roi_h * roi_w,), start_t + max(src_h, src_w) + 2, dtype=torch.float64)
+    rows = torch.linspace(float(row_h[box.y0]), float(row_h[box.y1 - 1]), roi_h, dtype=torch.float64)
+    cols = torch.linspace(float(col_w[box.x0]), float(col_w[box.x1 - 1]), roi_w, dtype=torch.float64)
+    roi = torch.stack([roi_t, rows.repeat_interleave(roi_w), cols.repeat(roi_h)])
+
+    roi_end = vision_end + max(roi_h, roi_w) + 2
+    vision_start = torch.full((3, 1), vision_end + 1, dtype=torch.float64)
+    end_and_tail = (roi_end + torch.arange(1 + num_tail, dtype=torch.float64)).expand(3, -1)
+    positions = torch.cat([vision_start, roi, end_and_tail], dim=1)
+    return positions.to(device=src_visual_positions.device, dtype=torch.float32)
+
+
+def sequential_position_ids(last_prefix_pos: int, num_new: int) -> Tensor:
+    """1-D positions of tokens appended after a prefix (LLaVA: RoI visual tokens, then the tail text).
+
+    LLaVA has no vision start/end tokens and plain 1-D RoPE, so the new tokens simply continue from the
+    last cached position. Returns int64 ``[num_new]``.
+    """
+    if num_new < 0:
+        raise ValueError(f"num_new={num_new}: expected >= 0")
+    return torch.arange(last_prefix_pos + 1, last_prefix_pos + 1 + num_new, dtype=torch.long)
