@@ -123,6 +123,9 @@ def heatmap_probabilities(
     before the blur, like the official sink mask. Non-finite logits flow through unchanged (NaN stays
     NaN); :func:`roi_box_from_heatmap` decides what to do with them.
 
+    Reflect padding mirrors without repeating the edge, so a cell on the border sees its inner neighbour
+    twice: a peak one cell from the border lifts the border cell above its own blurred value.
+
     Reflect padding needs the padding to be smaller than the grid side, so on an axis shorter than the
     kernel the kernel is clamped to ``2 * side - 1`` (1 for a side of 1: that axis is not blurred).
     Returns float32 ``[h, w]``.
