@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,35 @@ class QZoomConfig:
                 f"{path} not found: a Q-Zoom checkpoint directory holds {CONFIG_NAME} and {BRANCH_WEIGHTS_NAME}"
             )
         return cls.from_dict(json.loads(path.read_text()))
+
+
+ENV_PREFIX = "QZOOM_"
+
+
+def config_from_env(base: QZoomConfig | None = None, environ: dict[str, str] | None = None) -> QZoomConfig:
+    """``base`` with every field overridden by a ``QZOOM_<FIELD>`` environment variable that is set.
+
+    ms-swift turns ``--model_kwargs '{"QZOOM_TAU_GATE": 0.05}'`` into such variables, which is how
+    Q-Zoom knobs reach ``swift sft/infer/deploy`` without new CLI flags.
+    """
+    env = os.environ if environ is None else environ
+    values = (base or QZoomConfig()).to_dict()
+    for f in dataclasses.fields(QZoomConfig):
+        raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is None or f.name == "extra":
+            continue
+        current = values[f.name]
+        try:
+            if f.name == "branch_layer":
+                values[f.name] = None if raw.strip().lower() in ("", "none", "auto") else int(raw)
+            elif isinstance(current, bool):
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes")
+            elif isinstance(current, int):
+                values[f.name] = int(raw)
+            elif isinstance(current, float):
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = raw
+        except ValueError as exc:
+            raise ValueError(f"environment variable {ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}") from exc
+    return QZoomConfig.from_dict(values)

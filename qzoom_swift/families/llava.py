@@ -1,0 +1,54 @@
+"""LLaVA-1.5 (HF port): CLIP features projected into a Llama; plain 1-D rotary positions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qzoom_swift.families.base import Embedded, FamilyAdapter
+
+
+class LlavaAdapter(FamilyAdapter):
+    name = "llava"
+    model_types = ("llava",)
+    patch_unit = 14
+
+    def image_token_id(self, model) -> int:
+        config = model.config
+        value = getattr(config, "image_token_id", None)
+        return int(value if value is not None else config.image_token_index)
+
+    def embed(self, model, input_ids, pixel_values, image_grid_thw=None) -> Embedded:
+        inner = self.inner_model(model)
+        embeds = inner.get_input_embeddings()(input_ids)
+        visual_mask = input_ids == self.image_token_id(model)
+        if pixel_values is None:
+            return Embedded(embeds, visual_mask, [])
+        config = model.config
+        out = inner.get_image_features(pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
+                                       vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                       return_dict=True)
+        per_image = list(out.pooler_output)
+        feats = torch.cat(per_image, dim=0).to(embeds.device, embeds.dtype)
+        mask3 = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)
+        embeds = embeds.masked_scatter(mask3, feats)
+        grids = []
+        for f in per_image:
+            side = math.isqrt(f.shape[0])
+            if side * side != f.shape[0]:
+                raise ValueError(f"LLaVA image with {f.shape[0]} visual tokens is not a square grid")
+            grids.append((side, side))
+        return Embedded(embeds, visual_mask, grids)
+
+    def position_ids(self, model, input_ids, attention_mask, mm_token_type_ids=None, image_grid_thw=None):
+        """Sequential positions that skip left padding, as ``generate`` computes them."""
+        if attention_mask is None:
+            return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.masked_fill(attention_mask == 0, 0)
+
+    def apply_rotary(self, q, k, cos, sin):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        return apply_rotary_pos_emb(q, k, cos, sin)

@@ -1,0 +1,81 @@
+"""Qwen2.5-VL and Qwen3-VL: 3-D MRoPE positions from ``get_rope_index``; Qwen3-VL adds q/k norms and DeepStack."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qzoom_swift.families.base import Embedded, FamilyAdapter
+
+
+class _QwenVLAdapter(FamilyAdapter):
+    modeling_module: str = ""
+
+    def embed(self, model, input_ids, pixel_values, image_grid_thw=None) -> Embedded:
+        inner = self.inner_model(model)
+        embeds = inner.get_input_embeddings()(input_ids)
+        visual_mask = input_ids == self.image_token_id(model)
+        if pixel_values is None:
+            return Embedded(embeds, visual_mask, [])
+        if image_grid_thw is None:
+            raise ValueError("Qwen-VL inputs with pixel_values need image_grid_thw (the processor returns it)")
+        out = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        feats = torch.cat(out.pooler_output, dim=0).to(embeds.device, embeds.dtype)
+        mask3, _ = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)
+        embeds = embeds.masked_scatter(mask3, feats)
+        merge = int(inner.visual.spatial_merge_size)
+        grids = [(int(h) // merge, int(w) // merge) for _, h, w in image_grid_thw.tolist()]
+        deepstack = getattr(out, "deepstack_features", None)
+        if deepstack is not None:
+            deepstack = [torch.cat(level, dim=0).to(embeds.device, embeds.dtype) for level in deepstack]
+        return Embedded(embeds, visual_mask, grids, deepstack)
+
+    def position_ids(self, model, input_ids, attention_mask, mm_token_type_ids=None, image_grid_thw=None):
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (input_ids == self.image_token_id(model)).to(torch.int32)
+        pos, _ = self.inner_model(model).get_rope_index(
+            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+            attention_mask=attention_mask)
+        return pos
+
+    def apply_rotary(self, q, k, cos, sin):
+        import importlib
+
+        return importlib.import_module(self.modeling_module).apply_rotary_pos_emb(q, k, cos, sin)
+
+
+class Qwen2_5VLAdapter(_QwenVLAdapter):
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    patch_unit = 28
+    modeling_module = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
+
+    def causal_mask(self, model, hidden, attention_mask, cache=None, mask_layer_idx=None):
+        """Qwen2.5's text model keys masks by layer type (sliding windows are optional per layer)."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        config = self.text_config(model)
+        kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
+                      past_key_values=cache, position_ids=None, layer_idx=mask_layer_idx)
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in config.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
+
+    def layer_kwargs(self, model, layer_index, mask):
+        return {"attention_mask": mask[self.text_config(model).layer_types[layer_index]]}
+
+
+class Qwen3VLAdapter(_QwenVLAdapter):
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+    patch_unit = 32
+    modeling_module = "transformers.models.qwen3_vl.modeling_qwen3_vl"
+
+    def after_layer(self, model, index, hidden, embedded, visual_mask):
+        """DeepStack: add level ``index``'s visual features at the visual tokens after layer ``index``."""
+        if embedded is None or embedded.deepstack is None or index >= len(embedded.deepstack):
+            return hidden
+        mask = embedded.visual_mask if visual_mask is None else visual_mask
+        text_model: nn.Module = self.text_model(model)
+        return text_model._deepstack_process(hidden, mask, embedded.deepstack[index])

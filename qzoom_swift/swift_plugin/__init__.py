@@ -1,0 +1,36 @@
+"""ms-swift glue: model types, templates and the ``qzoom`` tuner, registered through swift's registries.
+
+``register()`` is idempotent; ms-swift imports ``plugin.py`` (which calls it) in every process that
+parses arguments, including DataLoader workers and torchrun ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PLUGIN_FILE = Path(__file__).with_name("plugin.py")
+
+MODEL_TYPES = {"qwen2_5_vl": "qzoom_qwen2_5_vl", "qwen3_vl": "qzoom_qwen3_vl", "llava": "qzoom_llava1_5_hf"}
+"""Q-Zoom family -> ms-swift model_type (also the template name)."""
+
+_registered = False
+
+
+def plugin_path() -> str:
+    return str(PLUGIN_FILE.resolve())
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from qzoom_swift.swift_plugin import datasets, models, templates, tuner
+
+    datasets.register_dataset_keys()
+    templates.register_templates()
+    models.register_models()
+    tuner.register_tuner()
+    _registered = True
+
+
+__all__ = ["MODEL_TYPES", "PLUGIN_FILE", "plugin_path", "register"]

@@ -1,0 +1,75 @@
+"""``--tuner_type qzoom``: train one branch, freeze everything else, save only the branch file.
+
+Which branch comes from ``QZOOM_TRAIN`` (``rpn`` for stage 1, ``gate`` for stage 3, ``rpn,gate`` for
+both), set in a recipe's ``ENV:`` block or with ``--model_kwargs '{"QZOOM_TRAIN": "gate"}'``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from swift.tuner_plugin import Tuner, tuners_map
+
+from qzoom_swift.branches import BRANCH_NAMES, branch_parameters, require_branches
+from qzoom_swift.checkpoint import load_branch_checkpoint, save_branch_checkpoint
+from qzoom_swift.training import install_branch_training_forward, set_trained_branches, trained_branches
+
+TUNER_NAME = "qzoom"
+
+
+def branches_to_train(environ=None) -> tuple[str, ...]:
+    env = os.environ if environ is None else environ
+    raw = env.get("QZOOM_TRAIN")
+    if not raw:
+        raise ValueError(
+            "--tuner_type qzoom needs QZOOM_TRAIN: 'rpn' (stage 1), 'gate' (stage 3) or 'rpn,gate'; set it in the "
+            "recipe's ENV block, the environment, or --model_kwargs '{\"QZOOM_TRAIN\": \"gate\"}'"
+        )
+    which = tuple(w.strip() for w in raw.replace("+", ",").split(",") if w.strip())
+    bad = [w for w in which if w not in BRANCH_NAMES]
+    if bad or not which:
+        raise ValueError(f"QZOOM_TRAIN={raw!r}: choose from {', '.join(BRANCH_NAMES)} (comma-separated)")
+    return which
+
+
+def prepare_branch_training(model, which: tuple[str, ...]):
+    """Freeze the model, unfreeze the selected branch(es) and route ``model(**batch)`` to the branch loss."""
+    require_branches(model)
+    model.requires_grad_(False)
+    for _, param in branch_parameters(model, which):
+        param.requires_grad_(True)
+    set_trained_branches(model, which)
+    install_branch_training_forward(model)
+    # The branch loss is a per-batch mean: let the trainer average it over accumulation steps.
+    model.accepts_loss_kwargs = False
+    return model
+
+
+class QZoomTuner(Tuner):
+    @staticmethod
+    def prepare_model(args, model):
+        if getattr(model, "qzoom_branch", None) is None:
+            raise ValueError(
+                f"--tuner_type qzoom needs a Q-Zoom model type (one of qzoom_qwen2_5_vl, qzoom_qwen3_vl, "
+                f"qzoom_llava1_5_hf), got model_type {getattr(args, 'model_type', None)!r}"
+            )
+        return prepare_branch_training(model, branches_to_train())
+
+    @staticmethod
+    def save_pretrained(model, save_directory, state_dict=None, safe_serialization=True, **kwargs):
+        config = require_branches(model).qzoom_config
+        history = list(config.extra.get("trained_branches", []))
+        history += [name for name in trained_branches(model) or () if name not in history]
+        config.extra["trained_branches"] = history  # what has been trained, across stages
+        save_branch_checkpoint(model, save_directory, BRANCH_NAMES, state_dict=state_dict)
+
+    @staticmethod
+    def from_pretrained(model, model_id, **kwargs):
+        load_branch_checkpoint(model, model_id)
+        if kwargs.get("is_trainable"):
+            prepare_branch_training(model, branches_to_train())
+        return model
+
+
+def register_tuner() -> None:
+    tuners_map[TUNER_NAME] = QZoomTuner
