@@ -82,9 +82,9 @@ class QZoomModel:
         with torch.no_grad():
             return prefill(self.model, branches=branches, **inputs)
 
-    def continue_prefill(self, state: BranchPrefill) -> torch.Tensor:
-        """Layers [B, L) of the same prompt (direct answer); logits [B, S, vocab]."""
-        return continue_prefill(self.model, state)
+    def continue_prefill(self, state: BranchPrefill, last_only: bool = False) -> torch.Tensor:
+        """Layers [B, L) of the same prompt (direct answer); logits [B, S, vocab] (or [B, 1, vocab])."""
+        return continue_prefill(self.model, state, last_only)
 
     def save_branches(self, directory: str | os.PathLike) -> Path:
         return save_branch_checkpoint(self.model, directory)

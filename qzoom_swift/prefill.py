@@ -187,10 +187,11 @@ def prefill(model: nn.Module, branches: tuple[str, ...] = ("gate", "rpn"), **inp
     return state
 
 
-def continue_prefill(model: nn.Module, state: BranchPrefill) -> torch.Tensor:
+def continue_prefill(model: nn.Module, state: BranchPrefill, last_only: bool = False) -> torch.Tensor:
     """Layers [B, L) on the same prompt (the direct answer's path); returns logits [B, S, vocab].
 
     Fills the cache of layers [B, L), so ``state.cache`` then holds the whole prompt for decoding.
+    ``last_only`` computes the LM head for the last position only ([B, 1, vocab]), as decoding needs.
     """
     adapter = get_adapter(model)
     with torch.no_grad():
@@ -200,4 +201,6 @@ def continue_prefill(model: nn.Module, state: BranchPrefill) -> torch.Tensor:
                                    mask_layer_idx=b if state.cache is not None else None)
         hidden = adapter.run_layers(model, layers[b:], b, state.hidden, state.extras["rope"], mask, state.cache,
                                     state.embedded)
+        if last_only:
+            hidden = hidden[:, -1:]
         return adapter.final_logits(model, hidden)
