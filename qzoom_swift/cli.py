@@ -1,0 +1,272 @@
+"""The ``qzoom`` command: one subcommand per pipeline step.
+
+Every subcommand is a pair of small functions, ``_<name>_args(parser)`` (declares its options) and
+``_<name>(args) -> int`` (does the work), registered in ``COMMANDS``. Heavy modules (torch,
+transformers, swift) are imported inside the run functions only, so ``qzoom --help`` and
+``qzoom plugin-path`` answer in well under a second.
+
+Adding a subcommand: write the two functions and add one ``Command`` entry to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")  # same as qzoom_swift.testing.tiny.FAMILIES (not imported: fast help)
+SIZES = ("tiny", "bench")
+
+
+def plugin_path() -> Path:
+    """Absolute path of the file that ``swift ... --external_plugins`` must point at."""
+    return PACKAGE_DIR / "swift_plugin" / "plugin.py"
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON to ``path`` via a temporary file and a rename (readers never see half)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and info logs (warnings and errors still show)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# --------------------------------------------------------------------------------------------- plugin-path
+
+
+def _plugin_path(args: argparse.Namespace) -> int:
+    path = plugin_path()
+    if not path.is_file():
+        print(f"qzoom: warning: {path} does not exist yet (swift_plugin is not built)", file=sys.stderr)
+    print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- build-tiny
+
+
+def _build_tiny_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", choices=(*FAMILIES, "all"), default="all",
+                   help="model family to build (default: all three)")
+    p.add_argument("--size", choices=SIZES, default="tiny",
+                   help="tiny: width 128, 8 layers, for tests; bench: width 512, 12 layers, for CPU benchmarks "
+                        "(default: tiny)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where model dirs go (default: $QZOOM_CACHE, else ~/.cache/qzoom_swift); "
+                        "dirs land in <cache-dir>/models/")
+    p.add_argument("--seed", type=int, default=0, help="weight init seed; same seed gives identical weights")
+    p.add_argument("--force", action="store_true", help="rebuild even if the dir already exists")
+
+
+def _build_tiny(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from qzoom_swift.testing.tiny import build_model_dir
+
+    families = FAMILIES if args.family == "all" else (args.family,)
+    for family in families:
+        out = build_model_dir(family, args.size, cache_dir=args.cache_dir, seed=args.seed, force=args.force)
+        print(out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+                   help="output dir; summary.json is written there (default: runs/demo)")
+    p.add_argument("--family", dest="families", action="append", choices=FAMILIES, default=None,
+                   help="run only this family (repeatable; default: all three)")
+    p.add_argument("--size", choices=SIZES, default="tiny", help="locally built model size (default: tiny)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="model cache (default: $QZOOM_CACHE, else ~/.cache/qzoom_swift)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model weights and of the synthetic image")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate per answer (default: 8)")
+
+
+def _visual_token_count(input_ids, image_token_id: int) -> int:
+    return int((input_ids == image_token_id).sum().item())
+
+
+def _demo_one(family: str, args: argparse.Namespace, image, question: str) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qzoom_swift.testing.tiny import build_model_dir
+
+    t0 = time.perf_counter()
+    model_dir = build_model_dir(family, args.size, cache_dir=args.cache_dir, seed=args.seed)
+    t_build = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    t_load = time.perf_counter() - t0
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    visual_tokens = _visual_token_count(inputs["input_ids"], model.config.image_token_id)
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    t_gen = time.perf_counter() - t0
+    new_ids = out[0, prompt_tokens:]
+    answer = processor.tokenizer.decode(new_ids, skip_special_tokens=True)
+    return {
+        "family": family,
+        "model_dir": str(model_dir),
+        "model_class": type(model).__name__,
+        "params": sum(p.numel() for p in model.parameters()),
+        "prompt_tokens": prompt_tokens,
+        "visual_tokens": visual_tokens,
+        "new_tokens": int(new_ids.numel()),
+        "answer": answer,
+        "build_s": round(t_build, 3),
+        "load_s": round(t_load, 3),
+        "generate_s": round(t_gen, 3),
+    }
+
+
+def _demo(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    _quiet_transformers()
+    import torch
+    import transformers
+
+    from qzoom_swift.testing.data import QUESTION, make_shape_image, sample_shapes
+
+    families = tuple(dict.fromkeys(args.families)) if args.families else FAMILIES
+    sample = sample_shapes(1, seed=args.seed)[0]
+    image = make_shape_image(sample)
+    print(f"qzoom demo: {len(families)} locally built {args.size} model(s) with random weights (answers are "
+          f"noise; this checks the plumbing), CPU threads {torch.get_num_threads()}")
+    print(f"image {image.width}x{image.height}, a {sample.colour} {sample.shape}; question: {QUESTION!r}\n")
+
+    rows = [_demo_one(family, args, image, QUESTION) for family in families]
+    total = time.perf_counter() - t_start
+
+    header = f"{'family':<12} {'prompt tok':>10} {'visual tok':>10} {'new tok':>7} {'load s':>7} {'gen s':>7}  answer"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['family']:<12} {r['prompt_tokens']:>10} {r['visual_tokens']:>10} {r['new_tokens']:>7} "
+              f"{r['load_s']:>7.2f} {r['generate_s']:>7.2f}  {r['answer'][:40]!r}")
+    print(f"\ntotal {total:.1f} s")
+
+    summary = {
+        "command": "demo",
+        "size": args.size,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "question": QUESTION,
+        "image": {"width": image.width, "height": image.height, "colour": sample.colour, "shape": sample.shape},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "results": rows,
+        "total_s": round(total, 3),
+    }
+    path = write_json_atomic(Path(args.out) / "summary.json", summary)
+    print(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str  # one line, shown in `qzoom --help`
+    run: Callable[[argparse.Namespace], int]
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    description: str | None = None  # shown in `qzoom <command> --help`; defaults to help
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        help="run the main job on CPU: tiny local models of all families answer an image question",
+        description="Build (once, cached) a tiny random-weight model of each family (Qwen2.5-VL, Qwen3-VL, "
+                    "LLaVA-1.5), load it with AutoModelForImageTextToText/AutoProcessor, answer one question "
+                    "about a synthetic image with generate(), print prompt/visual token counts and timings, "
+                    "and write <out>/summary.json.",
+        add_arguments=_demo_args,
+        run=_demo,
+    ),
+    "build-tiny": Command(
+        help="build local tiny/bench model dirs (config, random weights, tokenizer, processor)",
+        description="Build offline Hugging Face model dirs that load like downloaded checkpoints, with "
+                    "`AutoModelForImageTextToText.from_pretrained(DIR)` and `swift infer --model DIR`. "
+                    "Deterministic per seed; cached, so a second call returns at once. Prints one dir per line.",
+        add_arguments=_build_tiny_args,
+        run=_build_tiny,
+    ),
+    "plugin-path": Command(
+        help="print the path to pass to swift's --external_plugins",
+        description="Print the absolute path of qzoom_swift/swift_plugin/plugin.py, e.g. "
+                    "`swift infer --external_plugins $(qzoom plugin-path) --model_type qzoom_qwen2_5_vl ...`.",
+        run=_plugin_path,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qzoom",
+        description="Q-Zoom for vision-language models, as an ms-swift plugin: a gate and a self-distilled "
+                    "region proposal head on a middle decoder layer decide when and where to zoom.",
+        epilog="Run `qzoom <command> --help` for a command's options.",
+    )
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("qzoom_swift")
+    except PackageNotFoundError:  # running from a source tree that was not pip-installed
+        ver = "unknown"
+    parser.add_argument("--version", action="version", version=f"%(prog)s {ver}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)
+        if cmd.add_arguments is not None:
+            cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
