@@ -1,0 +1,48 @@
+"""Shared pytest set-up: offline/CPU environment, tiny model dirs and a synthetic ms-swift dataset.
+
+The environment variables are set at import, before any test module imports transformers, swift or
+deepspeed. Model dirs are cached under ``QZOOM_CACHE`` (default ``<repo>/.cache/qzoom``, gitignored), so
+only the first run of the suite pays for building them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("QZOOM_CACHE", str(REPO / ".cache" / "qzoom"))
+# swift writes its dataset map caches under MODELSCOPE_CACHE; keep them out of ~/.cache.
+os.environ.setdefault("MODELSCOPE_CACHE", str(REPO / ".cache" / "modelscope"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Callable[..., Path]:
+    """Factory: ``tiny_dir("qwen2_5_vl")`` -> Path of the locally built tiny model dir (built once, cached)."""
+    from qzoom_swift.testing.tiny import build_model_dir
+
+    built: dict[tuple[str, str, int], Path] = {}
+
+    def get(family: str, size: str = "tiny", seed: int = 0) -> Path:
+        key = (family, size, seed)
+        if key not in built:
+            built[key] = build_model_dir(family, size, seed=seed)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def shape_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ms-swift jsonl of 4 rows (392x280 PNGs with one coloured shape; answer = colour); returns its path."""
+    from qzoom_swift.testing.data import write_shape_dataset
+
+    return write_shape_dataset(tmp_path_factory.mktemp("shape_data"), n=4, size=(392, 280), seed=0)
