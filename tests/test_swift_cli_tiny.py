@@ -45,13 +45,17 @@ def swift_runs(tiny_dir, shape_dataset, tmp_path_factory):
                                     cwd=out, env=env, stdout=log_f, stderr=subprocess.STDOUT)
         procs[family] = (proc, time.perf_counter(), result, log)
     runs = {}
-    for family, (proc, t0, result, log) in procs.items():
-        try:
-            rc = proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-        runs[family] = (rc, time.perf_counter() - t0, result, log)
+    deadline = time.perf_counter() + TIMEOUT_S
+    while len(runs) < len(procs):  # poll, so each run gets its own wall time
+        for family, (proc, t0, result, log) in procs.items():
+            if family not in runs and proc.poll() is not None:
+                runs[family] = (proc.returncode, time.perf_counter() - t0, result, log)
+        if time.perf_counter() > deadline:
+            for family, (proc, t0, result, log) in procs.items():
+                if family not in runs:
+                    proc.kill()
+                    runs[family] = (proc.wait(), time.perf_counter() - t0, result, log)
+        time.sleep(0.2)
     return runs
 
 
