@@ -20,6 +20,7 @@ CONFIG_NAME = "qzoom_config.json"
 BRANCH_WEIGHTS_NAME = "qzoom_branch.safetensors"
 
 SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
+ZOOM_MODES = ("zoom", "always", "never")
 
 # Branch layer B of the released checkpoints: (family, number of decoder layers, hidden size) -> B.
 # Qwen2.5-VL-3B and Qwen3-VL-4B both have 36 layers; 7B has 28; LLaVA-1.5-7B has 32, 13B has 40.
@@ -59,6 +60,8 @@ class QZoomConfig:
     """Shape of the base LLM the branches were made for (checked when loading a checkpoint)."""
 
     # Inference: gate and region.
+    mode: str = "zoom"
+    """zoom: gated (zoom when the gate fires); always: RoI for every sample; never: low-resolution only."""
     tau_gate: float = 0.1
     """Zoom when the gate probability is >= tau_gate. 0 = always zoom, > 1 = never."""
     tau_roi: float = 0.1
@@ -91,6 +94,8 @@ class QZoomConfig:
     def __post_init__(self) -> None:
         if self.family and self.family not in SUPPORTED_FAMILIES:
             raise ValueError(f"QZoomConfig.family={self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        if self.mode not in ZOOM_MODES:
+            raise ValueError(f"QZoomConfig.mode={self.mode!r}; choose from {', '.join(ZOOM_MODES)}")
         if self.branch_depth < 2:
             raise ValueError(f"QZoomConfig.branch_depth={self.branch_depth}: R must be >= 2 (RPN uses R-1 layers)")
         for name in ("tau_roi", "tau_fg", "tau_bg"):

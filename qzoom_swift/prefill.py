@@ -25,6 +25,7 @@ class BranchPrefill:
 
     hidden: torch.Tensor
     """[B, S, d] hidden state after base layer B-1 (the branches' input)."""
+    input_ids: torch.Tensor
     embedded: Embedded
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None
@@ -130,7 +131,7 @@ def prefill_to_branch(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     query = query_token_index(attention_mask, labels, seq_len=input_ids.shape[1]).to(input_ids.device)
     if query.numel() == 1 and input_ids.shape[0] > 1:
         query = query.expand(input_ids.shape[0])
-    return BranchPrefill(hidden=hidden, embedded=embedded, position_ids=position_ids,
+    return BranchPrefill(hidden=hidden, input_ids=input_ids, embedded=embedded, position_ids=position_ids,
                          attention_mask=attention_mask, query_index=query, branch_layer=b, cache=cache,
                          extras={"rope": rope})
 

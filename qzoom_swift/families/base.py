@@ -123,3 +123,33 @@ class FamilyAdapter:
     def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         raise NotImplementedError
 
+    # ---- the zoom pass: how a re-encoded crop enters the sequence ----
+    def resize_for_budget(self, image, min_tokens: int, max_tokens: int):
+        """The image resized so the processor encodes it within the token budget (identity if fixed-size)."""
+        return image
+
+    def encode_images(self, processor, images: list) -> dict[str, torch.Tensor]:
+        """Processor outputs for images alone: ``pixel_values`` (+ ``image_grid_thw`` for Qwen)."""
+        raise NotImplementedError
+
+    def roi_token_ids(self, model: nn.Module, num_visual: int) -> list[int]:
+        """Token ids inserted after the source image for a crop of ``num_visual`` visual tokens."""
+        raise NotImplementedError
+
+    def prefix_end(self, model: nn.Module, input_ids: torch.Tensor, last_visual: int) -> int:
+        """End (exclusive) of the reused prefix: everything up to the source image's last token of markup."""
+        raise NotImplementedError
+
+    def roi_positions(self, model: nn.Module, positions: torch.Tensor, visual_index: torch.Tensor,
+                      src_grid: tuple[int, int], prefix_end: int, box, roi_grid: tuple[int, int],
+                      num_tail: int) -> torch.Tensor:
+        """Positions of the inserted tokens and the shifted tail, shaped like ``positions`` (batch of 1).
+
+        ``positions`` are one sample's prompt positions ([3, 1, S] or [1, S]), ``visual_index`` the
+        sequence indices of the source image's visual tokens.
+        """
+        raise NotImplementedError
+
+    def prepare_decode(self, model: nn.Module, last_position: float, num_tokens: int) -> None:
+        """Make ``generate`` continue positions after ``last_position`` for a sequence of ``num_tokens``."""
+

@@ -48,6 +48,22 @@ class LlavaAdapter(FamilyAdapter):
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.masked_fill(attention_mask == 0, 0)
 
+    def encode_images(self, processor, images):
+        return {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"]}
+
+    def roi_token_ids(self, model, num_visual):
+        return [self.image_token_id(model)] * num_visual
+
+    def prefix_end(self, model, input_ids, last_visual):
+        return last_visual + 1
+
+    def roi_positions(self, model, positions, visual_index, src_grid, prefix_end, box, roi_grid, num_tail):
+        """LLaVA has 1-D positions: the crop's tokens and the tail simply continue the prefix."""
+        from qzoom_swift.roi import sequential_position_ids
+
+        num_new = roi_grid[0] * roi_grid[1] + num_tail
+        return sequential_position_ids(int(positions[0, prefix_end - 1]), num_new)[None].to(positions.device)
+
     def apply_rotary(self, q, k, cos, sin):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 

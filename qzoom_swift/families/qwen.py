@@ -43,6 +43,43 @@ class _QwenVLAdapter(FamilyAdapter):
 
         return importlib.import_module(self.modeling_module).apply_rotary_pos_emb(q, k, cos, sin)
 
+    def resize_for_budget(self, image, min_tokens, max_tokens):
+        from qzoom_swift.roi import resized_hw_for_budget
+
+        height, width = resized_hw_for_budget(image.height, image.width, patch_unit=self.patch_unit,
+                                              min_tokens=min_tokens, max_tokens=max_tokens)
+        if (width, height) == image.size:
+            return image
+        return image.resize((width, height), resample=3)  # bicubic, as qwen_vl_utils.fetch_image
+
+    def encode_images(self, processor, images):
+        out = processor.image_processor(images=images, return_tensors="pt", do_resize=False)
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def roi_token_ids(self, model, num_visual):
+        config = model.config
+        return [config.vision_start_token_id] + [self.image_token_id(model)] * num_visual + [config.vision_end_token_id]
+
+    def prefix_end(self, model, input_ids, last_visual):
+        end_id = model.config.vision_end_token_id
+        if last_visual + 1 >= input_ids.numel() or int(input_ids[last_visual + 1]) != end_id:
+            raise ValueError("Qwen-VL prompt without <|vision_end|> after the image tokens")
+        return last_visual + 2
+
+    def roi_positions(self, model, positions, visual_index, src_grid, prefix_end, box, roi_grid, num_tail):
+        from qzoom_swift.roi import roi_position_ids
+
+        src = positions[:, 0, visual_index]
+        vision_end = float(positions[0, 0, prefix_end - 1])
+        new = roi_position_ids(src, src_grid, vision_end, box, roi_grid, num_tail)
+        return new[:, None, :]
+
+    def prepare_decode(self, model, last_position, num_tokens):
+        """``generate`` adds ``rope_deltas`` to the running token count to get MRoPE positions."""
+        inner = self.inner_model(model)
+        delta = int(round(last_position)) + 1 - num_tokens
+        inner.rope_deltas = torch.tensor([[delta]], device=next(model.parameters()).device)
+
 
 class Qwen2_5VLAdapter(_QwenVLAdapter):
     name = "qwen2_5_vl"

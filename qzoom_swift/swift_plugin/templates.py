@@ -9,6 +9,7 @@ untouched and the model's branch-training forward computes the loss.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 
@@ -44,11 +45,45 @@ def _num_images(encoded: dict) -> int:
 
 
 class QZoomTemplateMixin:
-    """Adds Q-Zoom targets to encode/collate and the branch-training bypass of the pre-forward hook."""
+    """Q-Zoom targets in encode/collate, the branch-training bypass of the pre-forward hook, and zoom generation.
+
+    At inference the first pass is encoded at the Q-Zoom low budget (``QZOOM_LOW_MIN/MAX_TOKENS``), the
+    original images travel beside the batch (``qzoom_src_images``) and ``generate`` runs the gated
+    two-pass generation of ``qzoom_swift.zoom``.
+    """
+
+    qzoom_family: str = ""
+
+    def _qzoom_config(self, model=None):
+        from qzoom_swift.branches import get_branches
+        from qzoom_swift.config import QZoomConfig, config_from_env
+
+        model = model if model is not None else getattr(self, "model", None)
+        branches = get_branches(model) if model is not None else None
+        return config_from_env(branches.qzoom_config if branches is not None else QZoomConfig())
+
+    def replace_tag(self, media_type, index, inputs):
+        if media_type == "image" and not self.is_training:
+            image = inputs.images[index]
+            if isinstance(image, str):
+                from swift.template import load_image
+
+                image = load_image(image)
+            inputs.extra_kwargs.setdefault("qzoom_src_images", {})[index] = image
+            if self.qzoom_family != "llava":
+                from qzoom_swift.families import get_adapter
+
+                cfg = self._qzoom_config()
+                unit = get_adapter(self.qzoom_family).patch_unit ** 2
+                inputs.chat_template_kwargs.setdefault("min_pixels", cfg.low_min_tokens * unit)
+                inputs.chat_template_kwargs.setdefault("max_pixels", cfg.low_max_tokens * unit)
+        return super().replace_tag(media_type, index, inputs)
 
     def _encode(self, inputs):
         encoded = super()._encode(inputs)
         if not self.is_training:  # targets are training data; generate() must never see them
+            originals = (getattr(inputs, "extra_kwargs", None) or {}).get("qzoom_src_images") or {}
+            encoded["qzoom_src_images"] = [originals[i] for i in sorted(originals)]
             return encoded
         extra = getattr(inputs, "extra_kwargs", None) or {}
         if extra.get("qzoom_gate") is not None:
@@ -63,6 +98,8 @@ class QZoomTemplateMixin:
 
     def _data_collator(self, batch, *, padding_to=None):
         res = super()._data_collator(batch, padding_to=padding_to)
+        if any("qzoom_src_images" in b for b in batch):
+            res["qzoom_src_images"] = [b.get("qzoom_src_images") or [] for b in batch]
         if any("qzoom_gate" in b for b in batch):
             res["qzoom_gate"] = torch.tensor([int(b.get("qzoom_gate", IGNORE_INDEX)) for b in batch])
         if any("qzoom_rpn_labels" in b for b in batch):
@@ -82,6 +119,38 @@ class QZoomTemplateMixin:
             return args, to_device(kwargs, model.device)
         return super().pre_forward_hook(model, args, kwargs)
 
+    def generate(self, model, *args, **kwargs):
+        """Gated two-pass generation; output sequences are the pass-1 prompt followed by the new tokens."""
+        from qzoom_swift.branches import get_branches
+        from qzoom_swift.zoom import zoom_generate
+
+        sources = kwargs.pop("qzoom_src_images", None)
+        base = self.get_base_model(model)
+        if get_branches(base) is None or args or sources is None:
+            return super().generate(model, *args, **kwargs)
+        model_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+        inputs = {k: kwargs.pop(k) for k in model_keys if kwargs.get(k) is not None}
+        for key in ("position_ids", "text_position_ids", "pixel_values_videos", "video_grid_thw", "image_sizes"):
+            kwargs.pop(key, None)
+        signature = inspect.signature(base.generate)
+        if "use_model_defaults" in signature.parameters and "use_model_defaults" not in kwargs:
+            kwargs["use_model_defaults"] = False
+        cfg = self._qzoom_config(base)
+        out = zoom_generate(base, self.processor, inputs, sources, cfg, **kwargs)
+        base.qzoom_last_stats = [s.to_dict() for s in out.stats]  # for callers that want the decisions
+        from swift.utils import get_logger
+
+        get_logger().info("qzoom: " + "; ".join(
+            f"{'zoom' if s.zoomed else 'direct'}({s.reason}) p={s.gate_prob if s.gate_prob is None else round(s.gate_prob, 3)} "
+            f"visual={s.visual_tokens_low}+{s.visual_tokens_roi}" for s in out.stats))
+        pad = self.tokenizer.pad_token_id
+        width = max((len(g) for g in out.generated), default=0)
+        input_ids = inputs["input_ids"]
+        tail = torch.full((input_ids.shape[0], width), pad, dtype=input_ids.dtype, device=input_ids.device)
+        for i, new in enumerate(out.generated):
+            tail[i, :len(new)] = new
+        return {"sequences": torch.cat([input_ids, tail], dim=1)}
+
     def compute_sft_loss(self, model, inputs, num_items_in_batch=None, trainer=None):
         base = self.get_base_model(model)
         while hasattr(base, "module"):
@@ -96,9 +165,9 @@ class QZoomTemplateMixin:
         return outputs
 
 
-def _template_class(base_cls: type) -> type:
-    cls = type(f"QZoom{base_cls.__name__}", (QZoomTemplateMixin, base_cls), {"__module__": __name__})
-    return cls
+def _template_class(base_cls: type, family: str) -> type:
+    return type(f"QZoom{base_cls.__name__}", (QZoomTemplateMixin, base_cls),
+                {"__module__": __name__, "qzoom_family": family})
 
 
 def register_templates() -> None:
@@ -106,7 +175,7 @@ def register_templates() -> None:
 
     for family, template_type in MODEL_TYPES.items():
         base_meta = TEMPLATE_MAPPING[_BASE_TEMPLATES[family]]
-        cls = _template_class(base_meta.template_cls)
+        cls = _template_class(base_meta.template_cls, family)
         globals()[cls.__name__] = cls  # importable by name (pickling, spawn workers)
         meta = dataclasses.replace(base_meta, template_type=template_type, template_cls=cls)
         register_template(meta, exist_ok=True)

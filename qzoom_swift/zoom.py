@@ -1,0 +1,350 @@
+"""Gated two-pass generation: one low-resolution prefill, then (only where needed) the zoomed pass.
+
+Pass 1 runs the batch through base layers [0, B) once, with the KV cache, and feeds the gate (and,
+if any sample zooms, the RPN). Each sample then takes one of two continuations:
+
+- direct: layers [B, L) over its own prompt, then decoding;
+- zoom: its heatmap gives a box, the box is cropped from the *original* image and re-encoded, the crop's
+  tokens are inserted after the source image (continuous MRoPE positions for Qwen, sequential for LLaVA),
+  only the new tokens run layers [0, B) on top of the reused prefix cache, then layers [B, L) run over the
+  whole new sequence, then decoding.
+
+Layers [B, L) never run twice on the low-resolution sequence and layers [0, B) never run twice on the
+unchanged prefix. Decoding is ``model.generate`` continuing from the prepared cache, so generation
+configs, stopping criteria and streamers behave as usual. The continuations run sample by sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from PIL import Image
+from torch import nn
+
+from qzoom_swift.branches import require_branches
+from qzoom_swift.config import QZoomConfig
+from qzoom_swift.families import Embedded, FamilyAdapter, get_adapter
+from qzoom_swift.prefill import BranchPrefill, gate_logits, prefill_to_branch, rpn_token_logits
+from qzoom_swift.roi import crop_image, grid_box_to_pixel_box, roi_box_from_heatmap
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ZoomStats:
+    """What happened to one sample: the decision, the box and the cost of each pass."""
+
+    zoomed: bool = False
+    reason: str = ""
+    """gate (zoomed by the gate), forced (mode=always), below_gate, never (mode=never), no_roi,
+    no_image or error (the crop failed; answered from the low-resolution pass)."""
+    gate_prob: float | None = None
+    box: tuple[float, float, float, float] | None = None
+    """Zoomed region as (left, top, right, bottom) fractions of the original image."""
+    grid_box: tuple[int, int, int, int] | None = None
+    visual_tokens_low: int = 0
+    visual_tokens_roi: int = 0
+    prompt_tokens: int = 0
+    """Length of the sequence that was decoded from (pass 1, or pass 1 + inserted tokens)."""
+    time_pass1_s: float = 0.0
+    """This sample's share of the batched pass 1 (vision, layers [0, B), branches)."""
+    time_pass2_s: float = 0.0
+    """Continuation prefill: crop encoding and the second pass, or layers [B, L) for direct answers."""
+    time_decode_s: float = 0.0
+
+    @property
+    def visual_tokens(self) -> int:
+        return self.visual_tokens_low + self.visual_tokens_roi
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["visual_tokens"] = self.visual_tokens
+        return out
+
+
+@dataclass
+class ZoomOutput:
+    generated: list[torch.Tensor]
+    """New token ids per sample (1-D, without the prompt)."""
+    stats: list[ZoomStats] = field(default_factory=list)
+
+
+def zoom_decisions(gate_probs: list[float | None], mode: str, tau_gate: float) -> list[tuple[bool, str]]:
+    """Per-sample (zoom?, reason) from the gate probabilities; pure, so the rule is tested by hand."""
+    out = []
+    for p in gate_probs:
+        if mode == "never":
+            out.append((False, "never"))
+        elif mode == "always":
+            out.append((True, "forced"))
+        elif p is None or not math.isfinite(p):
+            out.append((False, "no_image"))
+        elif p >= tau_gate:
+            out.append((True, "gate"))
+        else:
+            out.append((False, "below_gate"))
+    return out
+
+
+def _sample_cache(cache, b: int, start: int, end: int, num_layers: int, text_config):
+    """A batch-of-one cache with positions [start, end) of sample ``b`` for the first ``num_layers`` layers."""
+    from transformers import DynamicCache
+
+    out = DynamicCache(config=text_config)
+    for i in range(num_layers):
+        layer = cache.layers[i]
+        out.layers[i].update(layer.keys[b:b + 1, :, start:end].clone(), layer.values[b:b + 1, :, start:end].clone())
+    return out
+
+
+def _slice_positions(positions: torch.Tensor, b: int, start: int, end: int | None = None) -> torch.Tensor:
+    return positions[..., b:b + 1, start:end]
+
+
+def _deepstack_rows(state: BranchPrefill, b: int) -> list[torch.Tensor] | None:
+    """Sample ``b``'s DeepStack rows (its visual tokens, in order) out of the batch's concatenated rows."""
+    if state.embedded.deepstack is None:
+        return None
+    counts = state.embedded.visual_mask.sum(dim=1).tolist()
+    offset = int(sum(counts[:b]))
+    return [level[offset:offset + int(counts[b])] for level in state.embedded.deepstack]
+
+
+@torch.no_grad()
+def _upper_layers(model: nn.Module, adapter: FamilyAdapter, cache, hidden_b: torch.Tensor, positions: torch.Tensor,
+                  embedded: Embedded | None, branch_layer: int) -> torch.Tensor:
+    """Layers [B, L) over a whole batch-of-one sequence whose layers [0, B) are already in ``cache``."""
+    n = hidden_b.shape[1]
+    mask2d = torch.ones(1, n, dtype=torch.long, device=hidden_b.device)
+    layers = adapter.decoder_layers(model)
+    mask = adapter.causal_mask(model, hidden_b, mask2d, cache, mask_layer_idx=branch_layer)
+    rope = adapter.rotary(model, hidden_b, positions)
+    return adapter.run_layers(model, layers[branch_layer:], branch_layer, hidden_b, rope, mask, cache, embedded)
+
+
+@torch.no_grad()
+def _continue_and_generate(model: nn.Module, adapter: FamilyAdapter, cache, hidden_b: torch.Tensor,
+                           positions: torch.Tensor, embedded: Embedded | None, input_ids: torch.Tensor,
+                           branch_layer: int, generate_kwargs: dict) -> tuple[torch.Tensor, float, float]:
+    """Layers [B, L) over ``hidden_b`` (cache already holds [0, B)), then ``generate`` from the cache.
+
+    The last prompt token is left to ``generate`` (its cache entries are cropped), so the first new token
+    goes through the model's own sampling, logits processors and stopping criteria.
+    """
+    t0 = time.perf_counter()
+    n = input_ids.shape[-1]
+    _upper_layers(model, adapter, cache, hidden_b, positions, embedded, branch_layer)
+    for layer in cache.layers:
+        layer.crop(-1)
+    adapter.prepare_decode(model, float(positions.reshape(-1, n)[0, -1]), n)
+    t1 = time.perf_counter()
+    mask2d = torch.ones(1, n, dtype=torch.long, device=input_ids.device)
+    out = model.generate(input_ids=input_ids.view(1, n), attention_mask=mask2d, past_key_values=cache,
+                         **generate_kwargs)
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    return sequences[0, n:], t1 - t0, time.perf_counter() - t1
+
+
+@dataclass
+class ZoomPrefill:
+    """The zoomed sequence of one sample after the second prefill (for parity checks and benchmarks)."""
+
+    logits: torch.Tensor
+    """[1, N, vocab] logits of the whole RoI-augmented sequence."""
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor | None
+    """The crop's processor outputs (to rebuild the same sequence from scratch)."""
+    grid_box: tuple[int, int, int, int]
+
+
+@torch.no_grad()
+def zoom_prefill(model: nn.Module, processor, inputs: dict, source_images: list[list[Image.Image]],
+                 config: QZoomConfig | None = None, sample: int = 0) -> ZoomPrefill | None:
+    """Pass 1 and the prefix-reusing pass 2 of one sample, forced to zoom; None when no region survives."""
+    adapter = get_adapter(model)
+    cfg = config or require_branches(model).qzoom_config
+    attention_mask = inputs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(inputs["input_ids"])
+    state = prefill_to_branch(model, **{k: v for k, v in inputs.items() if k != "attention_mask"},
+                              attention_mask=attention_mask, use_cache=True)
+    rpn_token_logits(model, state)
+    start = int(attention_mask[sample].nonzero()[0])
+    plan = _plan_zoom(model, adapter, processor, cfg, state, sample, start, state.image_samples(), state.heatmaps(),
+                      source_images[sample][-1])
+    if plan is None:
+        return None
+    cache, hidden, positions, embedded, full_ids = _zoom_prefix_pass(model, adapter, state, sample, start, plan)
+    out = _upper_layers(model, adapter, cache, hidden, positions, embedded, state.branch_layer)
+    encoded = plan["encoded"]
+    return ZoomPrefill(adapter.final_logits(model, out), full_ids, positions, encoded["pixel_values"],
+                       encoded.get("image_grid_thw"), plan["grid_box"])
+
+
+def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list[list[Image.Image]],
+                  config: QZoomConfig | None = None, **generate_kwargs) -> ZoomOutput:
+    """Q-Zoom generation for a left-padded batch encoded at the low budget.
+
+    ``inputs`` are the processor (or ms-swift template) outputs of pass 1; ``source_images`` the original,
+    full-resolution images of each sample (crops are cut from these). ``config`` defaults to the branches'
+    config. Returns the new tokens and a ``ZoomStats`` per sample.
+    """
+    adapter = get_adapter(model)
+    cfg = config or require_branches(model).qzoom_config
+    input_ids = inputs["input_ids"]
+    attention_mask = inputs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("zoom_generate needs left padding (the prompts' last tokens must be real tokens)")
+    batch = input_ids.shape[0]
+
+    t0 = time.perf_counter()
+    state = prefill_to_branch(model, **{k: v for k, v in inputs.items() if k != "attention_mask"},
+                              attention_mask=attention_mask, use_cache=True)
+    owners = state.image_samples()
+    has_image = [b in owners for b in range(batch)]
+    probs: list[float | None] = [None] * batch
+    if cfg.mode == "zoom":
+        gate = torch.sigmoid(gate_logits(model, state)).float().tolist()
+        probs = [p if has_image[b] else None for b, p in enumerate(gate)]
+    decisions = zoom_decisions(probs if cfg.mode == "zoom" else [0.0 if h else None for h in has_image],
+                               cfg.mode, cfg.tau_gate)
+    decisions = [(z and has_image[b], r if has_image[b] or not z else "no_image") for b, (z, r) in
+                 enumerate(decisions)]
+    heatmaps = None
+    if any(z for z, _ in decisions):
+        rpn_token_logits(model, state)
+        heatmaps = state.heatmaps()
+    pass1 = (time.perf_counter() - t0) / batch
+
+    text_config = adapter.text_config(model)
+    b_layer = state.branch_layer
+    visual_counts = state.embedded.visual_mask.sum(dim=1).tolist()
+    generated: list[torch.Tensor] = []
+    stats: list[ZoomStats] = []
+    for b in range(batch):
+        zoom, reason = decisions[b]
+        st = ZoomStats(gate_prob=probs[b], reason=reason, visual_tokens_low=int(visual_counts[b]),
+                       time_pass1_s=pass1)
+        start = int(attention_mask[b].nonzero()[0])
+        ids_b = input_ids[b, start:]
+        pos_b = _slice_positions(state.position_ids, b, start)
+        plan = None
+        if zoom:
+            try:
+                plan = _plan_zoom(model, adapter, processor, cfg, state, b, start, owners, heatmaps,
+                                  source_images[b][-1] if source_images[b] else None)
+            except Exception as exc:  # a crop that cannot be encoded is answered from pass 1
+                logger.warning("Q-Zoom: sample %d zoom failed (%s); answering from the low-resolution pass", b, exc)
+                plan, st.reason = None, "error"
+            if plan is None and st.reason != "error":
+                st.reason = "no_roi"
+        if plan is None:
+            cache = _sample_cache(state.cache, b, start, input_ids.shape[1], b_layer, text_config)
+            emb = Embedded(state.embedded.inputs_embeds[b:b + 1, start:], state.embedded.visual_mask[b:b + 1, start:],
+                           [], _deepstack_rows(state, b))
+            new, t_pass2, t_dec = _continue_and_generate(
+                model, adapter, cache, state.hidden[b:b + 1, start:], pos_b, emb, ids_b, b_layer, generate_kwargs)
+            st.prompt_tokens = int(ids_b.numel())
+        else:
+            t1 = time.perf_counter()
+            cache, hidden, positions, embedded, full_ids = _zoom_prefix_pass(model, adapter, state, b, start, plan)
+            prep = time.perf_counter() - t1
+            new, t_pass2, t_dec = _continue_and_generate(model, adapter, cache, hidden, positions, embedded,
+                                                         full_ids, b_layer, generate_kwargs)
+            t_pass2 += prep + plan["encode_s"]
+            st.zoomed = True
+            st.box = plan["box_norm"]
+            st.grid_box = plan["grid_box"]
+            st.visual_tokens_roi = plan["num_roi"]
+            st.prompt_tokens = int(full_ids.numel())
+        st.time_pass2_s, st.time_decode_s = t_pass2, t_dec
+        generated.append(new)
+        stats.append(st)
+    return ZoomOutput(generated, stats)
+
+
+def _plan_zoom(model, adapter: FamilyAdapter, processor, cfg: QZoomConfig, state: BranchPrefill, b: int,
+               start: int, owners: list[int], heatmaps: list[torch.Tensor], image: Image.Image | None):
+    """Box, crop and encoded crop of sample ``b``'s last image; None when no region survives."""
+    if image is None:
+        return None
+    image_index = max(i for i, owner in enumerate(owners) if owner == b)
+    grid = state.embedded.grids[image_index]
+    box = roi_box_from_heatmap(heatmaps[image_index].float(), cfg.tau_roi, cfg.blur_kernel, cfg.blur_sigma)
+    if box is None:
+        return None
+    t0 = time.perf_counter()
+    pixel_box = grid_box_to_pixel_box(box, grid, image.size, cfg.min_box_side)
+    crop = adapter.resize_for_budget(crop_image(image.convert("RGB"), pixel_box), cfg.roi_min_tokens,
+                                     cfg.roi_max_tokens)
+    encoded = adapter.encode_images(processor, [crop])
+    encoded = {k: v.to(state.hidden.device) for k, v in encoded.items()}
+    if "pixel_values" in encoded:
+        encoded["pixel_values"] = encoded["pixel_values"].to(state.hidden.dtype)
+    # visual indices of the zoomed (last) image within the sample, in unpadded coordinates
+    visual = state.embedded.visual_mask[b, start:].nonzero().flatten()
+    rows, cols = grid
+    visual_index = visual[-rows * cols:]
+    return {"grid": grid, "grid_box": (box.x0, box.y0, box.x1, box.y1), "box": box, "encoded": encoded,
+            "visual_index": visual_index, "box_norm": pixel_box.normalized(*image.size),
+            "encode_s": time.perf_counter() - t0, "num_roi": 0}
+
+
+@torch.no_grad()
+def _zoom_prefix_pass(model, adapter: FamilyAdapter, state: BranchPrefill, b: int, start: int, plan: dict):
+    """Insert the crop after the source image and run only the new tokens through layers [0, B)."""
+    full_input = state.input_ids[b, start:]
+    prefix_end = adapter.prefix_end(model, full_input, int(plan["visual_index"][-1]))
+    tail = full_input[prefix_end:]
+    encoded = plan["encoded"]
+    num_roi = _num_visual_tokens(model, adapter, encoded)
+    plan["num_roi"] = num_roi
+    new_ids = torch.tensor(adapter.roi_token_ids(model, num_roi), device=full_input.device)
+    new_ids = torch.cat([new_ids, tail])[None]
+    embedded_new = adapter.embed(model, new_ids, encoded.get("pixel_values"), encoded.get("image_grid_thw"))
+    roi_grid = embedded_new.grids[0]
+    pos_b = _slice_positions(state.position_ids, b, start)
+    prefix_pos = pos_b[..., :prefix_end]
+    new_pos = adapter.roi_positions(model, pos_b, plan["visual_index"], plan["grid"], prefix_end, plan["box"],
+                                    roi_grid, int(tail.numel()))
+    if new_pos.is_floating_point():
+        prefix_pos = prefix_pos.to(new_pos.dtype)
+    positions = torch.cat([prefix_pos, new_pos.to(prefix_pos.device)], dim=-1)
+
+    text_config = adapter.text_config(model)
+    b_layer = state.branch_layer
+    cache = _sample_cache(state.cache, b, start, start + prefix_end, b_layer, text_config)
+    h_new = embedded_new.inputs_embeds
+    total = prefix_end + h_new.shape[1]
+    mask2d = torch.ones(1, total, dtype=torch.long, device=h_new.device)
+    mask = adapter.causal_mask(model, h_new, mask2d, cache)
+    rope = adapter.rotary(model, h_new, new_pos)
+    layers = adapter.decoder_layers(model)
+    h_new = adapter.run_layers(model, layers[:b_layer], 0, h_new, rope, mask, cache, embedded_new)
+
+    hidden = torch.cat([state.hidden[b:b + 1, start:start + prefix_end], h_new], dim=1)
+    src_rows = _deepstack_rows(state, b)
+    deepstack = None
+    if src_rows is not None and embedded_new.deepstack is not None:
+        deepstack = [torch.cat([s, r]) for s, r in zip(src_rows, embedded_new.deepstack)]
+    visual_mask = torch.cat([state.embedded.visual_mask[b:b + 1, start:start + prefix_end], embedded_new.visual_mask],
+                            dim=1)
+    embedded = Embedded(torch.empty(0), visual_mask, [], deepstack)
+    full_ids = torch.cat([full_input[:prefix_end], new_ids[0]])
+    return cache, hidden, positions, embedded, full_ids
+
+
+def _num_visual_tokens(model, adapter: FamilyAdapter, encoded: dict) -> int:
+    grid_thw = encoded.get("image_grid_thw")
+    if grid_thw is not None:
+        merge = int(adapter.inner_model(model).visual.spatial_merge_size)
+        return int(grid_thw[0].prod()) // (merge * merge)
+    return int(model.config.image_seq_length)
