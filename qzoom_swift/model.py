@@ -7,6 +7,7 @@ and exposes one prefill that yields the gate probability, the heatmaps and the K
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,13 @@ from qzoom_swift.checkpoint import is_branch_checkpoint, load_branch_checkpoint,
 from qzoom_swift.config import BRANCH_WEIGHTS_NAME, QZoomConfig
 from qzoom_swift.families import FamilyAdapter, get_adapter
 from qzoom_swift.prefill import BranchPrefill, continue_prefill, prefill
+from qzoom_swift.zoom import ZoomStats
+
+
+@dataclass
+class ZoomAnswer:
+    text: str
+    stats: ZoomStats
 
 
 class QZoomModel:
@@ -85,6 +93,33 @@ class QZoomModel:
     def continue_prefill(self, state: BranchPrefill, last_only: bool = False) -> torch.Tensor:
         """Layers [B, L) of the same prompt (direct answer); logits [B, S, vocab] (or [B, 1, vocab])."""
         return continue_prefill(self.model, state, last_only)
+
+    def generate(self, images, questions: str | list[str], *, config_overrides: dict | None = None,
+                 max_new_tokens: int = 64, **generate_kwargs) -> list[ZoomAnswer]:
+        """Answer image questions with Q-Zoom (gated zoom by default; ``config_overrides={"mode": ...}``).
+
+        ``images`` is a list of PIL images for one question, or one list per question. Images are encoded
+        at the config's low budget for pass 1; crops come from these full-resolution originals.
+        """
+        if self.processor is None:
+            raise ValueError("QZoomModel.generate needs a processor: pass processor=... to from_pretrained")
+        from qzoom_swift.inputs import chat_inputs
+        from qzoom_swift.zoom import zoom_generate
+
+        if isinstance(questions, str):
+            questions, images = [questions], [images]
+        cfg = self.config
+        if config_overrides:
+            cfg = QZoomConfig.from_dict({**cfg.to_dict(), **config_overrides})
+        low = [[self.adapter.resize_for_budget(img.convert("RGB"), cfg.low_min_tokens, cfg.low_max_tokens)
+                for img in sample] for sample in images]
+        inputs = chat_inputs(self.processor, low, questions)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        generate_kwargs.setdefault("do_sample", False)
+        out = zoom_generate(self.model, self.processor, inputs, images, cfg, max_new_tokens=max_new_tokens,
+                            **generate_kwargs)
+        texts = self.processor.batch_decode([g.tolist() for g in out.generated], skip_special_tokens=True)
+        return [ZoomAnswer(text, st) for text, st in zip(texts, out.stats)]
 
     def save_branches(self, directory: str | os.PathLike) -> Path:
         return save_branch_checkpoint(self.model, directory)

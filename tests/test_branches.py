@@ -12,8 +12,8 @@ from qzoom_swift.branches import attach_branches, detach_branches, get_branches
 from qzoom_swift.checkpoint import BranchCheckpointError, load_branch_checkpoint, save_branch_checkpoint
 from qzoom_swift.config import QZoomConfig, default_branch_layer
 from qzoom_swift.families import get_adapter
+from qzoom_swift.inputs import chat_inputs
 from qzoom_swift.prefill import continue_prefill, prefill, prefill_to_branch, query_token_index
-from qzoom_swift.testing.inputs import chat_inputs
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
 

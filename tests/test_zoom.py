@@ -8,8 +8,8 @@ from PIL import Image, ImageDraw
 
 from qzoom_swift.branches import attach_branches, detach_branches
 from qzoom_swift.config import QZoomConfig
+from qzoom_swift.inputs import chat_inputs
 from qzoom_swift.prefill import prefill
-from qzoom_swift.testing.inputs import chat_inputs
 from qzoom_swift.zoom import zoom_decisions, zoom_generate, zoom_prefill
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")

@@ -94,6 +94,10 @@ class QZoomTemplateMixin:
             if len(maps) != n_images:
                 raise ValueError(f"qzoom_rpn_labels has {len(maps)} maps for a record with {n_images} images")
             encoded["qzoom_rpn_labels"] = maps
+        elif "qzoom_rpn_labels" in extra:
+            # A null map (a pseudo-label sample ignored at labelling time) is an RPN sample without valid
+            # tokens: it must still take the branch loss (an exact zero), never the LM loss of the trunk.
+            encoded["qzoom_rpn_labels"] = [None] * len(inputs.images or [])
         return encoded
 
     def _data_collator(self, batch, *, padding_to=None):
