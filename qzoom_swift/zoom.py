@@ -187,14 +187,32 @@ def zoom_prefill(model: nn.Module, processor, inputs: dict, source_images: list[
                        encoded.get("image_grid_thw"), plan["grid_box"])
 
 
+class TorchRouter:
+    """Routing decisions computed by the branches in torch (the default).
+
+    A router turns the layer-B state of pass 1 into gate logits [B] and RPN token scores [B, S]; the ONNX
+    router (``qzoom_swift.onnx``) implements the same two methods with onnxruntime.
+    """
+
+    name = "torch"
+
+    def gate_logits(self, model: nn.Module, state: BranchPrefill) -> torch.Tensor:
+        return gate_logits(model, state)
+
+    def rpn_token_logits(self, model: nn.Module, state: BranchPrefill) -> torch.Tensor:
+        return rpn_token_logits(model, state)
+
+
 def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list[list[Image.Image]],
-                  config: QZoomConfig | None = None, **generate_kwargs) -> ZoomOutput:
+                  config: QZoomConfig | None = None, router=None, **generate_kwargs) -> ZoomOutput:
     """Q-Zoom generation for a left-padded batch encoded at the low budget.
 
     ``inputs`` are the processor (or ms-swift template) outputs of pass 1; ``source_images`` the original,
     full-resolution images of each sample (crops are cut from these). ``config`` defaults to the branches'
-    config. Returns the new tokens and a ``ZoomStats`` per sample.
+    config. ``router`` computes the gate and RPN outputs (default: ``TorchRouter``). Returns the new tokens
+    and a ``ZoomStats`` per sample.
     """
+    router = router or TorchRouter()
     adapter = get_adapter(model)
     cfg = config or require_branches(model).qzoom_config
     input_ids = inputs["input_ids"]
@@ -212,7 +230,8 @@ def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list
     has_image = [b in owners for b in range(batch)]
     probs: list[float | None] = [None] * batch
     if cfg.mode == "zoom":
-        gate = torch.sigmoid(gate_logits(model, state)).float().tolist()
+        state.gate_logit = router.gate_logits(model, state).to(state.hidden.device)
+        gate = torch.sigmoid(state.gate_logit).float().tolist()
         probs = [p if has_image[b] else None for b, p in enumerate(gate)]
     decisions = zoom_decisions(probs if cfg.mode == "zoom" else [0.0 if h else None for h in has_image],
                                cfg.mode, cfg.tau_gate)
@@ -220,7 +239,7 @@ def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list
                  enumerate(decisions)]
     heatmaps = None
     if any(z for z, _ in decisions):
-        rpn_token_logits(model, state)
+        state.rpn_token_logits = router.rpn_token_logits(model, state).to(state.hidden.device)
         heatmaps = state.heatmaps()
     pass1 = (time.perf_counter() - t0) / batch
 
