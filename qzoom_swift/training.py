@@ -63,9 +63,36 @@ def rpn_token_labels(visual_mask: torch.Tensor, grids: list[tuple[int, int]],
     return out
 
 
+def restore_truncated_labels(labels: torch.Tensor | None, logits_to_keep, seq_len: int) -> torch.Tensor | None:
+    """Full-length ``labels`` [B, seq_len] from the ones ms-swift's trainer hands the model.
+
+    With ``use_logits_to_keep`` (ms-swift's default) ``Seq2SeqTrainer.prepare_logits_to_keep`` cuts the labels
+    before the forward: to their last ``logits_to_keep`` positions (an int, batches > 1), or, for a batch of
+    one, to the supervised tokens only behind one -100 (``logits_to_keep`` is then a bool mask whose entry
+    j-1 says whether token j is supervised). The branches locate their query token (the one before the first
+    supervised token) from the labels, so the cut must be undone or they would read a wrong token.
+    """
+    if labels is None or logits_to_keep is None or labels.shape[1] == seq_len:
+        return labels
+    full = torch.full((labels.shape[0], seq_len), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
+        supervised = torch.zeros(seq_len, dtype=torch.bool, device=labels.device)
+        supervised[1:] = logits_to_keep.to(labels.device)[:-1]
+        if int(supervised.sum()) != labels.shape[1] - 1:
+            raise ValueError(f"cannot restore labels: {labels.shape[1] - 1} kept labels for "
+                             f"{int(supervised.sum())} kept positions")
+        full[:, supervised] = labels[:, 1:]
+        return full
+    full[:, seq_len - labels.shape[1]:] = labels
+    return full
+
+
 def branch_training_step(model: nn.Module, which: tuple[str, ...], qzoom_gate=None, qzoom_rpn_labels=None,
                          **inputs) -> QZoomBranchOutput:
     """Loss of the selected branches on one batch (joint when both are selected)."""
+    logits_to_keep = inputs.pop("logits_to_keep", None)
+    if inputs.get("labels") is not None and inputs.get("input_ids") is not None:
+        inputs["labels"] = restore_truncated_labels(inputs["labels"], logits_to_keep, inputs["input_ids"].shape[1])
     state = prefill_to_branch(model, use_cache=False, **inputs)
     losses: list[torch.Tensor] = []
     metrics: dict[str, torch.Tensor] = {}
