@@ -37,24 +37,25 @@ def branch_dataset(shape_dataset, tmp_path_factory):
 def sft_runs(tiny_dir, branch_dataset, tmp_path_factory):
     work = tmp_path_factory.mktemp("qzoom_sft")
     commands = {}
-    for family, model_type in MODEL_TYPES.items():
-        commands[family] = [
-            "sft", "--external_plugins", plugin_path(), "--model", str(tiny_dir(family)), "--model_type", model_type,
-            "--tuner_type", "qzoom", "--dataset", str(branch_dataset), "--max_steps", "2",
-            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--save_steps", "2",
-            "--learning_rate", "1e-3", "--logging_steps", "1", "--output_dir", str(work / family),
-            "--add_version", "false", "--strict", "true", "--model_kwargs", json.dumps({"QZOOM_TRAIN": TRAINED[family]}),
-            *CPU_TRAIN_FLAGS,
-        ]
+    for family in MODEL_TYPES:
+        commands[family] = _sft_command(tiny_dir, family, branch_dataset, work / family)
     runs = run_swift_concurrently(commands, work)
     return {family: (runs[family], work / family) for family in MODEL_TYPES}
+
+
+def _sft_command(tiny_dir, family: str, dataset, out) -> list[str]:
+    return ["sft", "--external_plugins", plugin_path(), "--model", str(tiny_dir(family)), "--model_type",
+            MODEL_TYPES[family], "--tuner_type", "qzoom", "--dataset", str(dataset), "--max_steps", "4",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--save_steps", "2",
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--output_dir", str(out), "--add_version", "false",
+            "--strict", "true", "--model_kwargs", json.dumps({"QZOOM_TRAIN": TRAINED[family]}), *CPU_TRAIN_FLAGS]
 
 
 @pytest.mark.parametrize("family", list(MODEL_TYPES))
 def test_swift_sft_qzoom_writes_only_branch_files(sft_runs, tiny_dir, family):
     run, out = sft_runs[family]
     assert run.returncode == 0, run.tail()
-    ckpt = out / "checkpoint-2"
+    ckpt = out / "checkpoint-4"
     files = {p.name for p in ckpt.iterdir()}
     assert {"qzoom_branch.safetensors", "qzoom_config.json"} <= files
     assert not any(name.startswith(("model", "adapter_model")) and name.endswith(".safetensors") for name in files)
@@ -81,7 +82,7 @@ def infer_runs(sft_runs, shape_dataset, tmp_path_factory):
     for family, (run, out) in sft_runs.items():
         if run.returncode != 0:
             continue
-        commands[family] = ["infer", "--adapters", str(out / "checkpoint-2"), "--val_dataset", str(shape_dataset),
+        commands[family] = ["infer", "--adapters", str(out / "checkpoint-4"), "--val_dataset", str(shape_dataset),
                             "--max_new_tokens", "3", "--max_batch_size", "2", "--temperature", "0",
                             "--result_path", str(work / f"{family}.jsonl")]
     runs = run_swift_concurrently(commands, work)
@@ -113,11 +114,30 @@ def test_adapter_round_trip_in_process(sft_runs, tiny_dir, family):
     run, out = sft_runs[family]
     assert run.returncode == 0, run.tail()
     model, _ = get_model_processor(str(tiny_dir(family)), model_type=MODEL_TYPES[family], torch_dtype=torch.float32)
-    QZoomTuner.from_pretrained(model, str(out / "checkpoint-2"))
-    saved = load_file(str(out / "checkpoint-2" / "qzoom_branch.safetensors"))
+    QZoomTuner.from_pretrained(model, str(out / "checkpoint-4"))
+    saved = load_file(str(out / "checkpoint-4" / "qzoom_branch.safetensors"))
     state = get_branches(model).state_dict()
     assert set(saved) == set(state)
     assert all(torch.equal(saved[k], state[k]) for k in saved)
+
+
+def test_resume_from_a_branch_checkpoint_reproduces_the_uninterrupted_run(sft_runs, tiny_dir, branch_dataset,
+                                                                         tmp_path):
+    """--resume_from_checkpoint: the tuner reloads the branch, the trainer its optimizer/RNG state."""
+    run, out = sft_runs["qwen2_5_vl"]
+    assert run.returncode == 0, run.tail()
+    cmd = [*_sft_command(tiny_dir, "qwen2_5_vl", branch_dataset, tmp_path / "resumed"),
+           "--resume_from_checkpoint", str(out / "checkpoint-2")]
+    resumed = run_swift_concurrently({"resume": cmd}, tmp_path)["resume"]
+    assert resumed.returncode == 0, resumed.tail()
+    logs = [json.loads(line) for line in (tmp_path / "resumed" / "logging.jsonl").read_text().splitlines()]
+    steps = [row["global_step/max_steps"] for row in logs if "loss" in row]
+    assert steps == ["3/4", "4/4"]  # steps 1-2 were not redone
+    full = load_file(str(out / "checkpoint-4" / "qzoom_branch.safetensors"))
+    again = load_file(str(tmp_path / "resumed" / "checkpoint-4" / "qzoom_branch.safetensors"))
+    assert all(torch.allclose(full[k], again[k], atol=1e-6) for k in full)
+    at_two = load_file(str(out / "checkpoint-2" / "qzoom_branch.safetensors"))
+    assert any(not torch.equal(full[k], at_two[k]) for k in full)
 
 
 def test_qzoom_tuner_requires_branch_choice_and_qzoom_model_type():

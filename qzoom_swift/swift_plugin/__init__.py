@@ -24,12 +24,13 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from qzoom_swift.swift_plugin import datasets, models, templates, tuner
+    from qzoom_swift.swift_plugin import datasets, models, templates, trainer, tuner
 
     datasets.register_dataset_keys()
     templates.register_templates()
     models.register_models()
     tuner.register_tuner()
+    trainer.register_trainer()
     _registered = True
 
 
