@@ -235,6 +235,17 @@ COMMANDS: dict[str, Command] = {
     ),
 }
 
+# Stage-1 labelling commands (qzoom_swift/labels/commands.py; standard library only at import).
+from qzoom_swift.labels import commands as _labels  # noqa: E402
+
+COMMANDS["pseudo-labels"] = Command(
+    help="stage 1: self-distilled tri-state RPN labels from the model's own attention (resumable shards)",
+    description=_labels.PSEUDO_LABELS_DESCRIPTION, add_arguments=_labels.pseudo_labels_args,
+    run=_labels.pseudo_labels_run)
+COMMANDS["visualize"] = Command(
+    help="PNG of a pseudo-label record: image, attention, label, predicted heatmap and box",
+    description=_labels.VISUALIZE_DESCRIPTION, add_arguments=_labels.visualize_args, run=_labels.visualize_run)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -1,0 +1,128 @@
+"""``qzoom pseudo-labels`` and ``qzoom visualize``: argument declarations and runners for the CLI registry.
+
+Only the standard library is imported here; torch/transformers load inside the runners, so ``qzoom --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PSEUDO_LABELS_DESCRIPTION = (
+    "Stage 1: run the base model on an ms-swift dataset (messages + one local image per record), record its "
+    "response-to-image attention while it answers (eager attention, averaged over decode steps and the chosen "
+    "layers/heads), turn it into tri-state RPN labels and write OUT/shard-*.jsonl (input records + qzoom_attn, "
+    "qzoom_attn_grid, qzoom_answer, qzoom_rpn_labels), OUT/rejects.jsonl and OUT/summary.json. The shards "
+    "feed `swift sft --tuner_type qzoom` (QZOOM_TRAIN=rpn) directly. Rerunning the same command resumes after "
+    "a crash; --overwrite starts again."
+)
+
+
+def pseudo_labels_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model dir (Qwen2.5-VL, Qwen3-VL or LLaVA-1.5-HF)")
+    p.add_argument("--dataset", required=True, type=Path, help="ms-swift jsonl (or json list) with local images")
+    p.add_argument("--out", required=True, type=Path, help="output dir (shards, rejects.jsonl, summary.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete this job's earlier output in --out and start again (default: resume)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="records per generate() call (default 1); higher is faster on GPUs, costs memory")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap (default 128, as released)")
+    p.add_argument("--mode", choices=("textual", "natural"), default="textual",
+                   help="head table of known checkpoints: textual (documents/OCR) or natural (photos)")
+    p.add_argument("--heads", default="default",
+                   help="grounding heads: 'default' (known table, else auto), 'auto' (most concentrated layers "
+                        "of the middle-to-late band), or a spec 'LAYER:H,H;LAYER' (no ':' = all heads)")
+    p.add_argument("--sink-heads", default=None,
+                   help="sink heads spec overriding the table ('' = none), used by --sink heads")
+    p.add_argument("--sink", choices=("auto", "heads", "norm", "both", "none"), default="auto",
+                   help="sink filter: heads (official: sink-head attention >= --sink-threshold), norm (hidden-state "
+                        "L2 norm > --tau-norm x median), both, none; auto = heads for known models, else norm")
+    p.add_argument("--sink-threshold", type=float, default=None,
+                   help="sink-head threshold (default: the table's, 1e-2; 1e-3 for LLaVA-1.5-7B)")
+    p.add_argument("--tau-norm", type=float, default=5.0, help="norm sink test factor (default 5)")
+    p.add_argument("--grounding-prompt", choices=("auto", "on", "off"), default="auto",
+                   help="append the official grounding instruction to the question (auto: on for --mode natural)")
+    p.add_argument("--max-tokens", type=int, default=576,
+                   help="visual tokens per image while labelling, Qwen families (default 576 as released; 0 = "
+                        "the processor's setting). Labels are nearest-resampled to the training grid")
+    p.add_argument("--calibration", type=int, default=16, help="records used by --heads auto (default 16)")
+    p.add_argument("--top-k", type=int, default=2, help="layers kept by --heads auto (default 2)")
+    p.add_argument("--tau-fg", type=float, default=None, help="foreground: attention > tau_fg x peak (default 0.2)")
+    p.add_argument("--tau-bg", type=float, default=None, help="background: outside the box and < tau_bg x peak "
+                                                              "(default 0.05)")
+    p.add_argument("--max-box-fraction", type=float, default=None,
+                   help="ignore a sample whose box covers >= this fraction of the grid (default 0.5)")
+    p.add_argument("--min-peak", type=float, default=None, help="ignore a sample whose peak is below (default 5e-3)")
+    p.add_argument("--shard-size", type=int, default=1000, help="records per shard file (default 1000)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def pseudo_labels_run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from qzoom_swift.labels.pseudo import JobError, PseudoLabelOptions, run_pseudo_labels
+
+    opts = PseudoLabelOptions(
+        model=str(args.model), dataset=str(args.dataset), out=str(args.out), batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, mode=args.mode, heads=args.heads, sink_heads=args.sink_heads,
+        sink=args.sink, sink_threshold=args.sink_threshold, tau_norm=args.tau_norm,
+        grounding_prompt=args.grounding_prompt, max_tokens=args.max_tokens, calibration=args.calibration,
+        top_k=args.top_k, tau_fg=args.tau_fg, tau_bg=args.tau_bg, max_box_fraction=args.max_box_fraction,
+        min_peak=args.min_peak, shard_size=args.shard_size, overwrite=args.overwrite, limit=args.limit,
+        device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    try:
+        summary = run_pseudo_labels(opts)
+    except JobError as exc:
+        print(f"qzoom pseudo-labels: error: {exc}", file=sys.stderr)
+        return 2
+    o = summary["outcomes"]
+    run = summary["this_run"]
+    print(f"{summary['records_done']}/{summary['records_total']} records done: {o['labelled']} labelled, "
+          f"{summary['ignored']} ignored, {o['rejected']} rejected; this run {run['processed']} in "
+          f"{run['seconds']} s ({run['samples_per_s']} samples/s)")
+    print(f"wrote {Path(summary['output']) / 'summary.json'}")
+    return 0
+
+
+VISUALIZE_DESCRIPTION = (
+    "Write a PNG for one pseudo-label record: the image, its raw attention map, the tri-state pseudo label "
+    "and, with --checkpoint, the RPN heatmap predicted by a trained Q-Zoom branch checkpoint with its box, "
+    "side by side (each map drawn over the part of the image the visual tokens cover)."
+)
+
+
+def visualize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", required=True, type=Path, help="a pseudo-label shard (OUT/shard-00000.jsonl)")
+    p.add_argument("--index", type=int, default=0, help="line of the shard (default 0)")
+    p.add_argument("--id", default=None, help="or the record's qzoom_id")
+    p.add_argument("--out", required=True, type=Path, help="PNG to write")
+    p.add_argument("--checkpoint", default=None, help="Q-Zoom branch checkpoint dir (qzoom_branch.safetensors)")
+    p.add_argument("--model", default=None, help="base model dir (default: the job's, from job.json next to the shard)")
+    p.add_argument("--tau-roi", type=float, default=None, help="box threshold on the predicted heatmap "
+                                                               "(default: the checkpoint's)")
+    p.add_argument("--dpi", type=int, default=100)
+
+
+def visualize_run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from qzoom_swift.labels.visualize import render_record_png
+
+    try:
+        path, size = render_record_png(args.shard, args.out, index=args.index, record_id=args.id,
+                                       checkpoint=args.checkpoint, model=args.model, tau_roi=args.tau_roi,
+                                       dpi=args.dpi)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"qzoom visualize: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({size[0]}x{size[1]})")
+    return 0

@@ -1,0 +1,163 @@
+"""``qzoom visualize``: one PNG per pseudo-label record, to debug localisation by looking.
+
+Panels, left to right: the image (with the part the visual tokens cover outlined), the raw attention map,
+the tri-state pseudo label (green = foreground, blue = background, grey = ignored; the ignore box in
+yellow) and, with a checkpoint, the RPN's predicted heatmap (sigmoid) with the box inference would crop.
+Maps are drawn over the region of the image the token grid covers: the whole image for Qwen-VL (which
+resizes), the centre square for LLaVA-1.5's CLIP processor (which resizes the short side and centre-crops).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def read_shard_record(shard: str | Path, index: int = 0, record_id: str | None = None) -> dict:
+    """Line ``index`` of a shard, or the record whose ``qzoom_id`` is ``record_id``."""
+    shard = Path(shard)
+    if not shard.is_file():
+        raise FileNotFoundError(f"shard {shard} not found")
+    with open(shard, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.endswith("\n"):
+                break  # partial last line of a running/killed job
+            if (record_id is None and i == index) or (record_id is not None and f'"qzoom_id": "{record_id}"' in line):
+                return json.loads(line)
+    what = f"record {record_id!r}" if record_id is not None else f"line {index}"
+    raise ValueError(f"{shard}: no {what}")
+
+
+def grid_region(image_size: tuple[int, int], processor=None) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in pixels of the part of the image the visual-token grid covers."""
+    w, h = image_size
+    ip = getattr(processor, "image_processor", None)
+    if ip is None or not getattr(ip, "do_center_crop", False):
+        return (0.0, 0.0, float(w), float(h))
+    size, crop = ip.size, ip.crop_size
+    short = size.get("shortest_edge") if hasattr(size, "get") else None
+    if not short:
+        return (0.0, 0.0, float(w), float(h))
+    scale = float(short) / min(w, h)
+    cw, ch = min(w, crop["width"] / scale), min(h, crop["height"] / scale)
+    left, top = (w - cw) / 2.0, (h - ch) / 2.0
+    return (left, top, left + cw, top + ch)
+
+
+def _job_of(shard: Path) -> dict:
+    path = shard.parent / "job.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def predict_heatmap(model_dir: str, checkpoint: str, record: dict, base_dir: Path, max_tokens: int,
+                    tau_roi: float | None = None):
+    """(sigmoid heatmap [h, w] numpy, grid box or None, tau_roi) of a trained RPN on the record's question."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qzoom_swift.checkpoint import load_branch_checkpoint
+    from qzoom_swift.labels.pseudo import Prepared, prepare_record, set_max_visual_tokens
+    from qzoom_swift.prefill import prefill
+    from qzoom_swift.roi import roi_box_from_heatmap
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    cfg = load_branch_checkpoint(model, checkpoint)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    set_max_visual_tokens(processor, max_tokens)
+    prepared = prepare_record({k: v for k, v in record.items() if not k.startswith("qzoom_")}, base_dir, False)
+    if not isinstance(prepared, Prepared):
+        raise ValueError(f"record cannot be shown to the model: {prepared.reason}: {prepared.detail}")
+    text = processor.apply_chat_template(prepared.messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[prepared.image], return_tensors="pt")
+    with torch.inference_mode():
+        state = prefill(model, branches=("rpn",), **inputs)
+    logits = state.heatmaps()[0].float()
+    tau = cfg.tau_roi if tau_roi is None else tau_roi
+    box = roi_box_from_heatmap(logits, tau, cfg.blur_kernel, cfg.blur_sigma)
+    return torch.sigmoid(logits).numpy(), box, tau
+
+
+def render_record_png(shard: str | Path, out: str | Path, *, index: int = 0, record_id: str | None = None,
+                      checkpoint: str | None = None, model: str | None = None, tau_roi: float | None = None,
+                      dpi: int = 100) -> tuple[Path, tuple[int, int]]:
+    """Write the PNG of one shard record; returns (path, (width, height) in pixels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Rectangle
+    from PIL import Image
+
+    shard = Path(shard)
+    record = read_shard_record(shard, index, record_id)
+    job = _job_of(shard)
+    model_dir = model or job.get("settings", {}).get("model")
+    if checkpoint is not None and not model_dir:
+        raise ValueError("--checkpoint needs the base model: pass --model (no job.json next to the shard)")
+    images = record.get("images") or []
+    if not images:
+        raise ValueError("the record has no image")
+    image_path = Path(images[0] if isinstance(images[0], str) else images[0]["path"])
+    dataset = job.get("settings", {}).get("dataset")
+    base_dir = Path(dataset).parent if dataset else shard.parent
+    if not image_path.is_absolute():
+        image_path = base_dir / image_path
+    image = Image.open(image_path).convert("RGB")
+    processor = None
+    if model_dir and Path(model_dir).is_dir():
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(model_dir)
+    left, top, right, bottom = grid_region(image.size, processor)
+    extent = (left, right, bottom, top)
+
+    attn = np.asarray(record["qzoom_attn"], dtype=np.float32)
+    labels = record.get("qzoom_rpn_labels")
+    label_map = (np.full(attn.shape, -100) if labels is None else np.asarray(labels)).astype(np.int64)
+    panels = 4 if checkpoint else 3
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 4), dpi=dpi)
+    h, w = attn.shape
+    cell_w, cell_h = (right - left) / w, (bottom - top) / h
+
+    def grid_rect(box, color):
+        x0, y0, x1, y1 = box
+        return Rectangle((left + x0 * cell_w, top + y0 * cell_h), (x1 - x0) * cell_w, (y1 - y0) * cell_h,
+                         fill=False, edgecolor=color, linewidth=2)
+
+    for ax in axes:
+        ax.imshow(image)
+        ax.set_axis_off()
+    axes[0].add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, edgecolor="white",
+                                linestyle="--", linewidth=1))
+    axes[0].set_title(f"image {image.width}x{image.height}, grid {h}x{w}", fontsize=9)
+    axes[1].imshow(attn / max(float(attn.max()), 1e-12), cmap="jet", alpha=0.55, extent=extent,
+                   interpolation="nearest")
+    axes[1].set_title(f"attention (peak {record.get('qzoom_peak', float(attn.max())):.3g})", fontsize=9)
+    codes = np.where(label_map == 1, 2, np.where(label_map == 0, 1, 0))
+    cmap = ListedColormap([(0.5, 0.5, 0.5, 0.35), (0.1, 0.3, 0.95, 0.45), (0.1, 0.85, 0.2, 0.7)])
+    axes[2].imshow(codes, cmap=cmap, vmin=0, vmax=2, extent=extent, interpolation="nearest")
+    if record.get("qzoom_box"):
+        axes[2].add_patch(grid_rect(record["qzoom_box"], "yellow"))
+    axes[2].set_title(f"pseudo label: {record.get('qzoom_status', '?')} "
+                      f"(fg {int((label_map == 1).sum())}, bg {int((label_map == 0).sum())})", fontsize=9)
+    if checkpoint:
+        heat, box, tau = predict_heatmap(model_dir, checkpoint, record, base_dir,
+                                         int(job.get("settings", {}).get("max_tokens", 576)), tau_roi)
+        ph, pw = heat.shape
+        axes[3].imshow(heat, cmap="magma", alpha=0.6, vmin=0.0, vmax=1.0, extent=extent, interpolation="nearest")
+        if box is not None:
+            sx, sy = w / pw, h / ph
+            axes[3].add_patch(grid_rect((box.x0 * sx, box.y0 * sy, box.x1 * sx, box.y1 * sy), "cyan"))
+        axes[3].set_title(f"predicted heatmap (tau_roi {tau:g}): {'box' if box else 'no box'}", fontsize=9)
+    fig.suptitle(f"{record.get('qzoom_id', '')}  answer: {str(record.get('qzoom_answer', ''))[:60]!r}", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    with Image.open(out) as png:
+        size = png.size
+    return out, size
