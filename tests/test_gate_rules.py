@@ -1,0 +1,119 @@
+"""Pure stage-3 rules: answer matchers, trajectory consistency, gate-example sampling, calibration."""
+
+from __future__ import annotations
+
+import pytest
+
+from qzoom_swift.labels.gate import (
+    CalibrationPoint,
+    TrajectoryClass,
+    balance_easy,
+    calibration_curve,
+    choose_gate_example,
+    choose_threshold,
+    classify_trajectory,
+    sample_rng,
+)
+from qzoom_swift.labels.matchers import (
+    anls,
+    exact_match,
+    get_matcher,
+    normalize_answer,
+    relaxed_accuracy,
+    vqa_soft_accuracy,
+)
+
+
+def test_normalize_and_exact_match():
+    assert normalize_answer("  The Red, car! ") == "red car"
+    assert exact_match("red car.", ["Red Car", "blue"]) == 1.0
+    assert exact_match("red", "blue") == 0.0
+    assert exact_match("", "") == 0.0  # an empty answer is never right
+
+
+def test_vqa_soft_accuracy_counts_annotators():
+    gts = ["two", "two", "2", "two", "three"]
+    assert vqa_soft_accuracy("two", gts) == 1.0
+    assert vqa_soft_accuracy("2", gts) == pytest.approx(1 / 3)
+    assert vqa_soft_accuracy("four", gts) == 0.0
+
+
+def test_anls_threshold_and_best_ground_truth():
+    assert anls("invoice 1234", "invoice 1234") == 1.0
+    assert anls("invoice 1235", ["nothing alike", "invoice 1234"]) == pytest.approx(1 - 1 / 12)
+    assert anls("abc", "xyz") == 0.0  # similarity below 0.5 counts as 0
+    assert anls("", "abc") == 0.0
+
+
+def test_relaxed_accuracy_numbers_and_text():
+    assert relaxed_accuracy("104", "100") == 1.0
+    assert relaxed_accuracy("106", "100") == 0.0
+    assert relaxed_accuracy("12%", "0.12") == 1.0
+    assert relaxed_accuracy("1,000", "1000") == 1.0
+    assert relaxed_accuracy("Yes", "yes") == 1.0
+    assert relaxed_accuracy("0", "0") == 1.0
+    with pytest.raises(ValueError, match="judge"):
+        get_matcher("bleu")
+
+
+@pytest.mark.parametrize(("correct", "expected"), [
+    ([True, True, True, True], TrajectoryClass("easy", 0)),
+    ([False, False, True, True], TrajectoryClass("transition", 2)),
+    ([False, True, True, True], TrajectoryClass("transition", 1)),
+    ([False, False, False, False], TrajectoryClass("always_wrong")),
+    ([False, True, False, True], TrajectoryClass("unstable")),
+    ([True, True, False, True], TrajectoryClass("unstable")),
+    ([False, False, False, True], TrajectoryClass("unstable")),  # only the top right: no stable reference
+])
+def test_classify_trajectory(correct, expected):
+    assert classify_trajectory(correct) == expected
+
+
+def test_classify_with_a_single_stable_top():
+    assert classify_trajectory([False, False, False, True], stable_top=1) == TrajectoryClass("transition", 3)
+
+
+def test_gate_examples_follow_the_released_rules():
+    n = 6  # budgets 0..5; top two (4, 5) are never inputs
+    transition = TrajectoryClass("transition", 3)
+    labels = [choose_gate_example(transition, n, sample_rng(f"s{i}", 0)) for i in range(400)]
+    positives = [idx for lab, idx in labels if lab == 1]
+    negatives = [idx for lab, idx in labels if lab == 0]
+    assert set(positives) == {1, 2}  # the last two wrong budgets, next to the step
+    assert set(negatives) == {3}  # right, below the top two
+    assert 0.85 < len(positives) / len(labels) < 0.95
+    easy = [choose_gate_example(TrajectoryClass("easy", 0), n, sample_rng(f"e{i}", 0)) for i in range(100)]
+    assert {lab for lab, _ in easy} == {0} and {idx for _, idx in easy} == {0, 1, 2, 3}
+    # a step right below the top: no right budget is usable, so the example is always positive
+    late = TrajectoryClass("transition", 4)
+    assert {choose_gate_example(late, n, sample_rng(f"l{i}", 0))[0] for i in range(50)} == {1}
+    assert choose_gate_example(TrajectoryClass("unstable"), n, sample_rng("u", 0)) is None
+
+
+def test_sample_rng_is_order_independent_and_seeded():
+    assert sample_rng("a", 1).random() == sample_rng("a", 1).random()
+    assert sample_rng("a", 1).random() != sample_rng("a", 2).random()
+
+
+def test_balance_easy_keeps_all_transitions():
+    ids = {"transition": ["t1", "t2"], "easy": [f"e{i}" for i in range(10)]}
+    kept = balance_easy(ids, 1.0, seed=0)
+    assert {"t1", "t2"} <= kept and len(kept) == 4
+    assert balance_easy(ids, 1.0, seed=0) == kept
+    assert len(balance_easy(ids, 2.5, seed=0)) == 2 + 5
+    assert len(balance_easy(ids, -1, seed=0)) == 12  # negative: keep everything
+
+
+def test_calibration_curve_and_threshold_choice():
+    probs = [0.9, 0.8, 0.3, 0.1]
+    low = [False, False, True, True]  # the two confident samples need the zoom
+    zoom = [True, True, True, False]  # zooming hurts the last one
+    curve = calibration_curve(probs, low, zoom, taus=[0.0, 0.2, 0.5, 0.85, 1.01])
+    assert [(p.tau, p.accuracy, p.skip_ratio) for p in curve] == [
+        (0.0, 0.75, 0.0), (0.2, 1.0, 0.25), (0.5, 1.0, 0.5), (0.85, 0.75, 0.75), (1.01, 0.5, 1.0)]
+    best = choose_threshold(curve, max_accuracy_drop=0.0)
+    assert best == CalibrationPoint(0.5, 1.0, 0.5)
+    assert choose_threshold(curve, max_accuracy_drop=0.25).tau == 0.85
+    assert choose_threshold(curve, target_skip_ratio=0.7).tau == 0.85
+    with pytest.raises(ValueError, match="exactly one"):
+        choose_threshold(curve)
