@@ -14,15 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from qzoom_swift.labels.jobs import JobError, Prepared, Reject, _scan_jsonl, read_dataset
 from qzoom_swift.labels.pseudo import (
     GROUNDING_INSTRUCTION,
-    JobError,
-    Prepared,
     PseudoLabelOptions,
-    Reject,
-    _scan_jsonl,
     prepare_record,
-    read_dataset,
     run_pseudo_labels,
 )
 from qzoom_swift.labels.tristate import combine_sink_masks, tristate_labels

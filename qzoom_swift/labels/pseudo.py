@@ -32,16 +32,26 @@ directory that is not this job's is never touched without ``--overwrite``.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.labels.jobs import (
+    JOB_FILE,
+    STATUS_REJECTED,
+    SUMMARY_FILE,
+    JobError,
+    OutputDir,
+    Prepared,
+    Reject,
+    prepare_out_dir,
+    read_dataset,
+    record_id,
+    write_json_atomic,
+)
+from qzoom_swift.labels.jobs import prepare_record as _prepare_record
 from qzoom_swift.labels.tristate import (
     DEFAULT_TAU_NORM,
     IGNORED_STATUSES,
@@ -50,14 +60,6 @@ from qzoom_swift.labels.tristate import (
 )
 
 JOB_VERSION = 1
-JOB_FILE = "job.json"
-SUMMARY_FILE = "summary.json"
-REJECTS_FILE = "rejects.jsonl"
-SHARD_PATTERN = "shard-{:05d}.jsonl"
-_SHARD_RE = re.compile(r"^shard-(\d{5})\.jsonl$")
-_HEAD_RE = re.compile(r'^\{"qzoom_id": "([^"]+)", "qzoom_status": "([^"]+)"')
-_REASON_RE = re.compile(r'"reason": "([^"]+)"')
-STATUS_REJECTED = "rejected"
 
 ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 GROUNDING_INSTRUCTION = (
@@ -71,8 +73,15 @@ REJECT_REASONS = ("bad_json", "bad_messages", "no_question", "no_image", "multi_
                   "unsupported_image", "missing_image", "unreadable_image", "empty_answer", "no_decode_step")
 
 
-class JobError(RuntimeError):
-    """A problem with the whole job (settings, output directory, model): nothing per-record."""
+def grounding_rewrite(after: str) -> str:
+    """The official natural-image prompt: replace the short-answer suffix by the grounding instruction."""
+    return (after.replace(ANSWER_SUFFIX, GROUNDING_INSTRUCTION) if ANSWER_SUFFIX in after
+            else f"{after.strip()} {GROUNDING_INSTRUCTION}")
+
+
+def prepare_record(record: Any, base_dir: Path, grounding_prompt: bool) -> Prepared | Reject:
+    """Check one record and build its (optionally grounding) prompt; see :func:`jobs.prepare_record`."""
+    return _prepare_record(record, base_dir, grounding_rewrite if grounding_prompt else None, "stage-1 labelling")
 
 
 @dataclass
@@ -121,251 +130,7 @@ class PseudoLabelOptions:
 # ------------------------------------------------------------------------------------------------ records
 
 
-def record_id(index: int, record_text: str) -> str:
-    """``<line index>-<12 hex of sha1 of the record's canonical JSON>``: stable across reruns."""
-    return f"{index}-{hashlib.sha1(record_text.encode('utf-8')).hexdigest()[:12]}"
-
-
-def _canonical(record: Any) -> str:
-    return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
-def read_dataset(path: Path) -> list[tuple[int, str, Any]]:
-    """(index, id, record or None for bad JSON) for every record of a jsonl file or a json list."""
-    text = path.read_text(encoding="utf-8")
-    out: list[tuple[int, str, Any]] = []
-    if path.suffix == ".json":
-        data = json.loads(text)
-        if not isinstance(data, list):
-            raise JobError(f"{path}: a .json dataset must be a list of records")
-        for i, rec in enumerate(data):
-            out.append((i, record_id(i, _canonical(rec)), rec))
-        return out
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            out.append((i, record_id(i, _canonical(rec)), rec))
-        except json.JSONDecodeError:
-            out.append((i, record_id(i, line), None))
-    return out
-
-
-@dataclass
-class Reject:
-    reason: str
-    detail: str
-
-
-@dataclass
-class Prepared:
-    """A record ready for the model: chat messages (processor format) and the loaded image."""
-
-    messages: list[dict]
-    image: Any
-    image_path: str
-
-
-def _image_path(entry: Any) -> str | None:
-    if isinstance(entry, str):
-        return entry
-    if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-        return entry["path"]
-    return None
-
-
-def prepare_record(record: Any, base_dir: Path, grounding_prompt: bool) -> Prepared | Reject:
-    """Check one record and build its prompt; a :class:`Reject` says what is wrong with it."""
-    from PIL import Image
-
-    if record is None:
-        return Reject("bad_json", "the line is not valid JSON")
-    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        return Reject("bad_messages", "expected an object with a 'messages' list (ms-swift format)")
-    images = record.get("images") or []
-    if isinstance(images, str | dict):
-        images = [images]
-    if not images:
-        return Reject("no_image", "the record has no image")
-    if len(images) > 1:
-        return Reject("multi_image", f"{len(images)} images; stage-1 labels are made for one image per record")
-    messages = record["messages"]
-    system = next((m.get("content") for m in messages[:1] if isinstance(m, dict) and m.get("role") == "system"),
-                  None)
-    user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
-    if user is None or not isinstance(user.get("content"), str) or not user["content"].strip():
-        return Reject("no_question", "no user turn with text content")
-    text = user["content"]
-    tags = text.count("<image>")
-    if tags > 1:
-        return Reject("image_tag_mismatch", f"{tags} <image> tags for one image")
-    before, after = text.split("<image>", 1) if tags == 1 else ("", text)
-    if grounding_prompt:
-        after = (after.replace(ANSWER_SUFFIX, GROUNDING_INSTRUCTION) if ANSWER_SUFFIX in after
-                 else f"{after.strip()} {GROUNDING_INSTRUCTION}")
-    raw_path = _image_path(images[0])
-    if raw_path is None or raw_path.startswith(("http://", "https://", "data:")):
-        return Reject("unsupported_image", f"image {str(images[0])[:80]!r}: only local file paths are supported")
-    path = Path(os.path.expanduser(raw_path))
-    if not path.is_absolute():
-        path = base_dir / path if (base_dir / path).exists() else Path.cwd() / path
-    if not path.is_file():
-        return Reject("missing_image", f"image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except Exception as exc:  # PIL raises many types for broken files
-        return Reject("unreadable_image", f"cannot read image {path}: {type(exc).__name__}: {exc}")
-    content = []
-    if before.strip():
-        content.append({"type": "text", "text": before})
-    content.append({"type": "image"})
-    if after.strip():
-        content.append({"type": "text", "text": after})
-    chat = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if isinstance(system, str) else [])
-    chat.append({"role": "user", "content": content})
-    return Prepared(chat, image, str(path))
-
-
 # ------------------------------------------------------------------------------------------------- output
-
-
-def _write_line(f, data: dict) -> None:
-    f.write(json.dumps(data, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _scan_jsonl(path: Path) -> list[tuple[str, str, str | None]]:
-    """(id, status, reason) of every complete line; a partial or unparsable last line is cut off the file."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    out = []
-    good_end = 0
-    pos = 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        if nl < 0:
-            break  # no newline: the last line was cut in mid-write
-        line = data[pos:nl].decode("utf-8", errors="replace")
-        head = _HEAD_RE.match(line)
-        if head is None or not line.endswith("}"):
-            if data.find(b"\n", nl + 1) >= 0:
-                raise JobError(f"{path}: corrupted line in the middle of the file (byte {pos}); cannot resume, "
-                               "use --overwrite to start again")
-            break
-        if nl + 1 >= len(data):  # last complete line: parse it fully, a crash can leave odd bytes
-            try:
-                json.loads(line)
-            except json.JSONDecodeError:
-                break
-        reason = _REASON_RE.search(line[:400])
-        out.append((head.group(1), head.group(2), reason.group(1) if reason else None))
-        pos = good_end = nl + 1
-    if good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return out
-
-
-class OutputDir:
-    """Shards + rejects of one job: resume scan, appends, shard rotation."""
-
-    def __init__(self, root: Path, shard_size: int):
-        self.root = root
-        self.shard_size = shard_size
-        self.done: dict[str, str] = {}  # id -> status
-        self.reject_reasons: Counter = Counter()
-        self._shard_f = None
-        self._shard_index = 0
-        self._shard_count = 0
-        self._rejects_f = None
-
-    def shards(self) -> list[Path]:
-        return sorted(p for p in self.root.iterdir() if _SHARD_RE.match(p.name))
-
-    def scan(self) -> None:
-        shards = self.shards()
-        for path in shards:
-            entries = _scan_jsonl(path)
-            for rid, status, _ in entries:
-                if rid in self.done:
-                    raise JobError(f"{path}: record {rid} appears twice in the output; use --overwrite")
-                self.done[rid] = status
-            self._shard_index = int(_SHARD_RE.match(path.name).group(1))
-            self._shard_count = len(entries)
-        for rid, _status, reason in _scan_jsonl(self.root / REJECTS_FILE):
-            self.done[rid] = STATUS_REJECTED
-            self.reject_reasons[reason or "unknown"] += 1
-        if shards and self._shard_count >= self.shard_size:
-            self._shard_index, self._shard_count = self._shard_index + 1, 0
-
-    def write_record(self, data: dict) -> None:
-        if self._shard_f is None or self._shard_count >= self.shard_size:
-            if self._shard_f is not None:
-                self._shard_f.close()
-                self._shard_index, self._shard_count = self._shard_index + 1, 0
-            self._shard_f = open(self.root / SHARD_PATTERN.format(self._shard_index), "a", encoding="utf-8")
-        _write_line(self._shard_f, data)
-        self._shard_count += 1
-        self.done[data["qzoom_id"]] = data["qzoom_status"]
-
-    def write_reject(self, rid: str, index: int, reject: Reject) -> None:
-        if self._rejects_f is None:
-            self._rejects_f = open(self.root / REJECTS_FILE, "a", encoding="utf-8")
-        _write_line(self._rejects_f, {"qzoom_id": rid, "qzoom_status": STATUS_REJECTED, "reason": reject.reason,
-                                      "index": index, "detail": reject.detail})
-        self.done[rid] = STATUS_REJECTED
-        self.reject_reasons[reject.reason] += 1
-
-    def close(self) -> None:
-        for f in (self._shard_f, self._rejects_f):
-            if f is not None:
-                f.close()
-        self._shard_f = self._rejects_f = None
-
-
-def _prepare_out_dir(opts: PseudoLabelOptions, settings: dict) -> tuple[Path, dict | None]:
-    """Create/validate the output dir; returns (dir, the previous job.json when resuming)."""
-    root = Path(opts.out)
-    if root.exists() and not root.is_dir():
-        raise JobError(f"output {root} exists and is not a directory")
-    root.mkdir(parents=True, exist_ok=True)
-    entries = [p for p in root.iterdir()]
-    job_path = root / JOB_FILE
-    if opts.overwrite:
-        for p in entries:
-            if p.name in (JOB_FILE, SUMMARY_FILE, REJECTS_FILE) or _SHARD_RE.match(p.name):
-                p.unlink()
-            elif p.name.endswith(".tmp"):
-                p.unlink()
-        leftover = [p.name for p in root.iterdir()]
-        if leftover:
-            raise JobError(f"--overwrite removed this job's files from {root}, but it also holds {leftover[:5]}: "
-                           "choose an empty or new output directory")
-        return root, None
-    if not entries:
-        return root, None
-    if not job_path.is_file():
-        raise JobError(f"output directory {root} is not empty and holds no {JOB_FILE} of a pseudo-label job: "
-                       "pass --overwrite to start a new job there (its shards, rejects and summary are deleted), "
-                       "or choose another --out")
-    previous = json.loads(job_path.read_text())
-    old = previous.get("settings", {})
-    diff = {k: (old.get(k), settings.get(k)) for k in PseudoLabelOptions.RESUME_KEYS if old.get(k) != settings.get(k)}
-    if diff:
-        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise JobError(f"{root} holds a pseudo-label job with different settings ({shown}); rerun with the same "
-                       "settings to resume it, or pass --overwrite to start again (its output is deleted)")
-    return root, previous
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -501,7 +266,8 @@ def run_pseudo_labels(opts: PseudoLabelOptions) -> dict:
         setattr(opts, k, v)
     label_cfg = QZoomConfig(**thresholds)
     settings = {k: getattr(opts, k) for k in PseudoLabelOptions.RESUME_KEYS}
-    root, previous = _prepare_out_dir(opts, settings)
+    root, previous = prepare_out_dir(opts.out, opts.overwrite, settings, PseudoLabelOptions.RESUME_KEYS,
+                                     "pseudo-label")
 
     model, processor, family = load_labelling_model(opts.model, opts.device, opts.dtype)
     t_loaded = time.perf_counter()
@@ -525,7 +291,7 @@ def run_pseudo_labels(opts: PseudoLabelOptions) -> dict:
                label_config=label_kwargs(label_cfg),
                head_selection=None if selection is None else selection.to_dict(),
                auto_candidates=candidates)
-    _write_json(root / JOB_FILE, job)
+    write_json_atomic(root / JOB_FILE, job)
 
     records = read_dataset(dataset)
     if opts.limit is not None:
@@ -611,7 +377,7 @@ def run_pseudo_labels(opts: PseudoLabelOptions) -> dict:
         job["head_selection"] = selection.to_dict()
         job["auto_ranking"] = [[layer, round(score, 6)] for layer, score in ranking]
         job["auto_calibration_samples"] = len(maps)
-        _write_json(root / JOB_FILE, job)
+        write_json_atomic(root / JOB_FILE, job)
 
     def flush_held():
         for kind, payload in held:
@@ -716,7 +482,7 @@ def run_pseudo_labels(opts: PseudoLabelOptions) -> dict:
         },
         "settings": settings,
     }
-    _write_json(root / SUMMARY_FILE, summary)
+    write_json_atomic(root / SUMMARY_FILE, summary)
     return summary
 
 

@@ -1,0 +1,286 @@
+"""Resumable labelling/mining jobs over ms-swift datasets: record ids, record parsing and sharded output.
+
+Every long job (stage-1 pseudo labels, stage-3 gate trajectories, stage-2 mining) reads an ms-swift jsonl,
+writes one output line per record into ``shard-NNNNN.jsonl`` files (or a reject into ``rejects.jsonl``)
+and must survive a crash: a record's id is its line index plus a hash of its content, each line is
+written in one ``write``, flushed and fsynced, and on start the shards are scanned for finished ids and a
+partial last line is cut off. A rerun of the same command continues without duplicates or gaps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+JOB_FILE = "job.json"
+SUMMARY_FILE = "summary.json"
+REJECTS_FILE = "rejects.jsonl"
+SHARD_PATTERN = "shard-{:05d}.jsonl"
+_SHARD_RE = re.compile(r"^shard-(\d{5})\.jsonl$")
+_HEAD_RE = re.compile(r'^\{"qzoom_id": "([^"]+)", "qzoom_status": "([^"]+)"')
+_REASON_RE = re.compile(r'"reason": "([^"]+)"')
+STATUS_REJECTED = "rejected"
+
+
+class JobError(RuntimeError):
+    """A problem with the whole job (settings, output directory, model): nothing per-record."""
+
+
+def record_id(index: int, record_text: str) -> str:
+    """``<line index>-<12 hex of sha1 of the record's canonical JSON>``: stable across reruns."""
+    return f"{index}-{hashlib.sha1(record_text.encode('utf-8')).hexdigest()[:12]}"
+
+
+def _canonical(record: Any) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def read_dataset(path: Path) -> list[tuple[int, str, Any]]:
+    """(index, id, record or None for bad JSON) for every record of a jsonl file or a json list."""
+    text = path.read_text(encoding="utf-8")
+    out: list[tuple[int, str, Any]] = []
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if not isinstance(data, list):
+            raise JobError(f"{path}: a .json dataset must be a list of records")
+        for i, rec in enumerate(data):
+            out.append((i, record_id(i, _canonical(rec)), rec))
+        return out
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            out.append((i, record_id(i, _canonical(rec)), rec))
+        except json.JSONDecodeError:
+            out.append((i, record_id(i, line), None))
+    return out
+
+
+@dataclass
+class Reject:
+    reason: str
+    detail: str
+
+
+@dataclass
+class Prepared:
+    """A record ready for the model: chat messages (processor format) and the loaded image."""
+
+    messages: list[dict]
+    image: Any
+    image_path: str
+
+
+def _image_path(entry: Any) -> str | None:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+        return entry["path"]
+    return None
+
+
+def prepare_record(record: Any, base_dir: Path, rewrite_question: Callable[[str], str] | None = None,
+                   what: str = "this job") -> Prepared | Reject:
+    """Check one single-image record and build its chat prompt; a :class:`Reject` says what is wrong with it.
+
+    ``rewrite_question`` may change the text after the image (the stage-1 grounding prompt does).
+    """
+    from PIL import Image
+
+    if record is None:
+        return Reject("bad_json", "the line is not valid JSON")
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        return Reject("bad_messages", "expected an object with a 'messages' list (ms-swift format)")
+    images = record.get("images") or []
+    if isinstance(images, str | dict):
+        images = [images]
+    if not images:
+        return Reject("no_image", "the record has no image")
+    if len(images) > 1:
+        return Reject("multi_image", f"{len(images)} images; {what} handles one image per record")
+    messages = record["messages"]
+    system = next((m.get("content") for m in messages[:1] if isinstance(m, dict) and m.get("role") == "system"),
+                  None)
+    user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    if user is None or not isinstance(user.get("content"), str) or not user["content"].strip():
+        return Reject("no_question", "no user turn with text content")
+    text = user["content"]
+    tags = text.count("<image>")
+    if tags > 1:
+        return Reject("image_tag_mismatch", f"{tags} <image> tags for one image")
+    before, after = text.split("<image>", 1) if tags == 1 else ("", text)
+    if rewrite_question is not None:
+        after = rewrite_question(after)
+    raw_path = _image_path(images[0])
+    if raw_path is None or raw_path.startswith(("http://", "https://", "data:")):
+        return Reject("unsupported_image", f"image {str(images[0])[:80]!r}: only local file paths are supported")
+    path = Path(os.path.expanduser(raw_path))
+    if not path.is_absolute():
+        path = base_dir / path if (base_dir / path).exists() else Path.cwd() / path
+    if not path.is_file():
+        return Reject("missing_image", f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except Exception as exc:  # PIL raises many types for broken files
+        return Reject("unreadable_image", f"cannot read image {path}: {type(exc).__name__}: {exc}")
+    content = []
+    if before.strip():
+        content.append({"type": "text", "text": before})
+    content.append({"type": "image"})
+    if after.strip():
+        content.append({"type": "text", "text": after})
+    chat = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if isinstance(system, str) else [])
+    chat.append({"role": "user", "content": content})
+    return Prepared(chat, image, str(path))
+
+
+def _write_line(f, data: dict) -> None:
+    f.write(json.dumps(data, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _scan_jsonl(path: Path) -> list[tuple[str, str, str | None]]:
+    """(id, status, reason) of every complete line; a partial or unparsable last line is cut off the file."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    out = []
+    good_end = 0
+    pos = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            break  # no newline: the last line was cut in mid-write
+        line = data[pos:nl].decode("utf-8", errors="replace")
+        head = _HEAD_RE.match(line)
+        if head is None or not line.endswith("}"):
+            if data.find(b"\n", nl + 1) >= 0:
+                raise JobError(f"{path}: corrupted line in the middle of the file (byte {pos}); cannot resume, "
+                               "use --overwrite to start again")
+            break
+        if nl + 1 >= len(data):  # last complete line: parse it fully, a crash can leave odd bytes
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                break
+        reason = _REASON_RE.search(line[:400])
+        out.append((head.group(1), head.group(2), reason.group(1) if reason else None))
+        pos = good_end = nl + 1
+    if good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return out
+
+
+class OutputDir:
+    """Shards + rejects of one job: resume scan, appends, shard rotation."""
+
+    def __init__(self, root: Path, shard_size: int):
+        self.root = root
+        self.shard_size = shard_size
+        self.done: dict[str, str] = {}  # id -> status
+        self.reject_reasons: Counter = Counter()
+        self._shard_f = None
+        self._shard_index = 0
+        self._shard_count = 0
+        self._rejects_f = None
+
+    def shards(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if _SHARD_RE.match(p.name))
+
+    def scan(self) -> None:
+        shards = self.shards()
+        for path in shards:
+            entries = _scan_jsonl(path)
+            for rid, status, _ in entries:
+                if rid in self.done:
+                    raise JobError(f"{path}: record {rid} appears twice in the output; use --overwrite")
+                self.done[rid] = status
+            self._shard_index = int(_SHARD_RE.match(path.name).group(1))
+            self._shard_count = len(entries)
+        for rid, _status, reason in _scan_jsonl(self.root / REJECTS_FILE):
+            self.done[rid] = STATUS_REJECTED
+            self.reject_reasons[reason or "unknown"] += 1
+        if shards and self._shard_count >= self.shard_size:
+            self._shard_index, self._shard_count = self._shard_index + 1, 0
+
+    def write_record(self, data: dict) -> None:
+        if self._shard_f is None or self._shard_count >= self.shard_size:
+            if self._shard_f is not None:
+                self._shard_f.close()
+                self._shard_index, self._shard_count = self._shard_index + 1, 0
+            self._shard_f = open(self.root / SHARD_PATTERN.format(self._shard_index), "a", encoding="utf-8")
+        _write_line(self._shard_f, data)
+        self._shard_count += 1
+        self.done[data["qzoom_id"]] = data["qzoom_status"]
+
+    def write_reject(self, rid: str, index: int, reject: Reject) -> None:
+        if self._rejects_f is None:
+            self._rejects_f = open(self.root / REJECTS_FILE, "a", encoding="utf-8")
+        _write_line(self._rejects_f, {"qzoom_id": rid, "qzoom_status": STATUS_REJECTED, "reason": reject.reason,
+                                      "index": index, "detail": reject.detail})
+        self.done[rid] = STATUS_REJECTED
+        self.reject_reasons[reject.reason] += 1
+
+    def close(self) -> None:
+        for f in (self._shard_f, self._rejects_f):
+            if f is not None:
+                f.close()
+        self._shard_f = self._rejects_f = None
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool, settings: dict, resume_keys: tuple[str, ...],
+                    job_name: str) -> tuple[Path, dict | None]:
+    """Create/validate the output dir; returns (dir, the previous job.json when resuming).
+
+    A non-empty directory that is not a job of this kind is never touched without ``overwrite``; a job
+    with other settings (``resume_keys``) is not resumed.
+    """
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise JobError(f"output {root} exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    entries = [p for p in root.iterdir()]
+    job_path = root / JOB_FILE
+    if overwrite:
+        for p in entries:
+            if p.name in (JOB_FILE, SUMMARY_FILE, REJECTS_FILE) or _SHARD_RE.match(p.name):
+                p.unlink()
+            elif p.name.endswith(".tmp"):
+                p.unlink()
+        leftover = [p.name for p in root.iterdir()]
+        if leftover:
+            raise JobError(f"--overwrite removed this job's files from {root}, but it also holds {leftover[:5]}: "
+                           "choose an empty or new output directory")
+        return root, None
+    if not entries:
+        return root, None
+    if not job_path.is_file():
+        raise JobError(f"output directory {root} is not empty and holds no {JOB_FILE} of a {job_name} job: "
+                       "pass --overwrite to start a new job there (its shards, rejects and summary are deleted), "
+                       "or choose another --out")
+    previous = json.loads(job_path.read_text())
+    old = previous.get("settings", {})
+    diff = {k: (old.get(k), settings.get(k)) for k in resume_keys if old.get(k) != settings.get(k)}
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise JobError(f"{root} holds a {job_name} job with different settings ({shown}); rerun with the same "
+                       "settings to resume it, or pass --overwrite to start again (its output is deleted)")
+    return root, previous
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temporary file and rename it over ``path``: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
