@@ -242,6 +242,13 @@ COMMANDS["pseudo-labels"] = Command(
     help="stage 1: self-distilled tri-state RPN labels from the model's own attention (resumable shards)",
     description=_labels.PSEUDO_LABELS_DESCRIPTION, add_arguments=_labels.pseudo_labels_args,
     run=_labels.pseudo_labels_run)
+COMMANDS["gate-labels"] = Command(
+    help="stage 3: answers across a resolution trajectory -> consistency-filtered gate labels (resumable)",
+    description=_labels.GATE_LABELS_DESCRIPTION, add_arguments=_labels.gate_labels_args, run=_labels.gate_labels_run)
+COMMANDS["calibrate-gate"] = Command(
+    help="choose tau_gate on held-out trajectories and write it into a checkpoint's qzoom_config.json",
+    description=_labels.CALIBRATE_GATE_DESCRIPTION, add_arguments=_labels.calibrate_gate_args,
+    run=_labels.calibrate_gate_run)
 COMMANDS["visualize"] = Command(
     help="PNG of a pseudo-label record: image, attention, label, predicted heatmap and box",
     description=_labels.VISUALIZE_DESCRIPTION, add_arguments=_labels.visualize_args, run=_labels.visualize_run)

@@ -126,3 +126,104 @@ def visualize_run(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {path} ({size[0]}x{size[1]})")
     return 0
+
+
+GATE_LABELS_DESCRIPTION = (
+    "Stage 3: the base model answers every question of an ms-swift dataset (with ground-truth answers) at each "
+    "visual-token budget of a resolution trajectory; answers are scored with a matcher and written to "
+    "OUT/shard-*.jsonl as they come (rerun to resume; --overwrite to restart). Samples whose right/wrong "
+    "pattern is a clean step (wrong ... right) are kept, one budget per sample is labelled 1 (zoom: still "
+    "wrong there) or 0 (already right), easy samples are balanced against transitions, and "
+    "OUT/gate_train.jsonl (for `swift sft`, QZOOM_TRAIN=gate; each row carries its budget in "
+    "chat_template_kwargs) and OUT/summary.json are written."
+)
+
+
+def gate_labels_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model directory or hub id (Qwen2.5-VL / Qwen3-VL)")
+    p.add_argument("--dataset", required=True, type=Path, help="ms-swift jsonl with one image and an answer per row")
+    p.add_argument("--out", required=True, type=Path, help="output directory (resumable job)")
+    p.add_argument("--budgets", default="64,144,256,576,1024,2048",
+                   help="ascending visual-token budgets of the trajectory (default: 64,144,256,576,1024,2048; "
+                        "budgets above the processor's maximum are dropped)")
+    p.add_argument("--matcher", default="exact", choices=["exact", "vqa", "anls", "relaxed"],
+                   help="how an answer is scored against the ground truth (default: exact after normalisation)")
+    p.add_argument("--correct-threshold", type=float, default=0.5, help="score counted as right (default 0.5)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")
+    p.add_argument("--batch-size", type=int, default=4, help="questions answered together (default 4)")
+    p.add_argument("--stable-top", type=int, default=2,
+                   help="the top N budgets must all be right for a sample to be kept (default 2)")
+    p.add_argument("--positive-prob", type=float, default=0.9,
+                   help="transition samples: chance of a zoom (1) example rather than a no-zoom one (default 0.9)")
+    p.add_argument("--easy-per-transition", type=float, default=1.0,
+                   help="easy samples kept per transition sample (default 1.0; negative keeps all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-sample draws and the balancing")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--shard-size", type=int, default=1000, help="records per output shard")
+    p.add_argument("--overwrite", action="store_true", help="delete this job's earlier output and start again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def gate_labels_run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from qzoom_swift.labels.gate_job import GateLabelOptions, run_gate_labels
+    from qzoom_swift.labels.jobs import JobError
+
+    try:
+        budgets = tuple(int(b) for b in str(args.budgets).split(",") if b.strip())
+        opts = GateLabelOptions(
+            model=str(args.model), dataset=str(args.dataset), out=str(args.out), budgets=budgets,
+            matcher=args.matcher, correct_threshold=args.correct_threshold, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, stable_top=args.stable_top, positive_prob=args.positive_prob,
+            easy_per_transition=args.easy_per_transition, seed=args.seed, limit=args.limit,
+            shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress)
+        summary = run_gate_labels(opts)
+    except (JobError, ValueError) as exc:
+        print(f"qzoom gate-labels: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{summary['answered']} trajectories: {summary['kinds']}; kept {summary['kept']} "
+          f"({summary['labels']}), rejects {summary['rejects']}; {summary['seconds']} s")
+    print(f"wrote {summary['gate_train']}")
+    return 0
+
+
+CALIBRATE_GATE_DESCRIPTION = (
+    "Choose tau_gate for a trained gate: on held-out trajectories (a `qzoom gate-labels` output directory) the "
+    "gate probability at the checkpoint's low budget decides zoom or not; the low-budget answer's correctness "
+    "(or the top budget's, standing in for the zoomed answer) gives the accuracy / no-RoI curve over tau. The "
+    "chosen tau_gate is written into CHECKPOINT/qzoom_config.json (then used by swift infer --adapters), with "
+    "gate_calibration.json and a PNG of the curve."
+)
+
+
+def calibrate_gate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model directory or hub id")
+    p.add_argument("--checkpoint", required=True, help="Q-Zoom branch checkpoint (qzoom_branch.safetensors)")
+    p.add_argument("--trajectories", required=True, help="held-out `qzoom gate-labels` output directory")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--max-accuracy-drop", type=float,
+                       help="skip the most while staying within this of the best accuracy (e.g. 0.01)")
+    group.add_argument("--target-skip", type=float, help="smallest tau that skips at least this fraction")
+    p.add_argument("--png", default=None, help="curve PNG (default: CHECKPOINT/gate_calibration.png)")
+
+
+def calibrate_gate_run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from qzoom_swift.labels.gate_job import calibrate_gate
+    from qzoom_swift.labels.jobs import JobError
+
+    try:
+        res = calibrate_gate(args.model, args.checkpoint, args.trajectories, max_accuracy_drop=args.max_accuracy_drop,
+                             target_skip_ratio=args.target_skip, png=args.png)
+    except (JobError, FileNotFoundError, ValueError) as exc:
+        print(f"qzoom calibrate-gate: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"tau_gate={res.tau_gate:.4g}: estimated accuracy {res.accuracy:.3f}, no-RoI ratio {res.skip_ratio:.3f} "
+          f"on {res.samples} samples; wrote {res.config} and {res.curve_png}")
+    return 0
