@@ -253,6 +253,13 @@ COMMANDS["visualize"] = Command(
     help="PNG of a pseudo-label record: image, attention, label, predicted heatmap and box",
     description=_labels.VISUALIZE_DESCRIPTION, add_arguments=_labels.visualize_args, run=_labels.visualize_run)
 
+# Evaluation (qzoom_swift/eval_command.py; standard library only at import, evalscope runs in subprocesses).
+from qzoom_swift import eval_command as _eval  # noqa: E402
+
+COMMANDS["eval"] = Command(
+    help="benchmarks x runs (baseline/zoom at token budgets) through evalscope: summary table + Pareto plot",
+    add_arguments=_eval.add_arguments, run=_eval.run)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
