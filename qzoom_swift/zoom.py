@@ -46,6 +46,8 @@ class ZoomStats:
     box: tuple[float, float, float, float] | None = None
     """Zoomed region as (left, top, right, bottom) fractions of the original image."""
     grid_box: tuple[int, int, int, int] | None = None
+    """Zoomed cells (x0, y0, x1, y1) of the source image's merged-token grid ``grid`` (rows, cols)."""
+    grid: tuple[int, int] | None = None
     visual_tokens_low: int = 0
     visual_tokens_roi: int = 0
     prompt_tokens: int = 0
@@ -282,6 +284,7 @@ def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list
             st.zoomed = True
             st.box = plan["box_norm"]
             st.grid_box = plan["grid_box"]
+            st.grid = tuple(plan["grid"])
             st.visual_tokens_roi = plan["num_roi"]
             st.prompt_tokens = int(full_ids.numel())
         st.time_pass2_s, st.time_decode_s = t_pass2, t_dec
@@ -317,32 +320,48 @@ def _plan_zoom(model, adapter: FamilyAdapter, processor, cfg: QZoomConfig, state
             "encode_s": time.perf_counter() - t0, "num_roi": 0}
 
 
+def roi_augmented_sequence(model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Tensor,
+                           positions: torch.Tensor, visual_index: torch.Tensor, src_grid: tuple[int, int],
+                           box, roi_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Tokens and positions of one sample with a crop inserted after its source image.
+
+    ``input_ids`` is the sample's unpadded prompt (1-D; at training time it also holds the answer),
+    ``positions`` its positions ([3, 1, S] or [1, S]), ``visual_index`` the indices of the zoomed image's
+    visual tokens, ``box`` the grid box the crop covers. Returns (ids [N], positions [..., 1, N], prefix_end):
+    everything before ``prefix_end`` is unchanged (its KV cache is reusable). Inference and Post-SFT
+    training both build the zoomed sequence here, so they see exactly the same tokens and positions.
+    """
+    prefix_end = adapter.prefix_end(model, input_ids, int(visual_index[-1]))
+    tail = input_ids[prefix_end:]
+    inserted = torch.tensor(adapter.roi_token_ids(model, roi_grid[0] * roi_grid[1]), dtype=input_ids.dtype,
+                            device=input_ids.device)
+    new_pos = adapter.roi_positions(model, positions, visual_index, src_grid, prefix_end, box, roi_grid,
+                                    int(tail.numel()))
+    prefix_pos = positions[..., :prefix_end]
+    if new_pos.is_floating_point():
+        prefix_pos = prefix_pos.to(new_pos.dtype)
+    full_pos = torch.cat([prefix_pos, new_pos.to(prefix_pos.device)], dim=-1)
+    return torch.cat([input_ids[:prefix_end], inserted, tail]), full_pos, prefix_end
+
+
 @torch.no_grad()
 def _zoom_prefix_pass(model, adapter: FamilyAdapter, state: BranchPrefill, b: int, start: int, plan: dict):
     """Insert the crop after the source image and run only the new tokens through layers [0, B)."""
-    full_input = state.input_ids[b, start:]
-    prefix_end = adapter.prefix_end(model, full_input, int(plan["visual_index"][-1]))
-    tail = full_input[prefix_end:]
     encoded = plan["encoded"]
-    num_roi = _num_visual_tokens(model, adapter, encoded)
-    plan["num_roi"] = num_roi
-    new_ids = torch.tensor(adapter.roi_token_ids(model, num_roi), device=full_input.device)
-    new_ids = torch.cat([new_ids, tail])[None]
+    roi_grid = adapter.encoded_grid(model, encoded)
+    plan["num_roi"] = roi_grid[0] * roi_grid[1]
+    full_ids, positions, prefix_end = roi_augmented_sequence(
+        model, adapter, state.input_ids[b, start:], _slice_positions(state.position_ids, b, start),
+        plan["visual_index"], plan["grid"], plan["box"], roi_grid)
+    new_ids = full_ids[prefix_end:][None]
     embedded_new = adapter.embed(model, new_ids, encoded.get("pixel_values"), encoded.get("image_grid_thw"))
-    roi_grid = embedded_new.grids[0]
-    pos_b = _slice_positions(state.position_ids, b, start)
-    prefix_pos = pos_b[..., :prefix_end]
-    new_pos = adapter.roi_positions(model, pos_b, plan["visual_index"], plan["grid"], prefix_end, plan["box"],
-                                    roi_grid, int(tail.numel()))
-    if new_pos.is_floating_point():
-        prefix_pos = prefix_pos.to(new_pos.dtype)
-    positions = torch.cat([prefix_pos, new_pos.to(prefix_pos.device)], dim=-1)
+    new_pos = positions[..., prefix_end:]
 
     text_config = adapter.text_config(model)
     b_layer = state.branch_layer
     cache = _sample_cache(state.cache, b, start, start + prefix_end, b_layer, text_config)
     h_new = embedded_new.inputs_embeds
-    total = prefix_end + h_new.shape[1]
+    total = full_ids.numel()
     mask2d = torch.ones(1, total, dtype=torch.long, device=h_new.device)
     mask = adapter.causal_mask(model, h_new, mask2d, cache)
     rope = adapter.rotary(model, h_new, new_pos)
@@ -357,13 +376,4 @@ def _zoom_prefix_pass(model, adapter: FamilyAdapter, state: BranchPrefill, b: in
     visual_mask = torch.cat([state.embedded.visual_mask[b:b + 1, start:start + prefix_end], embedded_new.visual_mask],
                             dim=1)
     embedded = Embedded(torch.empty(0), visual_mask, [], deepstack)
-    full_ids = torch.cat([full_input[:prefix_end], new_ids[0]])
     return cache, hidden, positions, embedded, full_ids
-
-
-def _num_visual_tokens(model, adapter: FamilyAdapter, encoded: dict) -> int:
-    grid_thw = encoded.get("image_grid_thw")
-    if grid_thw is not None:
-        merge = int(adapter.inner_model(model).visual.spatial_merge_size)
-        return int(grid_thw[0].prod()) // (merge * merge)
-    return int(model.config.image_seq_length)

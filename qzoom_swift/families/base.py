@@ -132,6 +132,10 @@ class FamilyAdapter:
         """Processor outputs for images alone: ``pixel_values`` (+ ``image_grid_thw`` for Qwen)."""
         raise NotImplementedError
 
+    def encoded_grid(self, model: nn.Module, encoded: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """Merged-token grid (rows, cols) of one image encoded by ``encode_images``."""
+        raise NotImplementedError
+
     def roi_token_ids(self, model: nn.Module, num_visual: int) -> list[int]:
         """Token ids inserted after the source image for a crop of ``num_visual`` visual tokens."""
         raise NotImplementedError

@@ -51,6 +51,10 @@ class LlavaAdapter(FamilyAdapter):
     def encode_images(self, processor, images):
         return {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"]}
 
+    def encoded_grid(self, model, encoded):
+        side = math.isqrt(int(model.config.image_seq_length))
+        return side, side
+
     def roi_token_ids(self, model, num_visual):
         return [self.image_token_id(model)] * num_visual
 

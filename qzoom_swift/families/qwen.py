@@ -56,6 +56,11 @@ class _QwenVLAdapter(FamilyAdapter):
         out = processor.image_processor(images=images, return_tensors="pt", do_resize=False)
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
+    def encoded_grid(self, model, encoded):
+        merge = int(self.inner_model(model).visual.spatial_merge_size)
+        _, h, w = encoded["image_grid_thw"][0].tolist()
+        return int(h) // merge, int(w) // merge
+
     def roi_token_ids(self, model, num_visual):
         config = model.config
         return [config.vision_start_token_id] + [self.image_token_id(model)] * num_visual + [config.vision_end_token_id]
