@@ -370,3 +370,31 @@ def sequential_position_ids(last_prefix_pos: int, num_new: int) -> Tensor:
     if num_new < 0:
         raise ValueError(f"num_new={num_new}: expected >= 0")
     return torch.arange(last_prefix_pos + 1, last_prefix_pos + 1 + num_new, dtype=torch.long)
+
+
+def grid_region(image_size: tuple[int, int], processor=None) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in pixels of the part of the image the visual-token grid covers."""
+    w, h = image_size
+    ip = getattr(processor, "image_processor", None)
+    if ip is None or not getattr(ip, "do_center_crop", False):
+        return (0.0, 0.0, float(w), float(h))
+    size, crop = ip.size, ip.crop_size
+    short = size.get("shortest_edge") if hasattr(size, "get") else None
+    if not short:
+        return (0.0, 0.0, float(w), float(h))
+    scale = float(short) / min(w, h)
+    cw, ch = min(w, crop["width"] / scale), min(h, crop["height"] / scale)
+    left, top = (w - cw) / 2.0, (h - ch) / 2.0
+    return (left, top, left + cw, top + ch)
+
+
+def region_pixel_box(box: GridBox, grid_hw: tuple[int, int], image_wh: tuple[int, int],
+                     region: tuple[float, float, float, float], min_side: int = 28) -> PixelBox:
+    """``grid_box_to_pixel_box`` for a grid that covers only ``region`` of the image (a center-cropping
+    processor such as LLaVA's CLIP sees the central square): cells map into the region, then shift."""
+    left, top, right, bottom = region
+    sub = grid_box_to_pixel_box(box, grid_hw, (max(1, round(right - left)), max(1, round(bottom - top))), min_side)
+    dx, dy = int(round(left)), int(round(top))
+    w, h = image_wh
+    return PixelBox(min(sub.left + dx, w - 1), min(sub.top + dy, h - 1), min(sub.right + dx, w),
+                    min(sub.bottom + dy, h))

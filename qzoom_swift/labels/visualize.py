@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qzoom_swift.roi import grid_region
+
 
 def read_shard_record(shard: str | Path, index: int = 0, record_id: str | None = None) -> dict:
     """Line ``index`` of a shard, or the record whose ``qzoom_id`` is ``record_id``."""
@@ -28,22 +30,6 @@ def read_shard_record(shard: str | Path, index: int = 0, record_id: str | None =
                 return json.loads(line)
     what = f"record {record_id!r}" if record_id is not None else f"line {index}"
     raise ValueError(f"{shard}: no {what}")
-
-
-def grid_region(image_size: tuple[int, int], processor=None) -> tuple[float, float, float, float]:
-    """(left, top, right, bottom) in pixels of the part of the image the visual-token grid covers."""
-    w, h = image_size
-    ip = getattr(processor, "image_processor", None)
-    if ip is None or not getattr(ip, "do_center_crop", False):
-        return (0.0, 0.0, float(w), float(h))
-    size, crop = ip.size, ip.crop_size
-    short = size.get("shortest_edge") if hasattr(size, "get") else None
-    if not short:
-        return (0.0, 0.0, float(w), float(h))
-    scale = float(short) / min(w, h)
-    cw, ch = min(w, crop["width"] / scale), min(h, crop["height"] / scale)
-    left, top = (w - cw) / 2.0, (h - ch) / 2.0
-    return (left, top, left + cw, top + ch)
 
 
 def _job_of(shard: Path) -> dict:

@@ -63,13 +63,15 @@ class QZoomTemplateMixin:
         return config_from_env(branches.qzoom_config if branches is not None else QZoomConfig())
 
     def replace_tag(self, media_type, index, inputs):
-        if media_type == "image" and not self.is_training:
+        zoom_training = self.is_training and (inputs.extra_kwargs or {}).get("qzoom_roi") is not None
+        if media_type == "image" and (not self.is_training or zoom_training):
             image = inputs.images[index]
             if isinstance(image, str):
                 from swift.template import load_image
 
                 image = load_image(image)
-            inputs.extra_kwargs.setdefault("qzoom_src_images", {})[index] = image
+            inputs.extra_kwargs.setdefault("qzoom_src_images", {})[index] = image  # the original, for crops
+        if media_type == "image" and not self.is_training:
             if self.qzoom_family != "llava":
                 from qzoom_swift.families import get_adapter
 
@@ -86,6 +88,9 @@ class QZoomTemplateMixin:
             encoded["qzoom_src_images"] = [originals[i] for i in sorted(originals)]
             return encoded
         extra = getattr(inputs, "extra_kwargs", None) or {}
+        if extra.get("qzoom_roi") is not None:
+            originals = extra.get("qzoom_src_images") or {}
+            self._insert_roi(encoded, [originals[i] for i in sorted(originals)], extra["qzoom_roi"])
         if extra.get("qzoom_gate") is not None:
             encoded["qzoom_gate"] = int(extra["qzoom_gate"])
         if extra.get("qzoom_rpn_labels") is not None:
@@ -100,8 +105,48 @@ class QZoomTemplateMixin:
             encoded["qzoom_rpn_labels"] = [None] * len(inputs.images or [])
         return encoded
 
+    def _insert_roi(self, encoded: dict, originals: list, roi: dict) -> None:
+        """Post-SFT: rebuild a training sample as the zoomed sequence inference would decode from.
+
+        ``roi`` is what ``qzoom mine-hard`` stored: the crop as fractions of the original image (``box``)
+        and, when the source grid is unchanged, the exact grid cells (``grid_box``, ``grid``) the
+        positions interpolate over. Only the answer keeps its labels; the crop's tokens are never targets.
+        """
+        import os
+        import random
+
+        from qzoom_swift.zoom import random_roi, roi_training_sequence
+
+        if not originals:
+            raise ValueError("a qzoom_roi record needs its image")
+        noise = float(os.environ.get("QZOOM_ROI_NOISE", "0") or 0)  # the released Qwen3 recipe uses 0.8
+        if noise > 0 and random.random() < noise:
+            roi = random_roi(random)
+        out = roi_training_sequence(self._get_model(), self.processor, self.qzoom_family, encoded, originals[-1],
+                                    roi, self._qzoom_config())
+        mm = (torch.as_tensor(out["input_ids"]) == out["image_token_id"]).tolist()
+        if "mm_token_type_ids" in encoded:
+            encoded["mm_token_type_ids"] = self.create_mm_token_type_ids(out["input_ids"], mm)
+        for key in ("input_ids", "labels", "loss_scale", "pixel_values", "image_grid_thw"):
+            if key in out:
+                encoded[key] = out[key]
+        if out.get("position_ids") is not None:
+            encoded["qzoom_position_ids"] = out["position_ids"]
+
     def _data_collator(self, batch, *, padding_to=None):
         res = super()._data_collator(batch, padding_to=padding_to)
+        if any(b.get("qzoom_position_ids") is not None for b in batch) and "position_ids" in res:
+            # the continuous RoI positions replace the stock rope index (which knows only integer grids)
+            pos = res["position_ids"].to(torch.float32)
+            width = pos.shape[-1]
+            for i, b in enumerate(batch):
+                own = b.get("qzoom_position_ids")
+                if own is None:
+                    continue
+                n = own.shape[-1]
+                cols = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
+                pos[:, i, cols] = own.to(pos.dtype)
+            res["position_ids"] = pos
         if any("qzoom_src_images" in b for b in batch):
             res["qzoom_src_images"] = [b.get("qzoom_src_images") or [] for b in batch]
         if any("qzoom_gate" in b for b in batch):
@@ -126,6 +171,7 @@ class QZoomTemplateMixin:
     def generate(self, model, *args, **kwargs):
         """Gated two-pass generation; output sequences are the pass-1 prompt followed by the new tokens."""
         from qzoom_swift.branches import get_branches
+        from qzoom_swift.onnx.router import router_from_env
         from qzoom_swift.zoom import zoom_generate
 
         sources = kwargs.pop("qzoom_src_images", None)
@@ -140,9 +186,11 @@ class QZoomTemplateMixin:
         if "use_model_defaults" in signature.parameters and "use_model_defaults" not in kwargs:
             kwargs["use_model_defaults"] = False
         cfg = self._qzoom_config(base)
-        out = zoom_generate(base, self.processor, inputs, sources, cfg, **kwargs)
-        base.qzoom_last_stats = [s.to_dict() for s in out.stats]  # for callers that want the decisions
         from swift.utils import get_logger
+
+        router = router_from_env(log=get_logger().info)  # QZOOM_ROUTER=onnx + QZOOM_ONNX_DIR; default: torch
+        out = zoom_generate(base, self.processor, inputs, sources, cfg, router=router, **kwargs)
+        base.qzoom_last_stats = [s.to_dict() for s in out.stats]  # for callers that want the decisions
 
         get_logger().info("qzoom: " + "; ".join(
             f"{'zoom' if s.zoomed else 'direct'}({s.reason}) p={s.gate_prob if s.gate_prob is None else round(s.gate_prob, 3)} "
