@@ -249,6 +249,9 @@ COMMANDS["calibrate-gate"] = Command(
     help="choose tau_gate on held-out trajectories and write it into a checkpoint's qzoom_config.json",
     description=_labels.CALIBRATE_GATE_DESCRIPTION, add_arguments=_labels.calibrate_gate_args,
     run=_labels.calibrate_gate_run)
+COMMANDS["mine-hard"] = Command(
+    help="stage 2: judge low-res vs RoI answers and keep the regressions as Post-SFT data (resumable)",
+    description=_labels.MINE_HARD_DESCRIPTION, add_arguments=_labels.mine_hard_args, run=_labels.mine_hard_run)
 COMMANDS["visualize"] = Command(
     help="PNG of a pseudo-label record: image, attention, label, predicted heatmap and box",
     description=_labels.VISUALIZE_DESCRIPTION, add_arguments=_labels.visualize_args, run=_labels.visualize_run)

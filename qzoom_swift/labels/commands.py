@@ -227,3 +227,64 @@ def calibrate_gate_run(args: argparse.Namespace) -> int:
     print(f"tau_gate={res.tau_gate:.4g}: estimated accuracy {res.accuracy:.3f}, no-RoI ratio {res.skip_ratio:.3f} "
           f"on {res.samples} samples; wrote {res.config} and {res.curve_png}")
     return 0
+
+
+MINE_HARD_DESCRIPTION = (
+    "Stage 2: for each question of an ms-swift pool with ground truth, answer from the low-resolution view "
+    "(mode never) and with the RoI (mode always, boxes from the stage-1 checkpoint), judge both (a local LLM "
+    "judge through ms-swift with --judge-model, else a rule matcher), and keep the regressions (base right, "
+    "RoI wrong). Writes OUT/shard-*.jsonl (every judged question; rerun to resume), OUT/post_sft.jsonl "
+    "(regressions + --mixing-ratio improvements, each with the RoI used and the low budget, ready for "
+    "`swift sft` with the stage-2 recipe) and OUT/summary.json."
+)
+
+
+def mine_hard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model directory or hub id")
+    p.add_argument("--checkpoint", default=None, help="stage-1 Q-Zoom branch checkpoint (the RPN that picks boxes)")
+    p.add_argument("--dataset", required=True, type=Path, help="ms-swift jsonl with one image and an answer per row")
+    p.add_argument("--out", required=True, type=Path, help="output directory (resumable job)")
+    p.add_argument("--judge-model", default=None,
+                   help="local model for the LLM judge (the paper: Qwen2.5-VL-7B-Instruct); default: --matcher")
+    p.add_argument("--judge-model-type", default=None, help="ms-swift model_type of the judge, if not detected")
+    p.add_argument("--matcher", default="exact", choices=["exact", "vqa", "anls", "relaxed"],
+                   help="rule matcher when no judge model is given (default exact)")
+    p.add_argument("--mixing-ratio", type=float, default=0.0,
+                   help="improvements mixed in per regression (default 0, as released)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--tau-roi", type=float, default=None, help="override the checkpoint's tau_roi")
+    p.add_argument("--low-max-tokens", type=int, default=None, help="override the low-resolution budget")
+    p.add_argument("--roi-max-tokens", type=int, default=None, help="override the RoI budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--overwrite", action="store_true", help="delete this job's earlier output and start again")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def mine_hard_run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from qzoom_swift.labels.jobs import JobError
+    from qzoom_swift.labels.mining import MineOptions, run_mine_hard
+
+    overrides = {k: v for k, v in (("tau_roi", args.tau_roi), ("low_max_tokens", args.low_max_tokens),
+                                   ("roi_max_tokens", args.roi_max_tokens)) if v is not None}
+    opts = MineOptions(model=str(args.model), checkpoint=args.checkpoint, dataset=str(args.dataset),
+                       out=str(args.out), judge_model=args.judge_model, judge_model_type=args.judge_model_type,
+                       matcher=args.matcher, mixing_ratio=args.mixing_ratio, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, seed=args.seed, config_overrides=overrides,
+                       limit=args.limit, shard_size=args.shard_size, overwrite=args.overwrite,
+                       progress=not args.no_progress)
+    try:
+        summary = run_mine_hard(opts)
+    except (JobError, ValueError, FileNotFoundError) as exc:
+        print(f"qzoom mine-hard: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{summary['answered']} questions judged ({summary['judge']}): {summary['categories']}; "
+          f"{summary['post_sft_rows']} Post-SFT rows; rejects {summary['rejects']}; {summary['seconds']} s")
+    print(f"wrote {summary['post_sft']}")
+    return 0
