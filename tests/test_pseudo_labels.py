@@ -311,7 +311,7 @@ def test_kill_and_resume_gives_every_record_exactly_once_and_the_same_content(im
 
     def cmd(out: Path) -> list[str]:
         return [sys.executable, "-m", "qzoom_swift.cli", "pseudo-labels", "--model", str(tiny_dir("qwen2_5_vl")),
-                "--dataset", str(dataset), "--out", str(out), "--max-new-tokens", "32", "--batch-size", "2",
+                "--dataset", str(dataset), "--out", str(out), "--max-new-tokens", "16", "--batch-size", "2",
                 "--shard-size", "5", "--calibration", "3", "--no-progress", *FIT_ARGS]
 
     killed, reference = tmp_path / "killed", tmp_path / "reference"
