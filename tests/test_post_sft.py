@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -93,3 +96,118 @@ def test_llava_grid_maps_into_the_center_crop_it_sees(tiny_dir):
     assert region_pixel_box(GridBox(0, 0, 16, 16), (16, 16), (640, 480), region).as_tuple() == (80, 0, 560, 480)
     assert region_pixel_box(GridBox(0, 0, 8, 8), (16, 16), (640, 480), region).as_tuple() == (80, 0, 320, 240)
     assert grid_region((640, 480), None) == (0.0, 0.0, 640.0, 480.0)  # Qwen: the grid covers the whole image
+
+
+def test_judge_parsing_is_lenient_and_never_raises():
+    from qzoom_swift.labels.judge import parse_judgement
+
+    assert (parse_judgement("A: Yes\nB: No").a, parse_judgement("A: Yes\nB: No").b) == (True, False)
+    assert (parse_judgement("a: yes\nb: NO").a, parse_judgement("a: yes\nb: NO").b) == (True, False)
+    v = parse_judgement("Sure, here is my verdict.\n**A:** Correct\n**B:** Incorrect\nThanks!")
+    assert (v.a, v.b, v.complete) == (True, False, True)
+    v = parse_judgement("A: No")  # missing line -> unknown
+    assert (v.a, v.b, v.complete) == (False, None, False)
+    for junk in ("", None, "I cannot tell", "The data: yes"):
+        v = parse_judgement(junk)
+        assert (v.a, v.b) == (None, None)
+    v = parse_judgement("A: Yes\nB: No\nA: No")  # the first verdict per candidate wins
+    assert (v.a, v.b) == (True, False)
+
+
+def test_mined_rows_classification():
+    from qzoom_swift.labels.mining import classify
+
+    assert classify(True, False, True) == "regression"
+    assert classify(False, True, True) == "improvement"
+    assert classify(True, True, True) == "both_right" and classify(False, False, True) == "both_wrong"
+    assert classify(True, False, False) == "no_roi"  # the RoI path fell back: nothing learnt about the RoI
+    assert classify(None, True, True) == "unknown"
+
+
+def test_mine_hard_job_writes_post_sft_rows_and_resumes(tiny_dir, tmp_path):
+    from qzoom_swift.labels.mining import MineOptions, build_post_sft_dataset, run_mine_hard
+    from qzoom_swift.testing.data import write_shape_dataset
+
+    data = write_shape_dataset(tmp_path / "data", n=4, size=(392, 280), seed=5)
+    opts = MineOptions(model=str(tiny_dir("qwen2_5_vl")), checkpoint=None, dataset=str(data), out=str(tmp_path / "m"),
+                       max_new_tokens=2, batch_size=2, progress=False,
+                       config_overrides={"low_min_tokens": 16, "low_max_tokens": 64, "roi_min_tokens": 16,
+                                         "roi_max_tokens": 64})
+    summary = run_mine_hard(opts)
+    assert summary["answered"] == 4 and sum(summary["categories"].values()) == 4
+    shard = [json.loads(line) for line in (tmp_path / "m" / "shard-00000.jsonl").read_text().splitlines()]
+    for row in shard:  # random weights answer noise: both wrong, or no region
+        assert row["qzoom_status"] in ("both_wrong", "no_roi")
+        if row["qzoom_roi"] is not None:
+            assert len(row["qzoom_roi"]["box"]) == 4 and all(0 <= v <= 1 for v in row["qzoom_roi"]["box"])
+        assert row["qzoom_low"] == {"min_pixels": 16 * 784, "max_pixels": 64 * 784}
+    again = run_mine_hard(opts)  # everything is done: nothing is recomputed or duplicated
+    assert again["answered"] == 4 and len((tmp_path / "m" / "shard-00000.jsonl").read_text().splitlines()) == 4
+    # the Post-SFT file from hand-set verdicts: regressions plus the mixed improvements
+    for i, row in enumerate(shard):
+        row["qzoom_status"] = ["regression", "improvement", "regression", "both_right"][i]
+        row["qzoom_roi"] = {"box": [0.1, 0.1, 0.5, 0.6]}
+    (tmp_path / "m" / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shard))
+    out = build_post_sft_dataset(tmp_path / "m", mixing_ratio=0.5, seed=0)
+    rows = [json.loads(line) for line in (tmp_path / "m" / "post_sft.jsonl").read_text().splitlines()]
+    assert out["post_sft_rows"] == 3 and out["regressions"] == 2 and out["improvements_mixed"] == 1
+    assert all(r["qzoom_roi"]["box"] == [0.1, 0.1, 0.5, 0.6] and r["chat_template_kwargs"]["max_pixels"] == 64 * 784
+               for r in rows)
+    assert not any(k.startswith("qzoom_") and k != "qzoom_roi" for r in rows for k in r)
+
+
+@pytest.fixture(scope="module")
+def stage2_runs(tiny_dir, tmp_path_factory):
+    """NPROC_PER_NODE=1 swift sft with the tiny stage-2 recipe (ZeRO-2), full and LoRA, then swift infer."""
+    from qzoom_swift.testing.data import write_shape_dataset
+    from qzoom_swift.testing.swift_cli import CPU_TRAIN_FLAGS, run_swift_concurrently
+
+    repo = Path(__file__).resolve().parents[1]
+    work = tmp_path_factory.mktemp("stage2")
+    data = write_shape_dataset(work / "data", n=4, size=(392, 280), seed=6)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    train = work / "post_sft.jsonl"
+    train.write_text("".join(json.dumps({**r, "qzoom_roi": {"box": [0.1 * i, 0.1, 0.5 + 0.1 * i, 0.7]},
+                                         "chat_template_kwargs": {"min_pixels": 16 * 784, "max_pixels": 64 * 784}})
+                             + "\n" for i, r in enumerate(rows)))
+    base = ["sft", str(repo / "recipes/tiny/stage2_post_sft.yaml"), "--model", str(tiny_dir("qwen2_5_vl")),
+            "--dataset", str(train), "--external_plugins", str(repo / "qzoom_swift/swift_plugin/plugin.py"),
+            *CPU_TRAIN_FLAGS]
+    env = {"NPROC_PER_NODE": "1"}
+    runs = run_swift_concurrently({
+        "full": [*base, "--output_dir", str(work / "full"), "--deepspeed", str(repo / "recipes/deepspeed/zero2.json")],
+        "lora": [*base, "--output_dir", str(work / "lora"), "--tuner_type", "lora", "--target_modules", "all-linear",
+                 "--learning_rate", "1e-3", "--deepspeed", str(repo / "recipes/deepspeed/zero2.json")],
+    }, work, env=env, envs={"full": {"MASTER_PORT": "29531"}, "lora": {"MASTER_PORT": "29532"}})
+    infer = {}
+    common = ["--val_dataset", str(data), "--max_new_tokens", "2", "--temperature", "0"]
+    if runs["full"].returncode == 0:
+        infer["full"] = ["infer", "--model", str(work / "full" / "checkpoint-2"), "--model_type", "qzoom_qwen2_5_vl",
+                         "--external_plugins", str(repo / "qzoom_swift/swift_plugin/plugin.py"),
+                         "--result_path", str(work / "full.jsonl"), *common]
+    if runs["lora"].returncode == 0:
+        infer["lora"] = ["infer", "--adapters", str(work / "lora" / "checkpoint-2"), "--result_path",
+                         str(work / "lora.jsonl"), *common]
+    infer_runs = run_swift_concurrently(infer, work / "infer")
+    return runs, infer_runs, work
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_stage2_deepspeed_sft_saves_a_checkpoint_that_swift_infer_loads(stage2_runs, variant):
+    runs, infer_runs, work = stage2_runs
+    run = runs[variant]
+    assert run.returncode == 0, run.tail()
+    log = run.log.read_text(errors="replace")
+    assert "zero_optimization" in log or "DeepSpeed" in log or "deepspeed" in log
+    ckpt = work / variant / "checkpoint-2"
+    files = {p.name for p in ckpt.iterdir()}
+    if variant == "full":
+        assert any(name.startswith("model") and name.endswith(".safetensors") for name in files)
+    else:
+        assert "adapter_model.safetensors" in files
+    losses = [json.loads(line).get("loss") for line in (work / variant / "logging.jsonl").read_text().splitlines()]
+    assert any(isinstance(x, (int, float)) and x > 0 for x in losses)
+    result = infer_runs[variant]
+    assert result.returncode == 0, result.tail()
+    rows = [json.loads(line) for line in (work / f"{variant}.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(isinstance(r["response"], str) for r in rows)

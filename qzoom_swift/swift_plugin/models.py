@@ -16,11 +16,16 @@ def _qzoom_loader(base_loader: type) -> type:
         """Loads the stock model, then attaches the branches (configured by ``QZOOM_*`` variables)."""
 
         def get_model(self, model_dir, *args, **kwargs):
+            import os
+
             from qzoom_swift.branches import attach_branches
             from qzoom_swift.config import config_from_env
 
             model = super().get_model(model_dir, *args, **kwargs)
-            attach_branches(model, config_from_env())
+            # QZOOM_ATTACH=0: no branches (Post-SFT trains the LLM on stored RoIs and never runs them; under
+            # ZeRO-3 the partitioned layers could not be copied anyway). Re-attach with --adapters later.
+            if os.environ.get("QZOOM_ATTACH", "1").strip().lower() not in ("0", "false", "no"):
+                attach_branches(model, config_from_env())
             return model
 
     QZoomLoader.__name__ = QZoomLoader.__qualname__ = f"QZoom{base_loader.__name__}"

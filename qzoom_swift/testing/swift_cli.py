@@ -32,13 +32,16 @@ class SwiftRun:
 
 
 def run_swift_concurrently(commands: dict[str, list[str]], workdir: Path, env: dict[str, str] | None = None,
-                           timeout_s: float = 900) -> dict[str, SwiftRun]:
-    """Run ``swift <args>`` for every entry at once; each gets its own log and ModelScope cache."""
+                           timeout_s: float = 900, envs: dict[str, dict[str, str]] | None = None) -> dict[str, SwiftRun]:
+    """Run ``swift <args>`` for every entry at once; each gets its own log and ModelScope cache.
+
+    ``envs`` adds per-command variables (e.g. a distinct MASTER_PORT per torchrun launch).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     procs = {}
     for name, args in commands.items():
         log = workdir / f"{name}.log"
-        run_env = dict(os.environ, **(env or {}))
+        run_env = dict(os.environ, **(env or {}), **((envs or {}).get(name) or {}))
         run_env.setdefault("OMP_NUM_THREADS", "1")
         run_env["MODELSCOPE_CACHE"] = str(workdir / f"modelscope-{name}")  # no shared dataset-cache lock
         with open(log, "wb") as f:
