@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,104 +97,15 @@ def _build_tiny(args: argparse.Namespace) -> int:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("runs/demo"),
-                   help="output dir; summary.json is written there (default: runs/demo)")
-    p.add_argument("--family", dest="families", action="append", choices=FAMILIES, default=None,
-                   help="run only this family (repeatable; default: all three)")
-    p.add_argument("--size", choices=SIZES, default="tiny", help="locally built model size (default: tiny)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="model cache (default: $QZOOM_CACHE, else ~/.cache/qzoom_swift)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model weights and of the synthetic image")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate per answer (default: 8)")
+    from qzoom_swift import demo  # standard library only at import
 
-
-def _visual_token_count(input_ids, image_token_id: int) -> int:
-    return int((input_ids == image_token_id).sum().item())
-
-
-def _demo_one(family: str, args: argparse.Namespace, image, question: str) -> dict[str, Any]:
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from qzoom_swift.testing.tiny import build_model_dir
-
-    t0 = time.perf_counter()
-    model_dir = build_model_dir(family, args.size, cache_dir=args.cache_dir, seed=args.seed)
-    t_build = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    t_load = time.perf_counter() - t0
-
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
-    prompt_tokens = int(inputs["input_ids"].shape[1])
-    visual_tokens = _visual_token_count(inputs["input_ids"], model.config.image_token_id)
-
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    t_gen = time.perf_counter() - t0
-    new_ids = out[0, prompt_tokens:]
-    answer = processor.tokenizer.decode(new_ids, skip_special_tokens=True)
-    return {
-        "family": family,
-        "model_dir": str(model_dir),
-        "model_class": type(model).__name__,
-        "params": sum(p.numel() for p in model.parameters()),
-        "prompt_tokens": prompt_tokens,
-        "visual_tokens": visual_tokens,
-        "new_tokens": int(new_ids.numel()),
-        "answer": answer,
-        "build_s": round(t_build, 3),
-        "load_s": round(t_load, 3),
-        "generate_s": round(t_gen, 3),
-    }
+    demo.add_arguments(p)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    t_start = time.perf_counter()
-    _quiet_transformers()
-    import torch
-    import transformers
+    from qzoom_swift import demo
 
-    from qzoom_swift.testing.data import QUESTION, make_shape_image, sample_shapes
-
-    families = tuple(dict.fromkeys(args.families)) if args.families else FAMILIES
-    sample = sample_shapes(1, seed=args.seed)[0]
-    image = make_shape_image(sample)
-    print(f"qzoom demo: {len(families)} locally built {args.size} model(s) with random weights (answers are "
-          f"noise; this checks the plumbing), CPU threads {torch.get_num_threads()}")
-    print(f"image {image.width}x{image.height}, a {sample.colour} {sample.shape}; question: {QUESTION!r}\n")
-
-    rows = [_demo_one(family, args, image, QUESTION) for family in families]
-    total = time.perf_counter() - t_start
-
-    header = f"{'family':<12} {'prompt tok':>10} {'visual tok':>10} {'new tok':>7} {'load s':>7} {'gen s':>7}  answer"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['family']:<12} {r['prompt_tokens']:>10} {r['visual_tokens']:>10} {r['new_tokens']:>7} "
-              f"{r['load_s']:>7.2f} {r['generate_s']:>7.2f}  {r['answer'][:40]!r}")
-    print(f"\ntotal {total:.1f} s")
-
-    summary = {
-        "command": "demo",
-        "size": args.size,
-        "seed": args.seed,
-        "max_new_tokens": args.max_new_tokens,
-        "question": QUESTION,
-        "image": {"width": image.width, "height": image.height, "colour": sample.colour, "shape": sample.shape},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "results": rows,
-        "total_s": round(total, 3),
-    }
-    path = write_json_atomic(Path(args.out) / "summary.json", summary)
-    print(f"wrote {path}")
-    return 0
+    return demo.run(args)
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -211,11 +121,13 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
-        help="run the main job on CPU: tiny local models of all families answer an image question",
-        description="Build (once, cached) a tiny random-weight model of each family (Qwen2.5-VL, Qwen3-VL, "
-                    "LLaVA-1.5), load it with AutoModelForImageTextToText/AutoProcessor, answer one question "
-                    "about a synthetic image with generate(), print prompt/visual token counts and timings, "
-                    "and write <out>/summary.json.",
+        help="run the main job on CPU: the whole Q-Zoom pipeline on a tiny local model (stage 1, stage 3, zoom)",
+        description="On a tiny random-weight model (Qwen2.5-VL by default) and a synthetic dataset: stage-1 pseudo "
+                    "labels and RPN training (swift sft), stage-3 gate labels, gate training from the stage-1 "
+                    "checkpoint and calibration, then zoom inference in modes never/always/zoom. Each stage is "
+                    "timed and cached under --out (a rerun skips finished stages; --force redoes them); writes "
+                    "<out>/report.md and <out>/summary.json. The weights are random: this checks the plumbing, "
+                    "not accuracy.",
         add_arguments=_demo_args,
         run=_demo,
     ),
