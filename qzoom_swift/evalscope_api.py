@@ -213,10 +213,7 @@ class QZoomAPI(ModelAPI):
             wall = time.perf_counter() - t0
         st = answer.stats
         text = answer.text
-        # QZoomModel.generate returns text only: count the answer's tokens by re-encoding it (exact for the
-        # text real checkpoints produce; capped, since random tiny models emit tokens that do not round-trip).
-        out_tokens = len(self.qz.processor.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-        out_tokens = min(out_tokens, max_new)
+        out_tokens = len(answer.token_ids or [])  # the generated tokens themselves (incl. a final end token)
         model_time = st.time_pass1_s + st.time_pass2_s + st.time_decode_s
         latency = model_time if model_time > 0 else wall
         ttft = st.time_pass1_s + st.time_pass2_s if model_time > 0 else None

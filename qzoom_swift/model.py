@@ -25,6 +25,8 @@ from qzoom_swift.zoom import ZoomStats
 class ZoomAnswer:
     text: str
     stats: ZoomStats
+    token_ids: list[int] | None = None
+    """The generated tokens (exact output-token counts for throughput reports)."""
 
 
 class QZoomModel:
@@ -119,7 +121,7 @@ class QZoomModel:
         out = zoom_generate(self.model, self.processor, inputs, images, cfg, max_new_tokens=max_new_tokens,
                             **generate_kwargs)
         texts = self.processor.batch_decode([g.tolist() for g in out.generated], skip_special_tokens=True)
-        return [ZoomAnswer(text, st) for text, st in zip(texts, out.stats)]
+        return [ZoomAnswer(text, st, g.tolist()) for text, st, g in zip(texts, out.stats, out.generated)]
 
     def save_branches(self, directory: str | os.PathLike) -> Path:
         return save_branch_checkpoint(self.model, directory)
