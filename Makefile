@@ -7,6 +7,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
+# OpenMP threads that sleep instead of spinning: concurrent processes on few cores stop starving each other.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv demo test lint clean-venv
 

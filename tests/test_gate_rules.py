@@ -117,3 +117,20 @@ def test_calibration_curve_and_threshold_choice():
     assert choose_threshold(curve, target_skip_ratio=0.7).tau == 0.85
     with pytest.raises(ValueError, match="exactly one"):
         choose_threshold(curve)
+
+
+def test_overwrite_removes_the_jobs_own_outputs_but_refuses_foreign_files(tmp_path):
+    import json
+
+    from qzoom_swift.labels.jobs import JobError, prepare_out_dir
+
+    (tmp_path / "job.json").write_text(json.dumps({"settings": {}}))
+    for name in ("shard-00000.jsonl", "summary.json", "gate_train.jsonl"):
+        (tmp_path / name).write_text("x\n")
+    root, previous = prepare_out_dir(tmp_path, True, {}, (), "gate-label", ("gate_train.jsonl",))
+    assert previous is None and list(root.iterdir()) == []
+    (tmp_path / "job.json").write_text(json.dumps({"settings": {}}))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(JobError, match="notes.txt"):
+        prepare_out_dir(tmp_path, True, {}, (), "gate-label", ("gate_train.jsonl",))
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -126,7 +126,8 @@ def run_gate_labels(opts: GateLabelOptions) -> dict[str, Any]:
         raise JobError(f"dataset {dataset} not found")
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
     settings["budgets"] = list(budgets)
-    root, _ = prepare_out_dir(opts.out, opts.overwrite, settings, GateLabelOptions.RESUME_KEYS, "gate-label")
+    root, _ = prepare_out_dir(opts.out, opts.overwrite, settings, GateLabelOptions.RESUME_KEYS, "gate-label",
+                              (GATE_TRAIN_FILE,))
     model, processor, adapter = load_base_model(opts.model)
     cap = max_budget(processor, adapter.patch_unit)
     used = tuple(b for b in budgets if b <= cap)

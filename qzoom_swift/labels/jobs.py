@@ -240,11 +240,12 @@ class OutputDir:
 
 
 def prepare_out_dir(out: str | Path, overwrite: bool, settings: dict, resume_keys: tuple[str, ...],
-                    job_name: str) -> tuple[Path, dict | None]:
+                    job_name: str, own_files: tuple[str, ...] = ()) -> tuple[Path, dict | None]:
     """Create/validate the output dir; returns (dir, the previous job.json when resuming).
 
     A non-empty directory that is not a job of this kind is never touched without ``overwrite``; a job
-    with other settings (``resume_keys``) is not resumed.
+    with other settings (``resume_keys``) is not resumed. ``own_files`` are the job's other outputs
+    (e.g. ``gate_train.jsonl``), which ``overwrite`` deletes too.
     """
     root = Path(out)
     if root.exists() and not root.is_dir():
@@ -254,7 +255,7 @@ def prepare_out_dir(out: str | Path, overwrite: bool, settings: dict, resume_key
     job_path = root / JOB_FILE
     if overwrite:
         for p in entries:
-            if p.name in (JOB_FILE, SUMMARY_FILE, REJECTS_FILE) or _SHARD_RE.match(p.name):
+            if p.name in (JOB_FILE, SUMMARY_FILE, REJECTS_FILE, *own_files) or _SHARD_RE.match(p.name):
                 p.unlink()
             elif p.name.endswith(".tmp"):
                 p.unlink()

@@ -91,7 +91,8 @@ def run_mine_hard(opts: MineOptions) -> dict[str, Any]:
     if not dataset.is_file():
         raise JobError(f"dataset {dataset} not found")
     settings = asdict(opts)
-    root, _ = prepare_out_dir(opts.out, opts.overwrite, settings, MineOptions.RESUME_KEYS, "mine-hard")
+    root, _ = prepare_out_dir(opts.out, opts.overwrite, settings, MineOptions.RESUME_KEYS, "mine-hard",
+                              (POST_SFT_FILE,))
     write_json_atomic(root / JOB_FILE, {"kind": "mine-hard", "settings": settings})
     from qzoom_swift.model import QZoomModel
 
