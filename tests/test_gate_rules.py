@@ -134,3 +134,18 @@ def test_overwrite_removes_the_jobs_own_outputs_but_refuses_foreign_files(tmp_pa
     with pytest.raises(JobError, match="notes.txt"):
         prepare_out_dir(tmp_path, True, {}, (), "gate-label", ("gate_train.jsonl",))
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_judge_trajectory_pairs_answers_and_keeps_unknowns():
+    from qzoom_swift.labels.gate_job import judge_trajectory
+    from qzoom_swift.labels.judge import parse_judgement
+
+    calls = []
+
+    def fake_judge(items):
+        calls.extend(items)
+        replies = {("x", "y"): "A: No\nB: Yes", ("z", "z"): "I am not sure"}
+        return [parse_judgement(replies[(a, b)]) for _q, _r, a, b in items]
+
+    assert judge_trajectory(fake_judge, "Q?", ["ref", "alt"], ["x", "y", "z"]) == [False, True, None]
+    assert [c[1] for c in calls] == ["ref / alt", "ref / alt"] and [c[2:] for c in calls] == [("x", "y"), ("z", "z")]

@@ -149,6 +149,10 @@ def gate_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matcher", default="exact", choices=["exact", "vqa", "anls", "relaxed"],
                    help="how an answer is scored against the ground truth (default: exact after normalisation)")
     p.add_argument("--correct-threshold", type=float, default=0.5, help="score counted as right (default 0.5)")
+    p.add_argument("--judge-model", default=None,
+                   help="local model judging the answers (the paper's judge prompt, through ms-swift) instead of "
+                        "--matcher; trajectories with an unreadable verdict are kept out of training")
+    p.add_argument("--judge-model-type", default=None, help="ms-swift model_type of the judge, if not detected")
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")
     p.add_argument("--batch-size", type=int, default=4, help="questions answered together (default 4)")
     p.add_argument("--stable-top", type=int, default=2,
@@ -176,7 +180,8 @@ def gate_labels_run(args: argparse.Namespace) -> int:
         budgets = tuple(int(b) for b in str(args.budgets).split(",") if b.strip())
         opts = GateLabelOptions(
             model=str(args.model), dataset=str(args.dataset), out=str(args.out), budgets=budgets,
-            matcher=args.matcher, correct_threshold=args.correct_threshold, max_new_tokens=args.max_new_tokens,
+            matcher=args.matcher, correct_threshold=args.correct_threshold, judge_model=args.judge_model,
+            judge_model_type=args.judge_model_type, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, stable_top=args.stable_top, positive_prob=args.positive_prob,
             easy_per_transition=args.easy_per_transition, seed=args.seed, limit=args.limit,
             shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress)

@@ -38,6 +38,7 @@ from qzoom_swift.labels.jobs import (
     Reject,
     prepare_out_dir,
     prepare_record,
+    question_text,
     read_dataset,
     write_json_atomic,
 )
@@ -56,6 +57,9 @@ class GateLabelOptions:
     """Visual-token budgets of the trajectory, ascending; budgets above the processor's maximum are dropped."""
     matcher: str = "exact"
     correct_threshold: float = 0.5
+    judge_model: str | None = None
+    """A local model judging right/wrong through ms-swift (the paper's judge prompt); None = ``matcher``."""
+    judge_model_type: str | None = None
     max_new_tokens: int = 16
     batch_size: int = 4
     stable_top: int = 2
@@ -68,7 +72,7 @@ class GateLabelOptions:
     progress: bool = True
 
     RESUME_KEYS = ("model", "dataset", "budgets", "matcher", "correct_threshold", "max_new_tokens", "limit",
-                   "batch_size")
+                   "batch_size", "judge_model")
 
 
 def _ground_truth(record: dict) -> str | list[str] | None:
@@ -129,6 +133,11 @@ def run_gate_labels(opts: GateLabelOptions) -> dict[str, Any]:
     root, _ = prepare_out_dir(opts.out, opts.overwrite, settings, GateLabelOptions.RESUME_KEYS, "gate-label",
                               (GATE_TRAIN_FILE,))
     model, processor, adapter = load_base_model(opts.model)
+    judge = None
+    if opts.judge_model:
+        from qzoom_swift.labels.judge import LLMJudge
+
+        judge = LLMJudge(opts.judge_model, opts.judge_model_type)
     cap = max_budget(processor, adapter.patch_unit)
     used = tuple(b for b in budgets if b <= cap)
     if len(used) < 2:
@@ -167,15 +176,20 @@ def run_gate_labels(opts: GateLabelOptions) -> dict[str, Any]:
                 images = [p.image for *_, p, _ in ready]
                 per_budget = [answer_at_budget(model, processor, adapter, chats, images, b, opts.max_new_tokens)
                               for b in used]
-                for k, (_i, rid, rec, _p, gt) in enumerate(ready):
+                for k, (_i, rid, rec, prepared, gt) in enumerate(ready):
                     if rid in out.done:
                         continue
                     answers = [per_budget[j][k] for j in range(len(used))]
-                    scores = [float(matcher(a, gt)) for a in answers]
-                    out.write_record({"qzoom_id": rid, "qzoom_status": STATUS_OK, **rec,
+                    if judge is not None:
+                        correct = judge_trajectory(judge, question_text(prepared.messages), gt, answers)
+                        scores = [None if c is None else float(c) for c in correct]
+                    else:
+                        scores = [float(matcher(a, gt)) for a in answers]
+                        correct = [is_correct(s, opts.correct_threshold) for s in scores]
+                    status = STATUS_OK if all(c is not None for c in correct) else "judge_unknown"
+                    out.write_record({"qzoom_id": rid, "qzoom_status": status, **rec,
                                       "qzoom_budgets": list(used), "qzoom_answers": answers,
-                                      "qzoom_scores": scores,
-                                      "qzoom_correct": [is_correct(s, opts.correct_threshold) for s in scores]})
+                                      "qzoom_scores": scores, "qzoom_correct": correct})
             bar.update(len(block) - already)
     finally:
         bar.close()
@@ -185,6 +199,22 @@ def run_gate_labels(opts: GateLabelOptions) -> dict[str, Any]:
     summary["rejects"] = dict(out.reject_reasons)
     write_json_atomic(root / SUMMARY_FILE, summary)
     return summary
+
+
+def judge_trajectory(judge, question: str, reference: str | list[str], answers: list[str]) -> list[bool | None]:
+    """Right/wrong of every budget's answer from the LLM judge, two answers (A, B) per judge call.
+
+    A verdict the judge output does not contain is None; such a trajectory is not used for training.
+    """
+    ref = reference if isinstance(reference, str) else " / ".join(reference)
+    pairs = [(i, min(i + 1, len(answers) - 1)) for i in range(0, len(answers), 2)]
+    verdicts = judge([(question, ref, answers[i], answers[j]) for i, j in pairs])
+    out: list[bool | None] = [None] * len(answers)
+    for (i, j), v in zip(pairs, verdicts):
+        out[i] = v.a
+        if j != i:
+            out[j] = v.b
+    return out
 
 
 def read_trajectories(root: Path) -> list[dict]:

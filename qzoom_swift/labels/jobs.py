@@ -285,3 +285,9 @@ def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def question_text(messages: list[dict]) -> str:
+    """The text of the user turn of a prepared chat (image parts dropped): what a judge reads."""
+    user = next(m for m in messages if m["role"] == "user")
+    return " ".join(part["text"].strip() for part in user["content"] if part.get("type") == "text").strip()

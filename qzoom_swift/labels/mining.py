@@ -26,6 +26,7 @@ from qzoom_swift.labels.jobs import (
     Reject,
     prepare_out_dir,
     prepare_record,
+    question_text,
     read_dataset,
     write_json_atomic,
 )
@@ -59,11 +60,6 @@ class MineOptions:
 
     RESUME_KEYS = ("model", "checkpoint", "dataset", "judge_model", "matcher", "correct_threshold", "max_new_tokens",
                    "config_overrides", "limit", "batch_size")
-
-
-def _question_text(messages: list[dict]) -> str:
-    user = next(m for m in messages if m["role"] == "user")
-    return " ".join(part["text"].strip() for part in user["content"] if part.get("type") == "text").strip()
 
 
 def _ground_truth(record: dict) -> str | None:
@@ -131,7 +127,7 @@ def run_mine_hard(opts: MineOptions) -> dict[str, Any]:
                         out.write_reject(rid, i, prepared if isinstance(prepared, Reject) else
                                          Reject("no_ground_truth", "no assistant answer to judge against"))
                     continue
-                ready.append((rid, rec, prepared, gt, _question_text(prepared.messages)))
+                ready.append((rid, rec, prepared, gt, question_text(prepared.messages)))
             if ready:
                 images = [[p.image] for _, _, p, _, _ in ready]
                 questions = [q for *_, q in ready]
