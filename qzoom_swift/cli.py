@@ -176,6 +176,13 @@ COMMANDS["eval"] = Command(
     add_arguments=_eval.add_arguments, run=_eval.run)
 
 
+# ONNX export of the branches (qzoom_swift/onnx/commands.py; standard library only at import).
+from qzoom_swift.onnx import commands as _onnx  # noqa: E402
+
+COMMANDS["export-onnx"] = Command(help=_onnx.EXPORT_ONNX_HELP, description=_onnx.EXPORT_ONNX_DESCRIPTION,
+                                  add_arguments=_onnx.export_onnx_args, run=_onnx.export_onnx_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qzoom",

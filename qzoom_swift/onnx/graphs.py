@@ -1,0 +1,177 @@
+"""Export-friendly twins of the gate and the RPN, built from the branches' own submodules.
+
+The copied decoder layers dispatch attention through transformers' attention registry and take masks
+from ``masking_utils``; neither is what a portable graph should contain. These wrappers re-implement
+one decoder layer with the layer's own modules (norms, q/k/v/o projections, optional q/k norms, MLP)
+and the family adapter's ``apply_rotary``, computing attention the way transformers' eager attention
+does (scores in the compute dtype times the scale, plus an additive mask, softmax in float32). The
+causal + padding (+ sliding window, where a layer has one) mask is built inside the graph from a 2-D
+padding mask, so the graph's inputs are what any serving stack already holds after layer B:
+
+- ``hidden_states`` [B, S, d]: the layer-B hidden state (float32, or float16 for the fp16 graphs);
+- ``attention_mask`` [B, S] int64: 1 at real tokens, 0 at padding (left or right);
+- ``cos``, ``sin`` [B, S, rope_dim]: the model's rotary embedding of the prompt positions (MRoPE already
+  composed for Qwen), same dtype as ``hidden_states``;
+- ``query_index`` [B] int64: the query (last prompt) token of each sample.
+
+Only the query row is needed after the last full layer, so the gate's last layer and the RPN's query
+are computed for that row alone (keys and values still cover the whole sequence); the results equal the
+torch branches up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qzoom_swift.families import FamilyAdapter
+
+INPUT_NAMES = ("hidden_states", "attention_mask", "cos", "sin", "query_index")
+GATE_OUTPUTS = ("gate_logit", "gate_prob")
+RPN_OUTPUTS = ("token_logits",)
+MASK_VALUE = torch.finfo(torch.float32).min
+"""Additive mask value (finite, as transformers' eager masks: fully padded rows stay NaN-free)."""
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b]] for x [B, S, d] and index [B] -> [B, 1, d]."""
+    return torch.gather(x, 1, index[:, None, None].expand(-1, -1, x.shape[-1]))
+
+
+class AttentionMasks(nn.Module):
+    """Additive float32 masks [B, 1, S, S] (full rows) and [B, 1, 1, S] (the query row) from a padding mask."""
+
+    def forward(self, attention_mask: torch.Tensor, query_index: torch.Tensor, window: int | None = None):
+        pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        keys = (attention_mask > 0).unsqueeze(1)  # [B, 1, S]
+        allowed = pos.unsqueeze(0) <= pos.unsqueeze(1)  # [S, S]: key <= query
+        row = pos.unsqueeze(0) <= query_index.unsqueeze(1)  # [B, S]
+        if window is not None:
+            allowed = allowed & (pos.unsqueeze(0) > pos.unsqueeze(1) - window)
+            row = row & (pos.unsqueeze(0) > query_index.unsqueeze(1) - window)
+        allowed = allowed.unsqueeze(0) & keys  # [B, S, S]
+        row = row.unsqueeze(1) & keys  # [B, 1, S]
+        zero = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
+        low = torch.full((), MASK_VALUE, dtype=torch.float32, device=attention_mask.device)
+        return torch.where(allowed, zero, low).unsqueeze(1), torch.where(row, zero, low).unsqueeze(1)
+
+
+class ExportDecoderLayer(nn.Module):
+    """A pre-norm decoder layer (Qwen2.5-VL, Qwen3-VL, Llama) re-expressed with its own submodules."""
+
+    def __init__(self, layer: nn.Module, adapter: FamilyAdapter):
+        super().__init__()
+        attn = layer.self_attn
+        self.input_layernorm = layer.input_layernorm
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_norm = getattr(attn, "q_norm", None)
+        self.k_norm = getattr(attn, "k_norm", None)
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.mlp = layer.mlp
+        shape = adapter.attention_shape(layer)
+        self.head_dim = int(shape["head_dim"])
+        self.num_kv_groups = int(shape["num_kv_groups"])
+        self.scaling = float(shape["scaling"])
+        window = getattr(attn, "sliding_window", None)
+        self.sliding_window = int(window) if window else None
+        self._adapter = adapter
+
+    def _heads(self, x: torch.Tensor, proj: nn.Module, norm: nn.Module | None) -> torch.Tensor:
+        y = proj(x).unflatten(-1, (-1, self.head_dim))
+        if norm is not None:
+            y = norm(y)
+        return y.transpose(1, 2)
+
+    def _expand(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_kv_groups == 1:
+            return x
+        return x.repeat_interleave(self.num_kv_groups, dim=1)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer over all rows ([B, S, d]), or only the query rows ([B, 1, d]) when ``query_index`` is given.
+
+        ``mask`` is the additive float32 mask of the rows computed ([B, 1, S, S] or [B, 1, 1, S]).
+        """
+        x = self.input_layernorm(hidden)
+        k = self._heads(x, self.k_proj, self.k_norm)
+        v = self._heads(x, self.v_proj, None)
+        k = self._adapter.apply_rotary(k, k, cos, sin)[1]
+        if query_index is None:
+            residual, xq, cos_q, sin_q = hidden, x, cos, sin
+        else:
+            residual, xq = _gather_rows(hidden, query_index), _gather_rows(x, query_index)
+            cos_q, sin_q = _gather_rows(cos, query_index), _gather_rows(sin, query_index)
+        q = self._heads(xq, self.q_proj, self.q_norm)
+        q = self._adapter.apply_rotary(q, q, cos_q, sin_q)[0]
+        k, v = self._expand(k), self._expand(v)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+        weights = torch.softmax(scores.float() + mask, dim=-1).to(q.dtype)
+        out = torch.matmul(weights, v).transpose(1, 2)
+        out = self.o_proj(out.flatten(2))
+        h = residual + out
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class _BranchGraph(nn.Module):
+    def __init__(self, layers, adapter: FamilyAdapter):
+        super().__init__()
+        self.layers = nn.ModuleList(ExportDecoderLayer(layer, adapter) for layer in layers)
+        self.masks = AttentionMasks()
+        self._adapter = adapter
+
+    def _masks(self, attention_mask, query_index):
+        windows = sorted({layer.sliding_window for layer in self.layers}, key=lambda w: -1 if w is None else w)
+        return {w: self.masks(attention_mask, query_index, w) for w in windows}
+
+    def _run(self, hidden, attention_mask, cos, sin, query_index, last_row_only: bool):
+        masks = self._masks(attention_mask, query_index)
+        for i, layer in enumerate(self.layers):
+            full, row = masks[layer.sliding_window]
+            if last_row_only and i == len(self.layers) - 1:
+                return layer(hidden, cos, sin, row, query_index)
+            hidden = layer(hidden, cos, sin, full)
+        return hidden
+
+
+class GateGraph(_BranchGraph):
+    """(hidden_states, attention_mask, cos, sin, query_index) -> (gate_logit [B], gate_prob [B])."""
+
+    def __init__(self, gate: nn.Module, adapter: FamilyAdapter):
+        super().__init__(gate.layers, adapter)
+        self.head = gate.head
+
+    def forward(self, hidden_states, attention_mask, cos, sin, query_index):
+        row = self._run(hidden_states, attention_mask, cos, sin, query_index, last_row_only=True)  # [B, 1, d]
+        logit = self.head(row)[:, 0, 0].float()
+        return logit, torch.sigmoid(logit)
+
+
+class RPNGraph(_BranchGraph):
+    """(hidden_states, attention_mask, cos, sin, query_index) -> token_logits [B, S] (mean_h q_query . k * scale)."""
+
+    def __init__(self, rpn: nn.Module, adapter: FamilyAdapter):
+        super().__init__(rpn.layers, adapter)
+        head = rpn.head
+        self.input_layernorm, self.q_proj, self.k_proj = head.input_layernorm, head.q_proj, head.k_proj
+        self.q_norm, self.k_norm = head.q_norm, head.k_norm
+        self.head_dim, self.num_kv_groups, self.scaling = int(head.head_dim), int(head.num_kv_groups), float(
+            head.scaling)
+
+    def forward(self, hidden_states, attention_mask, cos, sin, query_index):
+        hidden = self._run(hidden_states, attention_mask, cos, sin, query_index, last_row_only=False)
+        x = self.input_layernorm(hidden)
+        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        k = self._adapter.apply_rotary(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]  # [B, Hkv, S, d]
+        xq = _gather_rows(x, query_index)
+        q = self.q_proj(xq).unflatten(-1, (-1, self.head_dim))
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)
+        q = self._adapter.apply_rotary(q, q, _gather_rows(cos, query_index), _gather_rows(sin, query_index))[0]
+        # grouped heads: query head h uses key head h // groups, as repeat_interleave in the torch head
+        q = q.unflatten(1, (-1, self.num_kv_groups)).squeeze(3)  # [B, Hkv, G, d]
+        scores = torch.matmul(q, k.transpose(2, 3))  # [B, Hkv, G, S]
+        return (scores.float() * self.scaling).mean(dim=(1, 2))
