@@ -311,6 +311,24 @@ def test_missing_provider_is_a_clear_error(exported, monkeypatch):
     assert all(s.get_providers() == ["CPUExecutionProvider"] for s in router.sessions.values())
 
 
+def test_cuda_provider_is_used_or_refused(exported, monkeypatch):
+    """Explicit cuda: used where a GPU and CUDA libraries exist, else a clear error; auto then takes the CPU."""
+    out = exported("llava").out
+    if torch.cuda.is_available():
+        router = OnnxRouter(out, provider="cuda")
+        assert all(s.get_providers()[0] == "CUDAExecutionProvider" for s in router.sessions.values())
+        inputs = router_inputs(exported("llava").reset(), 2, 21, left_pad=[0, 5])
+        ref = torch_reference(exported("llava").model, inputs)
+        args = [inputs[k].cuda() for k in ("hidden_states", "attention_mask", "cos", "sin", "query_index")]
+        _, prob = router.run("gate", *args)
+        assert prob.is_cuda and (prob.cpu() - ref["gate_prob"]).abs().max() <= TOL
+    else:
+        with pytest.raises(OnnxRouterError, match="CUDAExecutionProvider was requested"):
+            OnnxRouter(out, provider="cuda")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto tries CUDA, falls back, says so
+        assert OnnxRouter(out, provider="auto").provider == "CPUExecutionProvider"
+
+
 def test_unsupported_opset_is_a_clear_error(exported, tmp_path):
     import onnx
 

@@ -92,13 +92,29 @@ class OnnxRouter:
         self.metadata = {b: read_metadata(p) for b, p in self.paths.items()}
         self._check_graphs()
         self.provider = self._pick_provider(provider, ort)
+        self.device_id = int(device_id)
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if intra_op_threads:
             options.intra_op_num_threads = int(intra_op_threads)
-        providers = [(self.provider, {"device_id": device_id})] if self.provider == PROVIDERS["cuda"] else []
-        providers.append(PROVIDERS["cpu"])
-        self.sessions = {}
+        try:
+            self.sessions = self._sessions(ort, options)
+        except OnnxRouterError as exc:
+            if provider.lower() != "auto" or self.provider == PROVIDERS["cpu"]:
+                raise
+            logger.warning("Q-Zoom ONNX router: provider auto -> CPUExecutionProvider (%s)", exc)
+            self.provider = PROVIDERS["cpu"]
+            self.sessions = self._sessions(ort, options)
+        self.input_dtype = _NUMPY_TYPES[self.sessions["gate"].get_inputs()[0].type]
+        logger.info("Q-Zoom ONNX router: %s graphs from %s on %s", precision, self.onnx_dir, self.provider)
+        if model is not None:
+            self.check_model(model)
+
+    def _sessions(self, ort, options) -> dict:
+        providers = [PROVIDERS["cpu"]]
+        if self.provider == PROVIDERS["cuda"]:
+            providers.insert(0, (self.provider, {"device_id": self.device_id}))
+        sessions = {}
         for branch, path in self.paths.items():
             try:
                 session = ort.InferenceSession(str(path), options, providers=providers)
@@ -108,11 +124,8 @@ class OnnxRouter:
                 raise OnnxRouterError(
                     f"{self.provider} was requested for {path} but onnxruntime fell back to "
                     f"{session.get_providers()[0]} (no usable GPU or CUDA libraries); use provider='cpu'")
-            self.sessions[branch] = session
-        self.input_dtype = _NUMPY_TYPES[self.sessions["gate"].get_inputs()[0].type]
-        logger.info("Q-Zoom ONNX router: %s graphs from %s on %s", precision, self.onnx_dir, self.provider)
-        if model is not None:
-            self.check_model(model)
+            sessions[branch] = session
+        return sessions
 
     # ---- validation ----
     def _check_graphs(self) -> None:
@@ -191,7 +204,8 @@ class OnnxRouter:
         names = list(GATE_OUTPUTS if branch == "gate" else RPN_OUTPUTS)
         session = self.sessions[branch]
         device = hidden_states.device
-        if self.provider == PROVIDERS["cuda"] and device.type == "cuda":
+        on_device = device.type == "cuda" and (device.index or 0) == self.device_id
+        if self.provider == PROVIDERS["cuda"] and on_device:
             return self._run_bound(session, feeds, names, batch, seq, device)
         outputs = session.run(names, {k: v.detach().contiguous().cpu().numpy() for k, v in feeds.items()})
         return [torch.from_numpy(o).to(device) for o in outputs]
@@ -206,12 +220,12 @@ class OnnxRouter:
         for name, value in feeds.items():
             value = value.detach().to(device).contiguous()
             kept.append(value)
-            binding.bind_input(name, "cuda", device.index or 0, np_types[value.dtype], list(value.shape),
+            binding.bind_input(name, "cuda", self.device_id, np_types[value.dtype], list(value.shape),
                                value.data_ptr())
         outputs = []
         for name in names:
             out = torch.empty((batch,) if name in GATE_OUTPUTS else (batch, seq), dtype=torch.float32, device=device)
-            binding.bind_output(name, "cuda", device.index or 0, np.float32, list(out.shape), out.data_ptr())
+            binding.bind_output(name, "cuda", self.device_id, np.float32, list(out.shape), out.data_ptr())
             outputs.append(out)
         torch.cuda.synchronize(device)
         session.run_with_iobinding(binding)
