@@ -34,19 +34,16 @@ import json
 import os
 import platform
 import random
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _bench_env  # noqa: F401  (environment before torch)
+from _bench_env import command_line, setup_torch
+
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("QZOOM_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "qzoom"))
 
 QUESTION = "What is written on the small sign in the lower right corner?"
 
@@ -362,13 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    torch.set_num_threads(args.threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else \
-        " ".join(shlex.quote(a) for a in ["bench_branch_prefill.py", *argv])
+    setup_torch(args.threads)
+    command = command_line("bench_branch_prefill.py", argv)
     print(f"command: {command}")
     print(f"torch {torch.__version__} threads={torch.get_num_threads()}, transformers {transformers.__version__}, "
           f"python {platform.python_version()}, {platform.machine()} cpus={os.cpu_count()}; size={args.size}, "

@@ -33,15 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import _bench_env  # noqa: F401  (environment before torch)
+
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # torch's OpenMP threads sleep when idle, as onnxruntime's do with allow_spinning=0 (fair on a shared machine)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("QZOOM_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "qzoom"))
 
 QUESTION = "What is written on the small sign in the lower right corner?"
 PARTS = ("gate", "rpn", "decision")

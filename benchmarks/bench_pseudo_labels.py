@@ -37,13 +37,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import _bench_env  # noqa: F401  (environment before torch)
+
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("QZOOM_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "qzoom"))
 
 
 def parse_args(argv=None):

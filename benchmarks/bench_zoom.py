@@ -55,15 +55,16 @@ import argparse
 import os
 import platform
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
 
+import _bench_env  # noqa: F401  (environment before torch)
+from _bench_env import command_line, setup_torch
+
 # On a shared 2-core machine, OpenMP threads that spin at barriers while another process holds the other core
 # make 2-thread runs several times slower and very noisy; passive waiting avoids that (export
 # OMP_WAIT_POLICY=ACTIVE to override). Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_branch_prefill import quartiles, synthetic_image, write_json_atomic  # noqa: E402 (sets env defaults)
 
@@ -531,13 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    torch.set_num_threads(args.threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else \
-        " ".join(shlex.quote(a) for a in ["bench_zoom.py", *argv])
+    setup_torch(args.threads)
+    command = command_line("bench_zoom.py", argv)
     print(f"command: {command}")
     print(f"torch {torch.__version__} threads={torch.get_num_threads()}, transformers {transformers.__version__}, "
           f"python {platform.python_version()}, {platform.machine()} cpus={os.cpu_count()}; size={args.size}, "
