@@ -34,13 +34,22 @@ class QZoomBranchOutput(ModelOutput):
 
 
 def resample_label_map(labels: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resampling of a tri-state label map to the grid the image has at training time.
+    """Resample a tri-state label map to the grid the image has at training time, keeping labels discrete.
 
-    Nearest keeps the labels discrete (1 / 0 / -100) and maps every target cell to the source cell that
-    covers its centre, so a map made at one resolution stays aligned with the image at another.
+    To a coarser grid (no axis grows) each target cell pools the source cells it covers: foreground if any
+    of them is, background if all of them are, else ignored. Labels made at a high resolution thus keep a
+    one-cell target when the RPN trains at a low one (nearest sampling would pick one sub-cell and mostly
+    miss it). Otherwise (a finer or mixed grid) each target cell takes the source cell under its centre.
     """
     if tuple(labels.shape) == tuple(grid_hw):
         return labels
+    if grid_hw[0] <= labels.shape[0] and grid_hw[1] <= labels.shape[1]:
+        fg = F.adaptive_max_pool2d((labels == 1).float()[None, None], tuple(grid_hw))[0, 0] > 0
+        not_bg = F.adaptive_max_pool2d((labels != 0).float()[None, None], tuple(grid_hw))[0, 0] > 0
+        out = torch.full(tuple(grid_hw), IGNORE_INDEX, dtype=torch.long, device=labels.device)
+        out[~not_bg] = 0
+        out[fg] = 1
+        return out
     src = labels.float()[None, None]
     out = F.interpolate(src, size=tuple(grid_hw), mode="nearest-exact")
     return out[0, 0].round().long()
