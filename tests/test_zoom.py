@@ -208,3 +208,17 @@ def test_right_padding_is_refused(loaded):
                         padding_side="right")
     with pytest.raises(ValueError, match="left padding"):
         zoom_generate(model, processor, batch, [[_image()], [_image()]], max_new_tokens=1)
+
+
+def test_generation_settings_are_folded_into_one_config_per_batch(loaded):
+    """zoom_generate builds the GenerationConfig once, so generate() skips its per-call legacy-config check."""
+    from qzoom_swift.zoom import generation_settings
+
+    model, _ = loaded("qwen2_5_vl")
+    out = generation_settings(model, {"max_new_tokens": 3, "do_sample": False, "use_model_defaults": False})
+    assert out["generation_config"].max_new_tokens == 3 and out["generation_config"].do_sample is False
+    assert out["use_model_defaults"] is False and "max_new_tokens" not in out  # not a setting: passed through
+    assert out["generation_config"] is not model.generation_config  # the model's own config is untouched
+    assert model.generation_config.max_new_tokens != 3
+    given = {"generation_config": out["generation_config"], "max_new_tokens": 5}
+    assert generation_settings(model, given) is given
