@@ -54,8 +54,10 @@ def eager(request, tiny_dir):
     return family, model, processor
 
 
-def test_recorded_rows_equal_teacher_forced_attention_and_stop_at_eos(eager):
+@pytest.mark.parametrize("queries", ["answer", "answer+prompt"])
+def test_recorded_rows_equal_teacher_forced_attention_and_stop_at_eos(eager, queries):
     family, model, processor = eager
+    extra = int(queries == "answer+prompt")  # the last prompt position is one more query row
     samples = sample_shapes(2, seed=3)
     images = [make_shape_image(samples[0], (392, 280)), make_shape_image(samples[1], (224, 336))]  # non-square
     inputs = chat_inputs(processor, [[images[0]], [images[1]]], [QUESTION, QUESTION + " Answer briefly."])
@@ -63,11 +65,11 @@ def test_recorded_rows_equal_teacher_forced_attention_and_stop_at_eos(eager):
     prompt_len = inputs["input_ids"].shape[1]
     script = [[101, 102, eos[0], eos[0], eos[0]], [201, 202, 203, 204, 205]]
     layers, norm_layers = [2, 5], [3]
-    new, results = generate_with_attention(model, inputs, layers, norm_layers, eos, max_new_tokens=5,
+    new, results = generate_with_attention(model, inputs, layers, norm_layers, eos, max_new_tokens=5, queries=queries,
                                            logits_processor=LogitsProcessorList([Script(script, prompt_len)]))
     assert new[0, :3].tolist() == script[0][:3] and new[1].tolist() == script[1]
     # sample 0 feeds y1, y2 (the EOS is never counted); sample 1 feeds y1..y4 (y5 is never fed)
-    assert [r.num_steps for r in results] == [2, 4]
+    assert [r.num_steps for r in results] == [2 + extra, 4 + extra]
 
     full = torch.cat([inputs["input_ids"], new], dim=1)
     kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
@@ -83,7 +85,8 @@ def test_recorded_rows_equal_teacher_forced_attention_and_stop_at_eos(eager):
         pos = torch.nonzero(inputs["input_ids"][b] == image_id).flatten()
         assert pos.numel() == grids[b][0] * grids[b][1]
         for layer in layers:
-            rows = ref.attentions[layer][b, :, prompt_len:prompt_len + res.num_steps][:, :, pos].mean(dim=1)
+            first = prompt_len - extra
+            rows = ref.attentions[layer][b, :, first:first + res.num_steps][:, :, pos].mean(dim=1)
             assert res.per_layer[layer].shape == (num_heads, pos.numel())
             torch.testing.assert_close(res.per_layer[layer], rows.float(), atol=1e-6, rtol=1e-5)
         # hidden_states[l] is the input of decoder layer l

@@ -276,6 +276,8 @@ def test_known_head_table_and_sink_heads_are_used_when_given(images, tiny_dir, t
         assert sink.shape == tuple(r["qzoom_attn_grid"]) and r["qzoom_sink_tokens"] == int((sink >= 1e-3).sum())
     with pytest.raises(JobError, match="decoder layers"):
         run_pseudo_labels(_options(tiny_dir("qwen3_vl"), dataset, tmp_path / "bad", heads="40:1"))
+    with pytest.raises(JobError, match="--queries 'prompt': choose from answer, answer\\+prompt"):
+        run_pseudo_labels(_options(tiny_dir("qwen3_vl"), dataset, tmp_path / "bad", queries="prompt"))
 
 
 def test_visualize_writes_a_png_of_the_expected_size(mixed_job, tmp_path):

@@ -5,7 +5,9 @@ attention. Every decode step feeds one generated token y_j (j >= 1: the prefill,
 skipped) and its attention row over the image's visual tokens is read at the selected layers. Rows are
 averaged over the decode steps of each sample, i.e. over the queries y_1 ... y_{n-1}; the step that feeds
 an end-of-sequence token and everything after it (padding of a finished sample in a batch) is excluded.
-The map of an image is then the mean over the selected (layer, head) pairs.
+The map of an image is then the mean over the selected (layer, head) pairs. With ``queries="answer+prompt"``
+the prefill's last prompt position (the query that predicts y_1) is averaged in too: for one-word answers
+it is the only query that has to read the image (y_1 itself only predicts the end of the answer).
 
 How: forward hooks. ``attn_implementation="eager"`` makes every decoder attention module of the three
 families (Qwen2.5-VL, Qwen3-VL and LLaVA's Llama, transformers 5.19) return its softmax weights as the
@@ -42,6 +44,8 @@ MODES = ("textual", "natural")
 AUTO_BAND = (0.3, 0.85)
 """Candidate layers of the automatic choice, as fractions of the depth: [round(0.3 L), round(0.85 L))."""
 AUTO_TOP_K = 2
+QUERIES = ("answer", "answer+prompt")
+"""Which positions' attention rows make the map: the answer's tokens (as released), or also the last prompt token."""
 
 
 @dataclass(frozen=True)
@@ -218,9 +222,12 @@ class AttentionRecorder:
     """
 
     def __init__(self, model: nn.Module, layers: list[int], norm_layers: list[int], eos_token_ids: list[int],
-                 image_token_id: int):
+                 image_token_id: int, queries: str = "answer"):
         from qzoom_swift.families import get_adapter
 
+        if queries not in QUERIES:
+            raise ValueError(f"queries={queries!r}: choose from {', '.join(QUERIES)}")
+        self.with_prompt = queries == "answer+prompt"
         self.model = model
         self.decoder_layers = get_adapter(model).decoder_layers(model)
         self.layers = sorted(set(layers))
@@ -267,6 +274,8 @@ class AttentionRecorder:
             raise RuntimeError("AttentionRecorder needs generate() to pass input_ids (not inputs_embeds)")
         if input_ids.shape[1] > 1:
             self._decoding = False
+            if self.with_prompt:  # the prefill's last position is one more query of every sample
+                self._steps += 1
             return None
         fed = input_ids[:, 0].detach().cpu()
         is_eos = torch.isin(fed, self.eos)
@@ -278,13 +287,14 @@ class AttentionRecorder:
 
     def _make_attention_hook(self, layer: int):
         def hook(module, args, output):
-            if not self._decoding:
+            if not (self._decoding or self.with_prompt):
                 return
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if weights is None:
                 raise RuntimeError("attention weights are not returned: load the model with "
                                    "attn_implementation='eager' (e.g. {'text_config': 'eager'})")
-            for b in torch.nonzero(self._active).flatten().tolist():
+            samples = torch.nonzero(self._active).flatten().tolist() if self._decoding else range(len(self._positions))
+            for b in samples:  # left padding: position -1 is every sample's last prompt token in the prefill
                 row = weights[b, :, -1, self._positions[b]].detach().float().cpu()  # [H, N_vis]
                 acc = self._sums[b].get(layer)
                 self._sums[b][layer] = row if acc is None else acc + row
@@ -348,7 +358,7 @@ def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate_with_attention(model: nn.Module, inputs: dict, layers: list[int], norm_layers: list[int],
-                            eos_ids: list[int], max_new_tokens: int = 128,
+                            eos_ids: list[int], max_new_tokens: int = 128, queries: str = "answer",
                             **generate_kwargs) -> tuple[Tensor, list[SampleAttention]]:
     """Greedy ``generate`` on a processor batch (left-padded) while recording; returns (new token ids, per sample).
 
@@ -357,7 +367,7 @@ def generate_with_attention(model: nn.Module, inputs: dict, layers: list[int], n
     from qzoom_swift.families import get_adapter
 
     adapter = get_adapter(model)
-    recorder = AttentionRecorder(model, layers, norm_layers, eos_ids, adapter.image_token_id(model))
+    recorder = AttentionRecorder(model, layers, norm_layers, eos_ids, adapter.image_token_id(model), queries)
     recorder.reset(inputs["input_ids"])
     with recorder:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -367,7 +377,7 @@ def generate_with_attention(model: nn.Module, inputs: dict, layers: list[int], n
 
 
 __all__ = [
-    "AUTO_BAND", "AUTO_TOP_K", "AttentionRecorder", "HeadSelection", "KNOWN_ATTENTION_HEADS", "MODES",
+    "AUTO_BAND", "AUTO_TOP_K", "AttentionRecorder", "HeadSelection", "KNOWN_ATTENTION_HEADS", "MODES", "QUERIES",
     "SampleAttention", "auto_candidate_layers", "eos_token_ids", "generate_with_attention", "image_grids",
     "known_head_selection", "normalized_entropy", "rank_layers_by_concentration",
 ]

@@ -42,11 +42,14 @@ def pseudo_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink-threshold", type=float, default=None,
                    help="sink-head threshold (default: the table's, 1e-2; 1e-3 for LLaVA-1.5-7B)")
     p.add_argument("--tau-norm", type=float, default=5.0, help="norm sink test factor (default 5)")
+    p.add_argument("--queries", choices=("answer", "answer+prompt"), default="answer",
+                   help="whose attention makes the map: the answer's tokens (default, as released) or also the last "
+                        "prompt token, which is the only reader of the image when answers are one word")
     p.add_argument("--grounding-prompt", choices=("auto", "on", "off"), default="auto",
                    help="append the official grounding instruction to the question (auto: on for --mode natural)")
     p.add_argument("--max-tokens", type=int, default=576,
                    help="visual tokens per image while labelling, Qwen families (default 576 as released; 0 = "
-                        "the processor's setting). Labels are nearest-resampled to the training grid")
+                        "the processor's setting). Labels are resampled to the training grid (pooled when coarser)")
     p.add_argument("--calibration", type=int, default=16, help="records used by --heads auto (default 16)")
     p.add_argument("--top-k", type=int, default=2, help="layers kept by --heads auto (default 2)")
     p.add_argument("--tau-fg", type=float, default=None, help="foreground: attention > tau_fg x peak (default 0.2)")
@@ -71,7 +74,8 @@ def pseudo_labels_run(args: argparse.Namespace) -> int:
 
     opts = PseudoLabelOptions(
         model=str(args.model), dataset=str(args.dataset), out=str(args.out), batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, mode=args.mode, heads=args.heads, sink_heads=args.sink_heads,
+        max_new_tokens=args.max_new_tokens, mode=args.mode, queries=args.queries, heads=args.heads,
+        sink_heads=args.sink_heads,
         sink=args.sink, sink_threshold=args.sink_threshold, tau_norm=args.tau_norm,
         grounding_prompt=args.grounding_prompt, max_tokens=args.max_tokens, calibration=args.calibration,
         top_k=args.top_k, tau_fg=args.tau_fg, tau_bg=args.tau_bg, max_box_fraction=args.max_box_fraction,

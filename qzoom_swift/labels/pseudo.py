@@ -14,7 +14,7 @@ tri-state labels by :func:`qzoom_swift.labels.tristate.tristate_labels`. Output,
   (visual hidden-state norms), ``qzoom_box`` (grid box [x0, y0, x1, y1] or null), ``qzoom_peak`` and
   ``qzoom_rpn_labels`` (the 1 / 0 / -100 map, null for an ignored sample). The shards feed
   ``swift sft --tuner_type qzoom`` with ``QZOOM_TRAIN=rpn`` as they are; the grid is stored so training
-  can nearest-resample the labels to the grid the image has there (``training.resample_label_map``);
+  can resample the labels to the grid the image has there (``training.resample_label_map``);
 - ``rejects.jsonl``: one line per record that could not be labelled, with a ``reason`` (``bad_json``,
   ``bad_messages``, ``no_question``, ``no_image``, ``multi_image``, ``image_tag_mismatch``,
   ``unsupported_image``, ``missing_image``, ``unreadable_image``, ``empty_answer``, ``no_decode_step``) and
@@ -102,6 +102,8 @@ class PseudoLabelOptions:
     sink_threshold: float | None = None
     """Sink-head threshold; None = the selection's (1e-2; 1e-3 for LLaVA-1.5-7B)."""
     tau_norm: float = DEFAULT_TAU_NORM
+    queries: str = "answer"
+    """answer: the answer tokens' attention (as released); answer+prompt: also the last prompt token's."""
     grounding_prompt: str = "auto"
     """auto (on for mode natural), on, off: replace/append the official grounding instruction."""
     max_tokens: int = 576
@@ -122,7 +124,8 @@ class PseudoLabelOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     # What must match for a resume to continue an earlier run (batch/shard size, progress, device may change).
-    RESUME_KEYS = ("model", "dataset", "max_new_tokens", "mode", "heads", "sink_heads", "sink", "sink_threshold",
+    RESUME_KEYS = ("model", "dataset", "max_new_tokens", "mode", "queries", "heads", "sink_heads", "sink",
+                   "sink_threshold",
                    "tau_norm", "grounding_prompt", "max_tokens", "calibration", "top_k", "tau_fg", "tau_bg",
                    "max_box_fraction", "min_peak", "limit", "batch_size", "dtype")
 
@@ -196,11 +199,14 @@ def _resolve_selection(opts: PseudoLabelOptions, family: str, num_layers: int, h
     """(HeadSelection or None for auto, candidate layers)."""
     from qzoom_swift.labels.attention import (
         MODES,
+        QUERIES,
         HeadSelection,
         auto_candidate_layers,
         known_head_selection,
     )
 
+    if opts.queries not in QUERIES:
+        raise JobError(f"--queries {opts.queries!r}: choose from {', '.join(QUERIES)}")
     if opts.mode not in MODES:
         raise JobError(f"--mode {opts.mode!r}: choose from {', '.join(MODES)}")
     selection = None
@@ -412,7 +418,7 @@ def run_pseudo_labels(opts: PseudoLabelOptions) -> dict:
                 norm_layers = candidates if selection is None else [norm_layer_of(selection)]
                 t0 = time.perf_counter()
                 new_ids, samples = generate_with_attention(model, inputs, layers, norm_layers, eos,
-                                                           opts.max_new_tokens)
+                                                           opts.max_new_tokens, queries=opts.queries)
                 timing["generate_s"] += time.perf_counter() - t0
                 for (_i, rid, _rec, _p), ids_row, sample, grid in zip(valid, new_ids, samples, grids):
                     row = ids_row.tolist()
