@@ -2,7 +2,7 @@
 
 Pure Python (standard library only), so ``qzoom eval --help`` stays fast and every rule is unit-tested:
 
-- ``BENCHMARKS``: the ten benchmarks ``qzoom eval`` knows, with the on-disk layout each expects under
+- ``BENCHMARKS``: the benchmarks ``qzoom eval`` knows (the paper's ten and the zoom bench), with the on-disk layout each expects under
   ``--data-root`` (one folder per benchmark, a local copy of the hub dataset in Hugging Face layout), the
   full split size (weights of the paper's "rectified" group throughput) and its zoom group;
 - ``PRESETS``: the thresholds and token budgets of the official Q-Zoom eval scripts per backbone
@@ -82,6 +82,9 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "data/train-*.parquet (default config, split `train`, as on the hub); columns question, "
               "multi-choice options (list of '(A) ...'), answer (letter), bytes (base64 image), category, "
               "l2-category, index, question_id", 1919, "hr", "mme_realworld_lite", "acc"),
+    Benchmark("qzoom_bench", "Zoom bench", False, "none: `qzoom demo` writes it (<out>/bench/evalscope)",
+              "data/test-*.parquet (default config, split `test`); columns question, answers (1 string), image, "
+              "kind (fine | coarse), box, question_id", 400, "general", "qzoom_bench", "exact_match"),
 )}
 
 DEFAULT_BENCHMARKS = ("docvqa", "infovqa", "chartqa", "ocr_bench", "textvqa", "vstar_bench", "hr_bench_4k",

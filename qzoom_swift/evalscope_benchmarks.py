@@ -4,7 +4,8 @@ Importing this module registers (once; re-imports are no-ops):
 
 - ``textvqa``: TextVQA validation (``lmms-lab/textvqa``), VQA soft accuracy, a subclass of evalscope's VQAv2;
 - ``hr_bench_4k`` / ``hr_bench_8k``: HR-Bench (``DreamMr/HR-Bench``), A-D multiple choice, base64 images;
-- ``mme_realworld_lite``: MME-RealWorld-Lite (``yifanzhang114/MME-RealWorld-lite-lmms-eval``), A-E choice.
+- ``mme_realworld_lite``: MME-RealWorld-Lite (``yifanzhang114/MME-RealWorld-lite-lmms-eval``), A-E choice;
+- ``qzoom_bench``: the zoom bench's test split (``qzoom demo`` writes it), exact match, the bare question.
 
 Each reads a local copy in Hugging Face layout (``dataset_args={name: {"dataset_id": DIR}}``); see
 ``qzoom_swift.eval_suite.BENCHMARKS`` for the exact files and columns. The multiple-choice prompts ask
@@ -166,6 +167,23 @@ class TextVQAAdapter(VQAv2Adapter):
         return sample
 
 
+_QZOOM_BENCH_DESCRIPTION = """
+## Overview
+The qzoom_swift zoom bench: synthetic 448 px scenes with a fine question (the digit in a small red box, legible
+only near native scale) and a coarse one (the colour of a large shape), single-word answers and ground-truth
+boxes (``kind``, ``box`` in the metadata). ``qzoom demo`` writes the local copy; exact match.
+"""
+
+
+class QZoomBenchAdapter(TextVQAAdapter):
+    """The bench's question as the toy model was trained on it (no answer-format instruction), image first."""
+
+    def record_to_sample(self, record: dict[str, Any]) -> Sample:
+        sample = super().record_to_sample(record)
+        sample.metadata.update(kind=record.get("kind"), box=record.get("box"))
+        return sample
+
+
 def _register(meta: BenchmarkMeta, adapter: type) -> None:
     if BENCHMARK_REGISTRY.is_materialized(meta.name):
         return
@@ -188,6 +206,10 @@ def _register_all() -> None:
                             tags=[Tags.MULTI_MODAL, Tags.QA], metric_list=["vqa_score", "exact_match"],
                             primary_metric="vqa_score", eval_split="validation", prompt_template=TEXTVQA_PROMPT,
                             description=_TEXTVQA_DESCRIPTION, evaluation_version="v1.1"), TextVQAAdapter)
+    _register(BenchmarkMeta(name="qzoom_bench", pretty_name="Zoom bench", dataset_id="qzoom_bench",
+                            tags=[Tags.MULTI_MODAL, Tags.QA], metric_list=["exact_match", "vqa_score"],
+                            primary_metric="exact_match", eval_split="test", prompt_template="{question}",
+                            description=_QZOOM_BENCH_DESCRIPTION, evaluation_version="v1.1"), QZoomBenchAdapter)
 
 
 _register_all()
