@@ -242,8 +242,14 @@ def test_run_metrics_and_relative_throughput():
     assert q["box"]["contains_target"] == 1.0 and q["box"]["median_cell_iou"] == pytest.approx(1.0)
     assert q["box"]["median_iou"] == pytest.approx(18 * 20 / (112 * 112))
     assert q["gate_auc_fine_vs_coarse"] == 1.0
-    miss = run_metrics([_row("x", recs[0], False, 0.01, True, [0.75, 0.75, 1.0, 1.0], 0.5)], {recs[0].id: recs[0]}, 4)
-    assert miss["box"]["contains_target"] == 0.0 and miss["box"]["median_iou"] == 0.0
+    wrong_box = _row("x", recs[0], False, 0.01, True, [0.75, 0.75, 1.0, 1.0], 0.5)
+    no_box = {**_row("x", recs[2], False, 0.01, False, None, 0.5), "reason": "no_roi"}
+    miss = run_metrics([wrong_box, no_box], {r.id: r for r in recs}, 4)["box"]
+    assert miss["contains_target"] == 0.0 and miss["median_iou"] == 0.0 and miss["fine_asked"] == 2
+    good = _row("x", recs[4], True, 0.01, True, [0.5, 0.0, 0.75, 0.25], 0.5)  # its digit is in column 2
+    both = run_metrics([good, no_box], {r.id: r for r in recs}, 4)["box"]
+    assert both["contains_target"] == 0.5 and both["contains_target_when_boxed"] == 1.0  # a missing box is a miss
+    assert run_metrics([_row("x", recs[0], True, 0.01, False)], {recs[0].id: recs[0]}, 4).get("box") is None
 
 
 def test_pseudo_label_quality_against_gt_boxes():

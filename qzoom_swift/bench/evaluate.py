@@ -146,8 +146,9 @@ def run_metrics(rows: list[dict[str, Any]], records: dict[str, BenchRecord], low
     }
     for r in rows:
         m["reasons"][r["reason"]] = m["reasons"].get(r["reason"], 0) + 1
-    boxed = [r for r in by_kind["fine"] if r.get("box")]
-    if boxed:
+    asked = [r for r in by_kind["fine"] if r["zoomed"] or r["reason"] == "no_roi"]  # the RPN was asked for a box
+    if asked:
+        boxed = [r for r in asked if r.get("box")]
         contains, ious, cell_ious = [], [], []
         for r in boxed:
             rec = records[r["id"]]
@@ -155,8 +156,12 @@ def run_metrics(rows: list[dict[str, Any]], records: dict[str, BenchRecord], low
             contains.append(box_contains(box, rec.target_box))
             ious.append(box_iou(box, rec.target_box))
             cell_ious.append(box_iou(box, low_res_cell(rec.target_box, rec.canvas, low_grid)))
-        m["box"] = {"fine_boxed": len(boxed), "contains_target": _mean([float(c) for c in contains]),
-                    "median_iou": statistics.median(ious), "median_cell_iou": statistics.median(cell_ious),
+        misses = [0.0] * (len(asked) - len(boxed))  # no cell above tau_roi: answered from the low-res pass
+        m["box"] = {"fine_asked": len(asked), "fine_boxed": len(boxed),
+                    "contains_target": sum(contains) / len(asked),
+                    "contains_target_when_boxed": _mean([float(c) for c in contains]),
+                    "median_iou": statistics.median(ious + misses),
+                    "median_cell_iou": statistics.median(cell_ious + misses),
                     "mean_box_area": _mean([(b[2] - b[0]) * (b[3] - b[1]) for b in (r["box"] for r in boxed)])}
     probs = [(r["gate_prob"], r["kind"] == "fine") for r in rows if r.get("gate_prob") is not None]
     if probs:

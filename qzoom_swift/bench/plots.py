@@ -31,8 +31,10 @@ def plot_pareto(summary: dict[str, Any], path: Path, labels: dict[str, str]) -> 
             continue
         ax.plot([r["relative_throughput"]], [100 * r["accuracy"]], "*" if r["mode"] == "zoom" else "s", markersize=12
                 if r["mode"] == "zoom" else 7, label=labels.get(name, name))
-    ax.set_xscale("log")
-    ax.set_xlabel(f"throughput relative to {summary['reference']} (log)")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.2g}x"))
+    ax.set_xlabel(f"throughput relative to {summary['reference']} (end to end, batch 1)")
     ax.set_ylabel("accuracy, all questions (%)")
     ax.set_title("Zoom bench: accuracy vs throughput")
     ax.grid(alpha=0.3)
@@ -63,7 +65,8 @@ def plot_overlays(items: list[dict[str, Any]], path: Path) -> Path:
         if item.get("box"):
             b = [item["box"][0] * w, item["box"][1] * h, item["box"][2] * w, item["box"][3] * h]
             top.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="red", linewidth=2))
-        top.set_title(f"{item['kind']}: gt {item['answer']}, p={item['gate_prob']:.2f}", fontsize=8)
+        top.set_title(f"{item['kind']}: gt {item['answer']}, answer {item['model_answer']}, gate p={item['gate_prob']:.2g}",
+                      fontsize=8)
         bottom.imshow(image)
         bottom.imshow(np.asarray(item["heatmap"]), cmap="magma", alpha=0.6, extent=(0, w, h, 0), vmin=0, vmax=1,
                       interpolation="nearest")
