@@ -1,32 +1,28 @@
-"""``qzoom demo``: the whole Q-Zoom pipeline on a tiny local model and a synthetic dataset, on CPU.
+"""``qzoom demo``: the whole Q-Zoom pipeline on the zoom bench, a miniature of the paper measured on CPU.
 
-Stages, in order (each writes its outputs under ``--out`` and a record ``stages/<name>.json``; a rerun
-skips a stage whose record matches the current settings and whose files still exist, ``--force`` redoes
-them all):
+No real weights or benchmark data can be reached from our machines, so the demo trains its own toy VLM on a
+synthetic fine-detail VQA bench with ground-truth boxes (:mod:`qzoom_swift.bench`) and runs every Q-Zoom
+stage on it. Stages, in order (each writes under ``--out`` and a record ``stages/<name>.json``; a rerun skips
+a stage whose record matches the current settings and whose files still exist, ``--force`` redoes them):
 
-1. ``model``          build (once, cached under ``$QZOOM_CACHE``) a tiny random-weight model directory;
-2. ``data``           a synthetic ms-swift dataset (one coloured shape per image; answer = its colour) and a
-                      held-out set of the same kind;
-3. ``pseudo_labels``  stage 1: self-distilled tri-state RPN labels from the model's own attention
-                      (:func:`qzoom_swift.labels.pseudo.run_pseudo_labels`, raised thresholds: a random model
-                      attends almost uniformly);
-4. ``rpn_train``      stage 1: ``swift sft recipes/tiny/stage1_sdrpn.yaml`` on those shards (only the RPN trains);
-5. ``gate_labels``    stage 3: answers along a resolution trajectory, consistency-filtered
-                      (:func:`qzoom_swift.labels.gate_job.run_gate_labels`); a random model answers noise, so
-                      every trajectory is ``always_wrong`` and no label survives;
-6. ``gate_train``     stage 3: ``swift sft recipes/tiny/stage3_gate.yaml --adapters <stage-1 checkpoint>`` on a
-                      small *synthetic* labelled set (the gate-label job above leaves none);
-7. ``calibrate``      stage 3: ``calibrate_gate`` on synthetic held-out trajectories writes ``tau_gate`` into the
-                      gate checkpoint;
-8. ``zoom``           ``QZoomModel.from_pretrained(model, checkpoint=...)`` answers every record in modes
-                      never / always / zoom (interleaved per record); per-sample ``ZoomStats`` and latency.
+1. ``bench``          the bench splits: PNGs, ms-swift jsonl questions, ground truth (``bench/``);
+2. ``toy_base``       the toy Qwen2.5-VL: vision warm-up, then ``swift sft recipes/toy/base_sft.yaml`` full
+                      tuning at mixed resolutions (cached under ``$QZOOM_CACHE/toy/<settings hash>``);
+3. ``pseudo_labels``  stage 1: ``qzoom pseudo-labels`` on train questions, from a high-budget pass;
+4. ``rpn_train``      stage 1: ``swift sft recipes/toy/stage1_sdrpn.yaml`` at the low budget (labels pooled to
+                      the low-resolution grid);
+5. ``gate_labels``    stage 3: ``qzoom gate-labels`` along a resolution trajectory on train questions, and
+                      held-out trajectories on the val split;
+6. ``gate_train``     stage 3: ``swift sft recipes/toy/stage3_gate.yaml --adapters <stage-1 checkpoint>``;
+7. ``calibrate``      stage 3: ``calibrate_gate`` on the held-out trajectories writes ``tau_gate``;
+8. ``evaluate``       the test split answered by the base model at the low budget, 4x and 16x, and by Q-Zoom
+                      (gated) and its ``always`` ablation at the low budget (``never`` is the low baseline);
+                      accuracy, throughput, visual tokens, zoom rate, box and gate quality against GT.
 
-Then ``report.md`` and ``summary.json`` are written. LLaVA-1.5 encodes every image at one fixed resolution,
-so it has no resolution trajectory: with ``--family llava`` the stage-3 steps are marked n/a and zoom
-inference uses the stage-1 checkpoint (uncalibrated gate).
-
-The weights are random: answers, gate decisions and boxes are noise. The demo checks the plumbing of
-every stage end to end, not accuracy.
+Then ``report.md``, ``summary.json`` and the figures (``pareto.png``, ``overlays.png``,
+``gate_calibration.png``) are written. ``--preset quick`` is a reduced configuration (minutes; the test
+suite runs it): every stage runs, numbers are not meaningful. Stage 2 (Post-SFT) is not part of the demo: the
+toy base is already trained on the zoomed layout it would adapt to.
 
 Only the standard library is imported at module level (``qzoom --help`` stays fast).
 """
@@ -34,7 +30,7 @@ Only the standard library is imported at module level (``qzoom --help`` stays fa
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -42,59 +38,109 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
-STAGE1_RECIPE = REPO_RECIPES / "stage1_sdrpn.yaml"
-STAGE3_RECIPE = REPO_RECIPES / "stage3_gate.yaml"
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
-MODEL_TYPES = {"qwen2_5_vl": "qzoom_qwen2_5_vl", "qwen3_vl": "qzoom_qwen3_vl", "llava": "qzoom_llava1_5_hf"}
-MODES = ("never", "always", "zoom")
-IMAGE_SIZE = (392, 280)
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "toy"
+STAGE1_RECIPE = RECIPES / "stage1_sdrpn.yaml"
+STAGE3_RECIPE = RECIPES / "stage3_gate.yaml"
 
-# Tiny random models attend almost uniformly: raised thresholds give non-ignored labels (as in the tests).
-FIT_THRESHOLDS = dict(tau_fg=0.9, tau_bg=0.8, max_box_fraction=0.9, min_peak=1e-3)
-# Synthetic stage-3 data: (budget, label) per training row, alternating; 1 = still wrong here, zoom.
-SYNTHETIC_GATE_ROWS = ((16, 1), (64, 0))
-# Synthetic held-out trajectories for calibration: right/wrong per budget (cycled over the held-out records).
-HELDOUT_BUDGETS = (144, 256, 576, 1024)
-HELDOUT_PATTERNS = ((False, False, True, True), (False, True, True, True), (True, True, True, True),
-                    (False, False, False, True), (False, False, False, False), (True, False, True, True),
-                    (False, True, False, True), (True, True, True, True))
-CALIBRATION_TARGET_SKIP = 0.5
 
-NOTE = ("The model's weights are random, so its answers, gate decisions and boxes are noise and accuracy "
-        "is meaningless. This demo checks the plumbing of the whole pipeline (labels, swift sft, "
-        "calibration, zoom inference), stage by stage, on CPU. A measurable miniature (a trained toy VLM "
-        "and a zoom benchmark) is a separate, later piece of work.")
+@dataclass(frozen=True)
+class DemoConfig:
+    """Every bench-specific setting of the demo (the method's own defaults live in ``QZoomConfig``)."""
 
+    seed: int = 0
+    train_images: int = 3000
+    val_images: int = 300
+    test_images: int = 400
+    warmup_steps: int = 200
+    """Vision-tower warm-up on native crops (stands in for a pretrained ViT)."""
+    toy_steps: int = 1000
+    toy_batch: int = 16
+    curriculum: float = 0.15
+    """Fraction of toy steps that are native crops and zoom layouts only, before the full mixture."""
+    low_tokens: int = 16
+    """Q-Zoom's first pass and the low baseline: the 448 px canvas as 4x4 tokens."""
+    high_tokens: int = 256
+    """The 16x baseline: the canvas at native scale; also the pseudo-label pass."""
+    label_images: int = 1000
+    """Train images whose two questions are pseudo-labelled (stage 1)."""
+    label_new_tokens: int = 4
+    """Colour answers are two BPE tokens; digits one."""
+    label_heads: str = "0"
+    """Layer 0, all heads: the toy's localising layer (the probe: 100% argmax on the target at 256 tokens; the
+    method's automatic band, layers 1-2 of 4, gives flat maps here)."""
+    label_queries: str = "answer+prompt"
+    """One-word answers: the last prompt token is the query that reads the image (the answer token only
+    predicts the end of the answer, and its attention is flat)."""
+    label_sink: str = "none"
+    """The L2-norm sink test flags the red target box itself in this toy (fine-question labels: 0.46 precision
+    with it, 0.91 without, on 40 train questions); a model trained from scratch has no massive-activation sinks."""
+    rpn_steps: int = 1200
+    tau_roi: float = 0.2
+    """Saved into the stage-1 checkpoint. On the val split's fine questions (heatmaps of the first full run):
+    0.5 boxed the digit in 90.0% (1.15 cells a box), 0.2 in 93.3% (1.27), 0.1 in 96.0% (1.54 cells, more
+    boxes beyond 2x2 cells, which are down-sampled below native scale)."""
+    gate_images: int = 600
+    """Further train images whose two questions are answered along the trajectory (stage 3)."""
+    gate_budgets: str = "16,64,256"
+    """The released rule puts a positive at one of the last two wrong budgets: with 16 and 64 wrong for fine
+    questions, the gate learns at the budget it runs at (with 16,64,144,256 it never saw a positive at 16 and
+    fine questions there got low probabilities: calibrated tau_gate 1.4e-4, 42% skipped)."""
+    gate_stable_top: int = 1
+    """The toy reads digits only at native scale (256 tokens): one top budget is the stable reference."""
+    gate_steps: int = 200
+    max_accuracy_drop: float = 0.01
+    """Calibration: the highest tau_gate within this accuracy of the best on held-out trajectories."""
+    eval_new_tokens: int = 4
+    overlays: int = 6
+    """Test questions drawn in overlays.png."""
+
+    @property
+    def budgets(self) -> tuple[int, ...]:
+        return tuple(int(b) for b in self.gate_budgets.split(","))
+
+
+PRESETS: dict[str, DemoConfig] = {
+    "full": DemoConfig(),
+    "quick": DemoConfig(train_images=40, val_images=12, test_images=16, warmup_steps=20, toy_steps=40,
+                        toy_batch=4, label_images=10, rpn_steps=6, gate_images=10, gate_steps=4, overlays=2),
+}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"),
-                   help="output dir: every stage's files, report.md and summary.json (default: runs/demo)")
-    p.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl",
-                   help="model family (default: qwen2_5_vl); llava has no resolution trajectory, so the stage-3 "
-                        "steps do not apply to it")
-    p.add_argument("--size", choices=("tiny", "bench"), default="tiny",
-                   help="locally built model size (default: tiny; bench is slower)")
+                   help="output dir: every stage's files, report.md, summary.json, figures (default: runs/demo)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="full",
+                   help="full (default: the measured miniature, ~25 min on 2 cores) or quick (every stage on a "
+                        "few samples, a few minutes; numbers are not meaningful)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a DemoConfig field, e.g. --set toy_steps=1500 (repeatable; see qzoom_swift/demo.py)")
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="model cache (default: $QZOOM_CACHE, else ~/.cache/qzoom_swift)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model weights and of the synthetic data")
-    p.add_argument("--records", type=int, default=8, help="synthetic records (and held-out records) (default: 8)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps of both swift sft runs (default: the tiny recipes' max_steps, 12 and 10)")
-    p.add_argument("--budgets", default="16,36",
-                   help="stage-3 resolution trajectory in visual tokens, ascending (default: 16,36)")
-    p.add_argument("--max-new-tokens", type=int, default=8,
-                   help="tokens generated per answer in zoom inference, forced in every mode (default: 8)")
+                   help="cache of trained toy models (default: $QZOOM_CACHE, else ~/.cache/qzoom_swift)")
     p.add_argument("--sft", choices=("in-process", "subprocess"), default="in-process",
                    help="run swift sft inside this process (default; no second start-up) or as `swift sft` "
                         "subprocesses")
     p.add_argument("--force", action="store_true",
-                   help="redo every stage (the cached model dir is kept: use `qzoom build-tiny --force`)")
+                   help="redo every stage (a cached toy model is reused: delete $QZOOM_CACHE/toy to retrain it)")
+
+
+def demo_config(preset: str, overrides: list[str]) -> DemoConfig:
+    """The preset with ``KEY=VALUE`` overrides, each parsed as the field's type; unknown keys are an error."""
+    cfg = PRESETS[preset]
+    types = {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    values = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in types:
+            raise SystemExit(f"qzoom demo: --set {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        try:
+            values[key] = types[key](raw)
+        except ValueError as exc:
+            raise SystemExit(f"qzoom demo: --set {item!r}: {exc}") from exc
+    return dataclasses.replace(cfg, **values)
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
@@ -106,9 +152,13 @@ class Stage:
     title: str
     deps: tuple[str, ...]
     settings: tuple[str, ...]
-    """Demo settings that change this stage's output."""
+    """DemoConfig fields that change this stage's output."""
     run: Callable[[Context], StageResult]
-    applies: Callable[[Context], bool] = lambda ctx: True
+    own_cache: bool = False
+    """The stage keeps its own cache (keyed by everything that makes its output, code versions included):
+    always call it, it returns at once when its output exists."""
+    recipe: Path | None = None
+    """The swift sft recipe it runs: an edited recipe invalidates the stage."""
 
 
 @dataclass
@@ -128,8 +178,8 @@ class StageResult:
 @dataclass
 class Context:
     args: argparse.Namespace
+    cfg: DemoConfig
     out: Path
-    settings: dict[str, Any]
     records: dict[str, dict] = field(default_factory=dict)
     fresh: bool = False
     """True when the running stage must start from scratch (--force, or its earlier outputs are stale);
@@ -162,41 +212,16 @@ def _write_json(path: Path, data: Any) -> Path:
     return _write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    return _write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _output_to(log: Path) -> Iterator[None]:
-    """Send everything written to file descriptors 1 and 2 (Python, C libraries, tqdm) to ``log``."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    try:
-        with open(log, "ab") as f:
-            os.dup2(f.fileno(), 1)
-            os.dup2(f.fileno(), 2)
-            try:
-                yield
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-    finally:
-        os.close(saved[0])
-        os.close(saved[1])
-
-
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _recipe_steps(recipe: Path) -> int:
-    import yaml
-
-    return int(yaml.safe_load(recipe.read_text())["max_steps"])
 
 
 def _label_job(job: Callable[[Any], dict], make_opts: Callable[[], Any], out: Path, fresh: bool) -> dict:
@@ -216,49 +241,6 @@ def _label_job(job: Callable[[Any], dict], make_opts: Callable[[], Any], out: Pa
         return job(make_opts())
 
 
-def _is_qwen(ctx: Context) -> bool:
-    return ctx.args.family != "llava"
-
-
-# ------------------------------------------------------------------------------------------------- swift sft
-
-
-def swift_sft(recipe: Path, overrides: list[str], workdir: Path, train_branch: str, in_process: bool) -> Path:
-    """``swift sft <recipe> <overrides>`` with QZOOM_TRAIN=train_branch; returns its log file.
-
-    In-process: the YAML is expanded by ms-swift's own ``parse_yaml_args`` and ``sft_main`` runs here, with
-    the environment restored afterwards and all output sent to the log. Subprocess: the real ``swift`` CLI.
-    """
-    from qzoom_swift.swift_plugin import plugin_path
-    from qzoom_swift.testing.swift_cli import CPU_TRAIN_FLAGS, run_swift_concurrently
-
-    argv = [str(recipe), *overrides, "--external_plugins", str(plugin_path()), *CPU_TRAIN_FLAGS]
-    log = workdir / "sft.log"
-    if log.exists():
-        log.unlink()
-    if not in_process:
-        run = run_swift_concurrently({"sft": ["sft", *argv]}, workdir, env={"QZOOM_TRAIN": train_branch})["sft"]
-        if run.returncode != 0:
-            raise RuntimeError(f"swift sft failed (exit {run.returncode}); log {run.log}:\n{run.tail(2000)}")
-        return run.log
-    saved = dict(os.environ)
-    try:
-        os.environ["QZOOM_TRAIN"] = train_branch  # before the recipe's ENV block, which only fills unset keys
-        with _output_to(log):
-            from swift import sft_main
-            from swift.cli.main import parse_yaml_args
-
-            parse_yaml_args(argv)
-            sft_main(argv)
-    except BaseException as exc:
-        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        raise RuntimeError(f"swift sft failed ({type(exc).__name__}: {exc}); log {log}:\n{tail}") from exc
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return log
-
-
 def _train_outputs(out_dir: Path, steps: int, loss_key: str, log: Path) -> tuple[dict[str, Any], Path]:
     ckpt = out_dir / f"checkpoint-{steps}"
     if not (ckpt / "qzoom_branch.safetensors").is_file():
@@ -274,262 +256,296 @@ def _train_outputs(out_dir: Path, steps: int, loss_key: str, log: Path) -> tuple
             "branch_layer": config.get("branch_layer"), "branch_depth": config.get("branch_depth")}, ckpt
 
 
+def _sft(ctx: Context, recipe: Path, overrides: list[str], workdir: Path, env: dict[str, str] | None = None) -> Path:
+    from qzoom_swift.swift_plugin.sft import swift_sft
+
+    return swift_sft(recipe, overrides, workdir, env, in_process=ctx.args.sft == "in-process")
+
+
+def _recipe_rel(recipe: Path) -> str:
+    return str(recipe.relative_to(RECIPES.parents[1]))
+
+
+def _model_dir(ctx: Context) -> str:
+    return ctx.outputs("toy_base")["model_dir"]
+
+
 # ---------------------------------------------------------------------------------------------------- stages
 
 
-def _stage_model(ctx: Context) -> StageResult:
-    from qzoom_swift.testing.tiny import BUILDER_VERSION, build_model_dir, cache_root
+def _stage_bench(ctx: Context) -> StageResult:
+    from qzoom_swift.bench.dataset import write_bench, write_evalscope_split
 
-    a = ctx.args
-    root = Path(a.cache_dir) if a.cache_dir is not None else cache_root()
-    existed = (root / "models" / f"{a.family}-{a.size}-s{a.seed}-v{BUILDER_VERSION}").exists()  # for the line
-    model_dir = build_model_dir(a.family, a.size, cache_dir=a.cache_dir, seed=a.seed)
-    config = json.loads((model_dir / "config.json").read_text())
-    text = config.get("text_config", config)
-    params = sum(os.path.getsize(p) for p in model_dir.glob("*.safetensors")) // 4  # float32 weights
-    outputs = {"model_dir": str(model_dir), "architecture": (config.get("architectures") or ["?"])[0],
-               "layers": text.get("num_hidden_layers"), "hidden_size": text.get("hidden_size"),
-               "params_approx": params}
-    line = (f"{outputs['architecture']}, {outputs['layers']} layers x {outputs['hidden_size']}, "
-            f"~{params / 1e6:.1f} M params (random weights){'' if existed else ', built'} -> {model_dir}")
-    return StageResult(line, outputs, [str(model_dir / "config.json")], run_id=model_dir.name, reused=existed)
+    c = ctx.cfg
+    marker = write_bench(ctx.path("bench"), {"train": c.train_images, "val": c.val_images, "test": c.test_images},
+                         seed=c.seed, progress=True)
+    meta = json.loads(marker.read_text())
+    q = meta["questions"]
+    evalscope_root = write_evalscope_split(marker.parent, "test")
+    outputs = {"root": str(marker.parent), "meta": meta, "evalscope_data_root": str(evalscope_root)}
+    line = (f"{c.train_images}/{c.val_images}/{c.test_images} images (train/val/test), "
+            f"{meta['spec']['canvas']} px; test questions {q['test']['fine']} fine + {q['test']['coarse']} coarse "
+            f"-> {marker.parent}")
+    return StageResult(line, outputs, [str(marker), str(evalscope_root)], run_id=_sha(marker))
 
 
-def _stage_data(ctx: Context) -> StageResult:
-    from qzoom_swift.testing.data import write_shape_dataset
+def _stage_toy_base(ctx: Context) -> StageResult:
+    from qzoom_swift.bench.toy_model import train_toy_base
+    from qzoom_swift.testing.tiny import cache_root
 
-    a = ctx.args
-    data = write_shape_dataset(ctx.path("data"), n=a.records, size=IMAGE_SIZE, seed=a.seed)
-    heldout = write_shape_dataset(ctx.path("heldout"), n=a.records, size=IMAGE_SIZE, seed=a.seed + 1000)
-    outputs = {"dataset": str(data), "heldout": str(heldout), "records": a.records,
-               "image_size": list(IMAGE_SIZE), "question": _rows(data)[0]["messages"][0]["content"]}
-    line = f"{a.records} records + {a.records} held-out, {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} PNGs -> {data}"
-    return StageResult(line, outputs, [str(data), str(heldout)], run_id=_sha(data) + _sha(heldout))
+    c = ctx.cfg
+    cache = Path(ctx.args.cache_dir) if ctx.args.cache_dir is not None else cache_root()
+    rec = train_toy_base(ctx.outputs("bench")["root"], cache, seed=c.seed, warmup_steps=c.warmup_steps,
+                         steps=c.toy_steps, batch=c.toy_batch, curriculum=c.curriculum, low_tokens=c.low_tokens,
+                         high_tokens=c.high_tokens, in_process=ctx.args.sft == "in-process")
+    w = rec["warmup"]
+    outputs = {"model_dir": rec["model_dir"], "params": w["params"],
+               "params_without_embedding": w["params_without_embedding"], "warmup_accuracy": w["ema_accuracy"],
+               "warmup_seconds": w["seconds"], "sft_seconds": rec["sft_seconds"], "steps": rec["steps"],
+               "batch": rec["batch"], "loss_first": rec["losses"][0][1] if rec["losses"] else None,
+               "loss_last": rec["losses"][-1][1] if rec["losses"] else None, "recipe": _recipe_rel(Path(rec["recipe"])),
+               "cache_key": rec["key"]}
+    line = (f"Qwen2.5-VL toy, {w['params_without_embedding'] / 1e6:.1f} M params + embedding; warm-up "
+            f"{w['seconds']:.0f} s (digit acc {w['ema_accuracy']:.2f}), swift sft {rec['steps']} x {rec['batch']} "
+            f"in {rec['sft_seconds']:.0f} s{' (cached)' if rec['reused'] else ''} -> {rec['model_dir']}")
+    return StageResult(line, outputs, [rec["model_dir"]], run_id=rec["key"], reused=rec["reused"])
 
 
 def _stage_pseudo_labels(ctx: Context) -> StageResult:
+    from qzoom_swift.bench.dataset import questions_path
     from qzoom_swift.labels.pseudo import PseudoLabelOptions, run_pseudo_labels
 
+    c = ctx.cfg
+    rows = _rows(questions_path(ctx.outputs("bench")["root"], "train"))[: 2 * c.label_images]
+    dataset = _write_jsonl(ctx.path("stage1", "label_input.jsonl"), rows)
     out = ctx.path("stage1", "labels")
     summary = _label_job(run_pseudo_labels, lambda: PseudoLabelOptions(
-        model=ctx.outputs("model")["model_dir"], dataset=ctx.outputs("data")["dataset"], out=str(out),
-        batch_size=4, max_new_tokens=4, calibration=min(4, ctx.args.records), progress=False, **FIT_THRESHOLDS),
+        model=_model_dir(ctx), dataset=str(dataset), out=str(out), batch_size=8, max_new_tokens=c.label_new_tokens,
+        heads=c.label_heads, queries=c.label_queries, sink=c.label_sink, max_tokens=c.high_tokens, progress=True),
         out, ctx.fresh)
     shards = [str(out / s) for s in summary["shards"]]
-    counts = summary["outcomes"]
-    outputs = {"dir": str(out), "shards": shards, "outcomes": counts, "ignored": summary["ignored"],
-               "head_selection": summary["head_selection"], "thresholds": FIT_THRESHOLDS,
-               "samples_per_s": summary["this_run"]["samples_per_s"]}
-    line = (f"{counts['labelled']} labelled, {summary['ignored']} ignored, {counts['rejected']} rejected "
-            f"(raised thresholds tau_fg 0.9 / tau_bg 0.8) -> {shards[0] if shards else out}")
-    notes = [] if counts["labelled"] else ["no sample was labelled: the RPN trains on all-ignored maps (zero loss)"]
     if not shards:
         raise RuntimeError(f"pseudo-labels wrote no shard under {out}")
-    return StageResult(line, outputs, shards, notes=notes)
+    counts = summary["outcomes"]
+    outputs = {"dir": str(out), "shards": shards, "outcomes": counts, "ignored": summary["ignored"],
+               "head_selection": summary["head_selection"], "label_tokens": c.high_tokens,
+               "queries": c.label_queries, "sink_filter": summary["sink_filter"],
+               "samples_per_s": summary["this_run"]["samples_per_s"]}
+    line = (f"{len(rows)} questions at {c.high_tokens} tokens: {counts['labelled']} labelled, {summary['ignored']} "
+            f"ignored, {counts['rejected']} rejected -> {out}")
+    return StageResult(line, outputs, shards)
+
+
+def _budget_kwargs(tokens: int, unit: int = 28) -> dict[str, int]:
+    return {"min_pixels": tokens * unit * unit, "max_pixels": tokens * unit * unit}
 
 
 def _stage_rpn_train(ctx: Context) -> StageResult:
-    a = ctx.args
+    c = ctx.cfg
+    rows = []
+    for shard in ctx.outputs("pseudo_labels")["shards"]:
+        for row in _rows(Path(shard)):
+            rows.append({"messages": row["messages"], "images": row["images"],
+                         "qzoom_rpn_labels": row.get("qzoom_rpn_labels"),
+                         "chat_template_kwargs": _budget_kwargs(c.low_tokens)})
+    train = _write_jsonl(ctx.path("stage1", "rpn_train.jsonl"), rows)
     out = ctx.path("stage1", "train")
     shutil.rmtree(out, ignore_errors=True)
-    steps = a.steps or _recipe_steps(STAGE1_RECIPE)
-    overrides = ["--model", ctx.outputs("model")["model_dir"], "--model_type", MODEL_TYPES[a.family],
-                 "--dataset", *ctx.outputs("pseudo_labels")["shards"], "--output_dir", str(out),
-                 "--max_steps", str(steps), "--save_steps", str(steps)]
-    log = swift_sft(STAGE1_RECIPE, overrides, ctx.path("stage1"), "rpn", a.sft == "in-process")
-    outputs, ckpt = _train_outputs(out, steps, "qzoom_rpn_loss", log)
-    outputs["recipe"] = str(STAGE1_RECIPE.relative_to(REPO_RECIPES.parents[1]))
-    line = (f"swift sft {outputs['recipe']} ({a.sft}): {steps} steps, rpn loss {outputs['loss_first']:.4f} -> "
-            f"{outputs['loss_last']:.4f} -> {ckpt}")
+    overrides = ["--model", _model_dir(ctx), "--dataset", str(train), "--output_dir", str(out),
+                 "--max_steps", str(c.rpn_steps), "--save_steps", str(c.rpn_steps), "--seed", str(c.seed)]
+    log = _sft(ctx, STAGE1_RECIPE, overrides, ctx.path("stage1"), env={"QZOOM_TAU_ROI": str(c.tau_roi)})
+    outputs, ckpt = _train_outputs(out, c.rpn_steps, "qzoom_rpn_loss", log)
+    outputs.update(recipe=_recipe_rel(STAGE1_RECIPE), rows=len(rows),
+                   labelled_rows=sum(r["qzoom_rpn_labels"] is not None for r in rows))
+    line = (f"swift sft {outputs['recipe']} on {len(rows)} rows at {c.low_tokens} tokens: {c.rpn_steps} steps, "
+            f"rpn loss {outputs['loss_first']:.4f} -> {outputs['loss_last']:.4f} -> {ckpt}")
     return StageResult(line, outputs, [str(ckpt / "qzoom_branch.safetensors")])
 
 
 def _stage_gate_labels(ctx: Context) -> StageResult:
+    from qzoom_swift.bench.dataset import questions_path
     from qzoom_swift.labels.gate_job import GateLabelOptions, run_gate_labels
 
-    out = ctx.path("stage3", "labels")
-    budgets = tuple(int(b) for b in str(ctx.args.budgets).split(","))
-    summary = _label_job(run_gate_labels, lambda: GateLabelOptions(
-        model=ctx.outputs("model")["model_dir"], dataset=ctx.outputs("data")["dataset"], out=str(out),
-        budgets=budgets, max_new_tokens=2, batch_size=4, progress=False), out, ctx.fresh)
-    kinds = summary["kinds"]
-    outputs = {"dir": str(out), "budgets": list(budgets), "answered": summary["answered"], "kinds": kinds,
-               "kept": summary["kept"], "labels": summary["labels"], "gate_train": summary["gate_train"]}
-    kinds_text = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) or "none"
-    line = f"budgets {','.join(map(str, budgets))}: {summary['answered']} answered ({kinds_text}), {summary['kept']} kept"
-    notes = []
-    if summary["kept"] == 0:
-        line += " - random weights answer noise, no label survives"
-        notes.append("every trajectory is wrong at every budget (always_wrong): a random model answers noise, so "
-                     "the consistency filter keeps no gate label; the gate trains on synthetic labels instead")
-    return StageResult(line, outputs, [str(out / "summary.json")], notes=notes)
+    c = ctx.cfg
+    root = ctx.outputs("bench")["root"]
+    train_rows = _rows(questions_path(root, "train"))
+    rows = train_rows[2 * c.label_images: 2 * (c.label_images + c.gate_images)]
+    if not rows:
+        raise RuntimeError(f"no train images left for stage 3: train_images={c.train_images} <= label_images="
+                           f"{c.label_images}; raise train_images or lower label_images")
+    dataset = _write_jsonl(ctx.path("stage3", "label_input.jsonl"), rows)
+
+    def job(dataset_path: str, out: Path) -> dict:
+        return _label_job(run_gate_labels, lambda: GateLabelOptions(
+            model=_model_dir(ctx), dataset=dataset_path, out=str(out), budgets=c.budgets, max_new_tokens=4,
+            batch_size=8, stable_top=c.gate_stable_top, seed=c.seed, progress=True), out, ctx.fresh)
+
+    train = job(str(dataset), ctx.path("stage3", "labels"))
+    heldout = job(str(questions_path(root, "val")), ctx.path("stage3", "heldout"))
+    outputs = {"budgets": list(c.budgets), "stable_top": c.gate_stable_top, "answered": train["answered"],
+               "kinds": train["kinds"], "kept": train["kept"], "labels": train["labels"],
+               "gate_train": train["gate_train"], "heldout_dir": str(ctx.path("stage3", "heldout")),
+               "heldout_answered": heldout["answered"], "heldout_kinds": heldout["kinds"]}
+    kinds = ", ".join(f"{v} {k}" for k, v in sorted(train["kinds"].items()))
+    line = (f"budgets {c.gate_budgets}: {train['answered']} answered ({kinds}), {train['kept']} kept "
+            f"({train['labels']}); {heldout['answered']} held-out trajectories")
+    return StageResult(line, outputs, [train["gate_train"], str(ctx.path("stage3", "heldout", "summary.json"))])
 
 
-def _patch_unit(model_dir: str) -> int:
-    proc = json.loads((Path(model_dir) / "processor_config.json").read_text())["image_processor"]
-    return int(proc["patch_size"]) * int(proc["merge_size"])
+def _gate_rows_from_ground_truth(ctx: Context, path: Path) -> Path:
+    """Fallback gate labels when the consistency filter keeps none (an undertrained toy, e.g. --preset quick):
+    the bench's own question kinds, fine = 1 (zoom) and coarse = 0, at the low budget."""
+    from qzoom_swift.bench.dataset import read_split
+
+    kinds = {(r.image, r.question): r.kind for r in read_split(ctx.outputs("bench")["root"], "train")}
+    rows = []
+    for row in _rows(ctx.path("stage3", "label_input.jsonl")):
+        question = row["messages"][0]["content"].replace("<image>", "").strip()
+        rows.append({**row, "qzoom_gate": int(kinds[(row["images"][0], question)] == "fine"),
+                     "chat_template_kwargs": _budget_kwargs(ctx.cfg.low_tokens)})
+    return _write_jsonl(path, rows)
 
 
 def _stage_gate_train(ctx: Context) -> StageResult:
-    a = ctx.args
-    model_dir = ctx.outputs("model")["model_dir"]
-    unit = _patch_unit(model_dir)
-    train = ctx.path("stage3", "gate_train_synthetic.jsonl")
-    lines = []
-    for i, row in enumerate(_rows(Path(ctx.outputs("data")["dataset"]))):
-        budget, label = SYNTHETIC_GATE_ROWS[i % len(SYNTHETIC_GATE_ROWS)]
-        lines.append(json.dumps({**row, "qzoom_gate": label, "chat_template_kwargs": {
-            "min_pixels": budget * unit * unit, "max_pixels": budget * unit * unit}}))
-    _write_text_atomic(train, "".join(line + "\n" for line in lines))
-
+    c = ctx.cfg
     out = ctx.path("stage3", "train")
     shutil.rmtree(out, ignore_errors=True)
-    steps = a.steps or _recipe_steps(STAGE3_RECIPE)
     stage1 = ctx.outputs("rpn_train")["checkpoint"]
-    overrides = ["--model", model_dir, "--model_type", MODEL_TYPES[a.family], "--adapters", stage1,
-                 "--dataset", str(train), "--output_dir", str(out), "--max_steps", str(steps),
-                 "--save_steps", str(steps)]
-    log = swift_sft(STAGE3_RECIPE, overrides, ctx.path("stage3"), "gate", a.sft == "in-process")
-    outputs, ckpt = _train_outputs(out, steps, "qzoom_gate_loss", log)
-    outputs.update(recipe=str(STAGE3_RECIPE.relative_to(REPO_RECIPES.parents[1])), adapters=stage1,
-                   synthetic_labels=str(train), label_counts=dict(Counter(
-                       f"budget {b}: label {lab}" for b, lab in (SYNTHETIC_GATE_ROWS[i % len(SYNTHETIC_GATE_ROWS)]
-                                                                  for i in range(len(lines))))))
-    line = (f"swift sft {outputs['recipe']} --adapters <stage 1> ({a.sft}) on {len(lines)} synthetic gate labels: "
-            f"{steps} steps, gate loss {outputs['loss_first']:.4f} -> {outputs['loss_last']:.4f} -> {ckpt}")
-    notes = ["synthetic gate labels: label 1 (zoom) at budget 16, label 0 at budget 64, alternating over the "
-             "records (the gate-label job keeps none on a random model)"]
+    train = Path(ctx.outputs("gate_labels")["gate_train"])
+    notes, source = [], "consistency labels (qzoom gate-labels)"
+    if not _rows(train):
+        train = _gate_rows_from_ground_truth(ctx, ctx.path("stage3", "gate_train_ground_truth.jsonl"))
+        source = "bench ground truth (fallback)"
+        notes.append("the consistency filter kept no gate label (the toy base cannot yet read the digit at the top "
+                     "budget), so the gate trained on the bench's question kinds instead: fine = zoom, coarse = not")
+    overrides = ["--model", _model_dir(ctx), "--adapters", stage1, "--dataset", str(train), "--output_dir", str(out),
+                 "--max_steps", str(c.gate_steps), "--save_steps", str(c.gate_steps), "--seed", str(c.seed)]
+    log = _sft(ctx, STAGE3_RECIPE, overrides, ctx.path("stage3"))
+    outputs, ckpt = _train_outputs(out, c.gate_steps, "qzoom_gate_loss", log)
+    outputs.update(recipe=_recipe_rel(STAGE3_RECIPE), adapters=stage1, labels=source, dataset=str(train))
+    line = (f"swift sft {outputs['recipe']} --adapters <stage 1> on {source}: {c.gate_steps} steps, gate loss "
+            f"{outputs['loss_first']:.4f} -> {outputs['loss_last']:.4f} -> {ckpt}")
     return StageResult(line, outputs, [str(ckpt / "qzoom_branch.safetensors")], notes=notes)
 
 
 def _stage_calibrate(ctx: Context) -> StageResult:
     from qzoom_swift.labels.gate_job import calibrate_gate
 
-    traj = ctx.path("stage3", "heldout_trajectories")
-    shutil.rmtree(traj, ignore_errors=True)
-    traj.mkdir(parents=True)
-    rows = _rows(Path(ctx.outputs("data")["heldout"]))
-    lines = []
-    for i, row in enumerate(rows):
-        correct = list(HELDOUT_PATTERNS[i % len(HELDOUT_PATTERNS)])
-        lines.append(json.dumps({"qzoom_id": f"{i}-synthetic", "qzoom_status": "ok", **row,
-                                 "qzoom_budgets": list(HELDOUT_BUDGETS), "qzoom_answers": ["-"] * len(correct),
-                                 "qzoom_scores": [float(c) for c in correct], "qzoom_correct": correct}))
-    _write_text_atomic(traj / "shard-00000.jsonl", "".join(line + "\n" for line in lines))
     ckpt = ctx.outputs("gate_train")["checkpoint"]
-    res = calibrate_gate(ctx.outputs("model")["model_dir"], ckpt, str(traj),
-                         target_skip_ratio=CALIBRATION_TARGET_SKIP)
-    outputs = {"checkpoint": ckpt, "tau_gate": res.tau_gate, "accuracy": res.accuracy,
-               "skip_ratio": res.skip_ratio, "samples": res.samples, "curve_png": res.curve_png,
-               "config": res.config, "trajectories": str(traj), "target_skip_ratio": CALIBRATION_TARGET_SKIP}
-    line = (f"tau_gate {res.tau_gate:.4g} on {res.samples} synthetic held-out trajectories "
-            f"(no-RoI ratio {res.skip_ratio:.2f}, target {CALIBRATION_TARGET_SKIP}) -> {res.config}")
-    notes = [f"held-out trajectories are synthetic right/wrong patterns over budgets {list(HELDOUT_BUDGETS)}; "
-             "the gate probabilities are the trained gate's on the held-out images at the low budget"]
-    return StageResult(line, outputs, [res.config, res.curve_png], notes=notes)
+    res = calibrate_gate(_model_dir(ctx), ckpt, ctx.outputs("gate_labels")["heldout_dir"],
+                         max_accuracy_drop=ctx.cfg.max_accuracy_drop)
+    outputs = {"checkpoint": ckpt, "tau_gate": res.tau_gate, "accuracy": res.accuracy, "skip_ratio": res.skip_ratio,
+               "samples": res.samples, "curve_png": res.curve_png, "config": res.config,
+               "max_accuracy_drop": ctx.cfg.max_accuracy_drop}
+    line = (f"tau_gate {res.tau_gate:.4g} on {res.samples} held-out trajectories (estimated accuracy "
+            f"{res.accuracy:.3f}, no-RoI ratio {res.skip_ratio:.2f}) -> {res.config}")
+    return StageResult(line, outputs, [res.config, res.curve_png])
 
 
-def _final_checkpoint(ctx: Context) -> str:
-    return ctx.outputs("calibrate")["checkpoint"] if _is_qwen(ctx) else ctx.outputs("rpn_train")["checkpoint"]
+def eval_runs(cfg: DemoConfig):
+    from qzoom_swift.bench.evaluate import EvalRun
+
+    low = cfg.low_tokens
+    return [EvalRun(f"baseline@{low}", "never", low), EvalRun(f"baseline@{4 * low}", "never", 4 * low),
+            EvalRun(f"baseline@{cfg.high_tokens}", "never", cfg.high_tokens), EvalRun("qzoom", "zoom", low),
+            EvalRun("always", "always", low)]
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-def _range(values: list[float]) -> list[float] | None:
-    return [min(values), max(values)] if values else None
-
-
-def _stage_zoom(ctx: Context) -> StageResult:
+def _overlay_items(qz, records, rows: list[dict], n: int) -> list[dict]:
+    """RPN heatmaps (low-resolution pass) of the first ``n`` fine and a few coarse test questions."""
     import torch
     from PIL import Image
 
+    from qzoom_swift.inputs import chat_inputs
+
+    cfg = qz.config
+    zoom_rows = {r["id"]: r for r in rows if r["run"] == "qzoom"}
+    fine = [r for r in records if r.kind == "fine"]
+    coarse = [r for r in records if r.kind == "coarse"]
+    chosen = fine[: max(1, n - n // 3)] + coarse[: n // 3]
+    items = []
+    for rec in chosen:
+        with Image.open(rec.image) as im:
+            image = im.convert("RGB")
+        low = qz.adapter.resize_for_budget(image, cfg.low_min_tokens, cfg.low_max_tokens)
+        inputs = chat_inputs(qz.processor, [[low]], [rec.question])
+        state = qz.prefill(branches=("rpn",), **inputs)
+        heat = torch.sigmoid(state.heatmaps()[0].float()).tolist()
+        row = zoom_rows.get(rec.id, {})
+        items.append({"image": rec.image, "kind": rec.kind, "answer": rec.answer, "gt_box": list(rec.box),
+                      "heatmap": heat, "box": row.get("box"), "gate_prob": row.get("gate_prob") or 0.0,
+                      "zoomed": row.get("zoomed"), "model_answer": row.get("answer")})
+    return items
+
+
+def _stage_evaluate(ctx: Context) -> StageResult:
+    import torch
+    from PIL import Image
+
+    from qzoom_swift.bench.dataset import read_split
+    from qzoom_swift.bench.evaluate import answer_all, pseudo_label_quality, summarise
     from qzoom_swift.model import QZoomModel
 
-    a = ctx.args
-    ckpt = _final_checkpoint(ctx)
-    qz = QZoomModel.from_pretrained(ctx.outputs("model")["model_dir"], checkpoint=ckpt)
-    rows = _rows(Path(ctx.outputs("data")["dataset"]))
-    samples = []
-    for row in rows:
-        question = row["messages"][0]["content"].replace("<image>", "").strip()
-        with Image.open(row["images"][0]) as im:
-            samples.append((im.convert("RGB"), question))
-    n = a.max_new_tokens
+    c = ctx.cfg
+    root = ctx.outputs("bench")["root"]
+    records = read_split(root, "test")
+    ckpt = ctx.outputs("calibrate")["checkpoint"]
+    qz = QZoomModel.from_pretrained(_model_dir(ctx), checkpoint=ckpt)
+    runs = eval_runs(c)
+    answers = ctx.path("evaluate", "answers.jsonl")
+    if ctx.fresh:
+        answers.unlink(missing_ok=True)
+    for rec in records[:2]:  # warm-up: first calls pay one-off allocations
+        with Image.open(rec.image) as im:
+            image = im.convert("RGB")
+        for run in runs:
+            with torch.inference_mode():
+                qz.generate([image], rec.question, config_overrides=run.overrides(), max_new_tokens=c.eval_new_tokens)
+    rows = answer_all(qz, records, runs, answers, max_new_tokens=c.eval_new_tokens)
+    grid = int(round(c.low_tokens ** 0.5))
+    summary = summarise(rows, records, runs, f"baseline@{c.high_tokens}", grid)
+    gt = {(r.image, r.question): r for split in ("train",) for r in read_split(root, split)}
+    shard_rows = [row for s in ctx.outputs("pseudo_labels")["shards"] for row in _rows(Path(s))]
+    summary["pseudo_labels"] = pseudo_label_quality(shard_rows, gt)
+    summary["overlays"] = _overlay_items(qz, records, rows, c.overlays)
+    summary["config"] = {k: v for k, v in qz.config.to_dict().items() if k != "extra"}
+    summary["threads"] = torch.get_num_threads()
+    path = _write_json(ctx.path("evaluate", "metrics.json"), summary)
+    r = summary["runs"]
+    q = r["qzoom"]
+    line = (f"{len(records)} test questions x {len(runs)} runs: Q-Zoom acc {q['accuracy']:.3f} at "
+            f"{q['relative_throughput']:.2f}x the {summary['reference']} throughput (baseline acc "
+            f"{r[summary['reference']]['accuracy']:.3f}), zoom rate {q['zoom_rate']:.2f} -> {path}")
+    return StageResult(line, {"metrics": str(path), "answers": str(answers)}, [str(path)])
 
-    def answer(image, question, mode):
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = qz.generate([image], question, config_overrides={"mode": mode}, max_new_tokens=n,
-                              min_new_tokens=n)[0]
-        return out, time.perf_counter() - t0
-
-    for mode in MODES:  # warm-up: first calls pay one-off allocations
-        answer(*samples[0], mode)
-    per_mode: dict[str, list[dict]] = {m: [] for m in MODES}
-    for i, (image, question) in enumerate(samples):
-        order = MODES[i % len(MODES):] + MODES[: i % len(MODES)]  # rotate: no mode always runs first
-        for mode in order:
-            out, seconds = answer(image, question, mode)
-            per_mode[mode].append({"record": i, "answer": out.text, "latency_s": round(seconds, 4),
-                                   **out.stats.to_dict()})
-    table = {}
-    for mode in MODES:
-        stats = per_mode[mode]
-        table[mode] = {
-            "samples": len(stats),
-            "zoom_rate": _mean([float(s["zoomed"]) for s in stats]),
-            "mean_visual_tokens": _mean([s["visual_tokens"] for s in stats]),
-            "mean_visual_tokens_low": _mean([s["visual_tokens_low"] for s in stats]),
-            "mean_visual_tokens_roi": _mean([s["visual_tokens_roi"] for s in stats]),
-            "mean_latency_s": _mean([s["latency_s"] for s in stats]),
-            "mean_pass1_s": _mean([s["time_pass1_s"] for s in stats]),
-            "mean_pass2_s": _mean([s["time_pass2_s"] for s in stats]),
-            "mean_decode_s": _mean([s["time_decode_s"] for s in stats]),
-            "reasons": dict(Counter(s["reason"] for s in stats)),
-            "gate_prob_range": _range([s["gate_prob"] for s in stats if s["gate_prob"] is not None]),
-        }
-    never = table["never"]["mean_latency_s"]
-    for mode in MODES:
-        lat = table[mode]["mean_latency_s"]
-        table[mode]["relative_throughput"] = never / lat if lat > 0 else None
-    stats_path = _write_json(ctx.path("zoom", "stats.json"), {"checkpoint": ckpt, "config": qz.config.to_dict(),
-                                                              "max_new_tokens": n, "modes": table,
-                                                              "per_sample": per_mode})
-    outputs = {"checkpoint": ckpt, "tau_gate": qz.config.tau_gate, "tau_roi": qz.config.tau_roi,
-               "low_tokens": [qz.config.low_min_tokens, qz.config.low_max_tokens],
-               "roi_tokens": [qz.config.roi_min_tokens, qz.config.roi_max_tokens], "max_new_tokens": n,
-               "modes": table, "stats": str(stats_path), "threads": torch.get_num_threads()}
-    z = table["zoom"]
-    line = (f"{len(samples)} records x {len(MODES)} modes; zoom mode: zoom rate {z['zoom_rate']:.2f}, "
-            f"{z['mean_visual_tokens']:.0f} visual tokens, {z['mean_latency_s'] * 1000:.0f} ms/sample -> {stats_path}")
-    notes = [] if _is_qwen(ctx) else ["stage 3 does not apply to LLaVA: the gate is the untrained copy-initialised "
-                                      f"one and tau_gate is the default {qz.config.tau_gate}"]
-    return StageResult(line, outputs, [str(stats_path)], notes=notes)
-
-
-QWEN_ONLY = "LLaVA-1.5 encodes every image at one fixed resolution: no resolution trajectory, no stage 3"
 
 STAGES: tuple[Stage, ...] = (
-    Stage("model", "tiny model", (), ("family", "size", "seed"), _stage_model),
-    Stage("data", "synthetic data", (), ("records", "seed"), _stage_data),
-    Stage("pseudo_labels", "stage 1: pseudo labels", ("model", "data"), (), _stage_pseudo_labels),
-    Stage("rpn_train", "stage 1: RPN training (swift sft)", ("model", "pseudo_labels"), ("steps",),
-          _stage_rpn_train),
-    Stage("gate_labels", "stage 3: gate labels", ("model", "data"), ("budgets",), _stage_gate_labels, _is_qwen),
-    Stage("gate_train", "stage 3: gate training (swift sft)", ("model", "data", "rpn_train"), ("steps",),
-          _stage_gate_train, _is_qwen),
-    Stage("calibrate", "stage 3: gate calibration", ("model", "data", "gate_train"), (), _stage_calibrate,
-          _is_qwen),
-    Stage("zoom", "zoom inference (never/always/zoom)", ("model", "data", "rpn_train", "calibrate"),
-          ("max_new_tokens",), _stage_zoom),
+    Stage("bench", "bench data", (), ("seed", "train_images", "val_images", "test_images"), _stage_bench),
+    Stage("toy_base", "toy base VLM (warm-up + swift sft)", ("bench",),
+          ("seed", "warmup_steps", "toy_steps", "toy_batch", "curriculum", "low_tokens", "high_tokens"),
+          _stage_toy_base, own_cache=True),
+    Stage("pseudo_labels", "stage 1: pseudo labels", ("bench", "toy_base"),
+          ("label_images", "label_new_tokens", "label_heads", "label_queries", "label_sink", "high_tokens"),
+          _stage_pseudo_labels),
+    Stage("rpn_train", "stage 1: RPN training (swift sft)", ("toy_base", "pseudo_labels"),
+          ("rpn_steps", "low_tokens", "tau_roi", "seed"), _stage_rpn_train, recipe=STAGE1_RECIPE),
+    Stage("gate_labels", "stage 3: gate labels", ("bench", "toy_base"),
+          ("label_images", "gate_images", "gate_budgets", "gate_stable_top", "seed"), _stage_gate_labels),
+    Stage("gate_train", "stage 3: gate training (swift sft)", ("toy_base", "rpn_train", "gate_labels"),
+          ("gate_steps", "seed"), _stage_gate_train, recipe=STAGE3_RECIPE),
+    Stage("calibrate", "stage 3: gate calibration", ("toy_base", "gate_labels", "gate_train"),
+          ("max_accuracy_drop",), _stage_calibrate),
+    Stage("evaluate", "evaluation (baselines, Q-Zoom)", ("bench", "toy_base", "pseudo_labels", "calibrate"),
+          ("low_tokens", "high_tokens", "eval_new_tokens", "overlays"), _stage_evaluate),
 )
 
 
 def _stage_key(ctx: Context, stage: Stage) -> dict[str, Any]:
     upstream = {d: ctx.records[d]["run_id"] for d in stage.deps if d in ctx.records}
-    return {"settings": {k: ctx.settings[k] for k in stage.settings}, "upstream": upstream}
+    key = {"settings": {k: getattr(ctx.cfg, k) for k in stage.settings}, "upstream": upstream}
+    if stage.recipe is not None:
+        key["recipe"] = _sha(stage.recipe)
+    return key
 
 
 def _cached(ctx: Context, stage: Stage, key: dict[str, Any]) -> dict | None:
@@ -540,7 +556,7 @@ def _cached(ctx: Context, stage: Stage, key: dict[str, Any]) -> dict | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if record.get("key") != key or record.get("status") not in ("ran", "n/a"):
+    if record.get("key") != key or record.get("status") != "ran":
         return None
     if not all(Path(p).exists() for p in record.get("artefacts", [])):
         return None
@@ -548,22 +564,22 @@ def _cached(ctx: Context, stage: Stage, key: dict[str, Any]) -> dict | None:
 
 
 def _run_stage(ctx: Context, index: int, stage: Stage) -> dict:
+    from qzoom_swift.swift_plugin.sft import output_to
+
     key = _stage_key(ctx, stage)
-    record = None if stage.name == "model" else _cached(ctx, stage, key)  # the model step is its own cache
+    record = None if stage.own_cache else _cached(ctx, stage, key)
+    prefix = f"[{index}/{len(STAGES)}] {stage.title:<36}"
     if record is not None:
         record = {**record, "this_run": "cached"}
-    elif not stage.applies(ctx):
-        record = {"name": stage.name, "title": stage.title, "key": key, "status": "n/a", "seconds": 0.0,
-                  "line": QWEN_ONLY, "outputs": {}, "artefacts": [], "run_id": "n/a", "notes": [QWEN_ONLY],
-                  "this_run": "n/a"}
     else:
         log = ctx.path("logs", f"{stage.name}.log")
         ctx.fresh = ctx.args.force or ctx.path("stages", f"{stage.name}.json").exists()
         ctx.path("stages", f"{stage.name}.json").unlink(missing_ok=True)  # not done until it finishes again
         log.unlink(missing_ok=True)
+        print(f"{prefix} running... (progress: tail -f {log})", flush=True)
         t0 = time.perf_counter()
         try:
-            with _output_to(log):
+            with output_to(log):
                 result = stage.run(ctx)
         except Exception:
             print(f"[{index}/{len(STAGES)}] {stage.title}: FAILED; log {log}:", file=sys.stderr)
@@ -577,72 +593,114 @@ def _run_stage(ctx: Context, index: int, stage: Stage) -> dict:
         _write_json(ctx.path("stages", f"{stage.name}.json"), record)
         record = {**record, "this_run": "cached" if result.reused else "ran"}
     ctx.records[stage.name] = record
-    status = {"ran": "", "cached": " (cached)", "n/a": " (n/a)"}[record["this_run"]]
-    print(f"[{index}/{len(STAGES)}] {stage.title:<36} {record['seconds']:7.1f} s{status}  {record['line']}",
-          flush=True)
+    status = {"ran": "", "cached": " (cached)"}[record["this_run"]]
+    print(f"{prefix} {record['seconds']:7.1f} s{status}  {record['line']}", flush=True)
     return record
 
 
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
+def acceptance(metrics: dict[str, Any], cfg: DemoConfig) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    r = metrics["runs"]
+    low, high = r[f"baseline@{cfg.low_tokens}"], r[f"baseline@{cfg.high_tokens}"]
+    q, always = r["qzoom"], r["always"]
+    box = always.get("box") or {}
+    checks = [
+        ("toy base: fine accuracy at 16x budget >= 90%", high["accuracy_fine"], high["accuracy_fine"] >= 0.90),
+        ("toy base: fine accuracy at the low budget <= 20%", low["accuracy_fine"], low["accuracy_fine"] <= 0.20),
+        ("toy base: coarse accuracy at the low budget >= 95%", low["accuracy_coarse"], low["accuracy_coarse"] >= 0.95),
+        ("SD-RPN: box contains the GT target on >= 80% of fine questions", box.get("contains_target"),
+         (box.get("contains_target") or 0) >= 0.80),
+        ("gate: zoom rate >= 85% on fine questions", q["zoom_rate_fine"], (q["zoom_rate_fine"] or 0) >= 0.85),
+        ("gate: zoom rate <= 15% on coarse questions", q["zoom_rate_coarse"], (q["zoom_rate_coarse"] or 0) <= 0.15),
+        ("Q-Zoom: overall accuracy within 3 points of the 16x baseline", q["accuracy"] - high["accuracy"],
+         q["accuracy"] >= high["accuracy"] - 0.03),
+        ("Q-Zoom: >= 4x the 16x baseline's throughput", q["relative_throughput"], q["relative_throughput"] >= 4.0),
+    ]
+    return [{"target": t, "measured": v, "met": bool(ok)} for t, v, ok in checks]
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}g}"
+
+
+RUN_LABELS = {"qzoom": "Q-Zoom (gated)", "always": "Q-Zoom, always zoom"}
 
 
 def render_report(summary: dict[str, Any]) -> str:
-    lines = [f"# Q-Zoom demo: {summary['family']} ({summary['size']}, random weights)", "",
-             f"> {NOTE}", "",
-             f"Command: `{summary['command']}` - total {summary['total_s']:.1f} s this run "
-             f"(stages run now: {summary['stages_ran']}, cached: {summary['stages_cached']}), "
-             f"CPU threads {summary['threads']}, torch {summary['versions']['torch']}, "
-             f"transformers {summary['versions']['transformers']}, ms-swift {summary['versions']['ms-swift']}.", "",
-             "## Stages", "",
-             "Status: ran (this run), cached (outputs of an earlier run reused; the time is that run's), n/a.", "",
-             "| # | stage | status | time (s) | output |", "|---|---|---|---:|---|"]
+    m = summary["metrics"]
+    cfg = summary["config"]
+    runs = m["runs"]
+    low = f"baseline@{summary['demo_config']['low_tokens']}"
+    lines = [f"# Q-Zoom demo: the zoom bench ({summary['preset']} preset)", "",
+             f"Command: `{summary['command']}` - total {summary['total_s']:.1f} s this run (stages run now: "
+             f"{summary['stages_ran']}, cached: {summary['stages_cached']}), CPU threads {m['threads']}, torch "
+             f"{summary['versions']['torch']}, transformers {summary['versions']['transformers']}, ms-swift "
+             f"{summary['versions']['ms-swift']}.", ""]
+    if summary["preset"] != "full":
+        lines += ["> Reduced preset: every stage ran on a handful of samples and a few steps; the numbers below are "
+                  "not meaningful. `qzoom demo` without arguments runs the measured configuration.", ""]
+    lines += ["## Results on the test split", "",
+              f"{runs[low]['samples']} questions ({summary['bench']['questions']['test']['fine']} fine: the digit in "
+              f"the red box; {summary['bench']['questions']['test']['coarse']} coarse: the colour of the large "
+              f"shape), one at a time (batch 1), runs interleaved per question. Throughput is relative to "
+              f"{m['reference']}. `never` (Q-Zoom without zoom) is {low}: the same computation.", "",
+              "| run | visual tokens (mean) | accuracy all | fine | coarse | throughput vs 16x | ms / question "
+              "| zoom rate fine / coarse |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in runs.items():
+        label = RUN_LABELS.get(name, f"base model at {r['tokens']} tokens" + (" (= never)" if name == low else ""))
+        zr = "-" if r["mode"] == "never" else f"{_pct(r['zoom_rate_fine'])} / {_pct(r['zoom_rate_coarse'])}"
+        lines.append(f"| {label} | {r['mean_visual_tokens']:.1f} | {_pct(r['accuracy'])} | {_pct(r['accuracy_fine'])} "
+                     f"| {_pct(r['accuracy_coarse'])} | {r['relative_throughput']:.2f}x | {r['mean_latency_ms']:.1f} "
+                     f"| {zr} |")
+    q, always = runs["qzoom"], runs["always"]
+    box = always.get("box") or {}
+    pl = m["pseudo_labels"]
+    lines += ["", "## Localisation and routing", "",
+              "| measure | value |", "|---|---|",
+              f"| stage-1 pseudo labels, fine questions: fg cells touching the GT box (precision) | "
+              f"{_pct((pl.get('fine') or {}).get('fg_precision'))} |",
+              f"| stage-1 pseudo labels, fine questions: some fg cell on the GT box (hit rate) | "
+              f"{_pct((pl.get('fine') or {}).get('hit_rate'))} |",
+              f"| stage-1 pseudo labels ignored (fine / coarse) | {_pct((pl.get('fine') or {}).get('ignored_rate'))} / "
+              f"{_pct((pl.get('coarse') or {}).get('ignored_rate'))} |",
+              f"| RPN box contains the GT digit box (fine, mode always) | {_pct(box.get('contains_target'))} |",
+              f"| RPN box IoU with the GT digit box, median (a one-cell box scores about 0.03) | "
+              f"{_num(box.get('median_iou'))} |",
+              f"| RPN box IoU with the GT digit's low-res cell, median (1 = exactly that cell) | "
+              f"{_num(box.get('median_cell_iou'))} |",
+              f"| gate AUC, fine (zoom) vs coarse (no zoom) | {_num(q.get('gate_auc_fine_vs_coarse'))} |",
+              f"| zoom rate of Q-Zoom: fine / coarse / all | {_pct(q['zoom_rate_fine'])} / {_pct(q['zoom_rate_coarse'])} "
+              f"/ {_pct(q['zoom_rate'])} |",
+              f"| tau_gate (calibrated) / tau_roi | {_num(cfg['tau_gate'])} / {_num(cfg['tau_roi'])} |",
+              "", "## Acceptance", "", f"Targets of issue #10, measured by this run ({summary['preset']} preset).", "",
+              "| target | measured | met |", "|---|---:|---|"]
+    for a in summary["acceptance"]:
+        v = a["measured"]
+        text = "-" if v is None else (f"{v:.2f}x" if "throughput" in a["target"] else
+                                      f"{100 * v:+.1f} points" if "within" in a["target"] else _pct(v))
+        lines.append(f"| {a['target']} | {text} | {'yes' if a['met'] else 'NO'} |")
+    lines += ["", "## The same test split through evalscope", "",
+              f"`qzoom eval --model {summary['model_dir']} --checkpoint {summary['checkpoint']} --data-root "
+              f"{summary['evalscope_data_root']} --benchmarks qzoom_bench --run baseline:{summary['demo_config']['high_tokens']} "
+              f"--run zoom:{summary['demo_config']['low_tokens']}:low_min_tokens={summary['demo_config']['low_tokens']}"
+              f":roi_min_tokens={cfg['roi_min_tokens']}:roi_max_tokens={cfg['roi_max_tokens']} --out runs/eval-bench`",
+              "", "## Figures", "", "- `pareto.png`: accuracy vs relative throughput of every run",
+              "- `overlays.png`: test images with the GT box (green), the RPN box (red) and the low-res heatmap",
+              "- `gate_calibration.png`: estimated accuracy and no-RoI ratio over tau_gate (held-out trajectories)",
+              "", "## Stages", "",
+              "| # | stage | status | time (s) | output |", "|---|---|---|---:|---|"]
     for i, st in enumerate(summary["stages"].values(), 1):
         lines.append(f"| {i} | {st['title']} | {st['this_run']} | {st['seconds']:.1f} | {st['line'].replace('|', '/')} |")
-    lines.append("")
-    for st in summary["stages"].values():
-        if st["status"] == "n/a":
-            continue
-        lines += [f"### {st['title']}", "", "| output | value |", "|---|---|",
-                  f"| time | {st['seconds']:.1f} s ({st['this_run']}) |"]
-        for key, value in st["outputs"].items():
-            if key in ("modes", "losses"):
-                continue
-            text = json.dumps(value) if isinstance(value, dict | list) else _fmt(value)
-            lines.append(f"| {key} | {text.replace('|', '/')} |")
-        lines += [f"| note | {note} |" for note in st.get("notes", [])]
-        lines.append("")
-    zoom = summary["stages"]["zoom"]["outputs"]
-    lines += ["## Zoom modes", "",
-              f"Checkpoint `{zoom['checkpoint']}` (tau_gate {_fmt(zoom['tau_gate'])}, tau_roi {_fmt(zoom['tau_roi'])}, "
-              f"low budget {zoom['low_tokens'][0]}-{zoom['low_tokens'][1]} tokens, RoI budget "
-              f"{zoom['roi_tokens'][0]}-{zoom['roi_tokens'][1]}); every answer is forced to "
-              f"{zoom['max_new_tokens']} new tokens, so the modes decode the same amount; one sample at a time, "
-              "modes interleaved per record.", "",
-              "| mode | zoom rate | mean visual tokens (low + RoI) | mean latency (ms) | relative throughput vs never "
-              "| pass 1 / pass 2 / decode (ms) | decisions |",
-              "|---|---:|---:|---:|---:|---|---|"]
-    for mode, m in zoom["modes"].items():
-        rel = "-" if m["relative_throughput"] is None else f"{m['relative_throughput']:.2f}x"
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(m["reasons"].items()))
-        lines.append(f"| {mode} | {m['zoom_rate']:.2f} | {m['mean_visual_tokens']:.1f} "
-                     f"({m['mean_visual_tokens_low']:.1f} + {m['mean_visual_tokens_roi']:.1f}) | "
-                     f"{m['mean_latency_s'] * 1000:.0f} | {rel} | {m['mean_pass1_s'] * 1000:.0f} / "
-                     f"{m['mean_pass2_s'] * 1000:.0f} / {m['mean_decode_s'] * 1000:.0f} | {reasons} |")
-    gate = zoom["modes"]["zoom"].get("gate_prob_range")
-    if gate:
-        lines += ["", f"Gate probabilities in mode zoom: {gate[0]:.3g} to {gate[1]:.3g} (zoom when >= tau_gate "
-                      f"{_fmt(zoom['tau_gate'])}); `decisions` counts ZoomStats.reason (no_roi: no heatmap cell passed "
-                      "tau_roi, answered from the low-resolution pass)."]
-    lines += ["", "Zoom rate, visual tokens and latency are real measurements of the pipeline's mechanics; which "
-              "samples zoom, and every answer, come from random weights. The shared CPU makes latency noisy.", ""]
+    lines += ["", "Q-Zoom settings used: " + ", ".join(f"{k}={cfg[k]}" for k in (
+        "branch_layer", "branch_depth", "low_min_tokens", "low_max_tokens", "roi_min_tokens", "roi_max_tokens",
+        "tau_roi", "blur_kernel", "tau_gate")) + ".", ""]
     return "\n".join(lines)
 
 
@@ -651,26 +709,17 @@ def render_report(summary: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    if args.records < 1:
-        raise SystemExit("qzoom demo: --records must be >= 1")
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit("qzoom demo: --steps must be >= 1")
+    cfg = demo_config(args.preset, args.overrides)
     # On a shared CPU, OpenMP threads spinning at barriers while another process holds a core make every
-    # torch op several times slower (measured: zoom inference 4.1 s vs 0.6 s per sample on 2 busy cores).
-    # Passive waiting must be chosen before torch is imported; export OMP_WAIT_POLICY=ACTIVE to override.
+    # torch op several times slower. Passive waiting must be chosen before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MODELSCOPE_CACHE", str(out / ".modelscope"))  # swift's dataset caches, not ~/.cache
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    budgets = ",".join(str(int(b)) for b in str(args.budgets).split(","))
-    settings = {"family": args.family, "size": args.size, "seed": args.seed, "records": args.records,
-                "steps": args.steps, "budgets": budgets, "max_new_tokens": args.max_new_tokens}
-    ctx = Context(args, out, settings)
-    print(f"qzoom demo: the Q-Zoom pipeline on a tiny {args.family} with random weights, on CPU "
-          f"({args.records} synthetic records) -> {out}")
-    print("random weights: answers are noise and accuracy is meaningless; this checks every stage's plumbing",
-          flush=True)
+    ctx = Context(args, cfg, out)
+    print(f"qzoom demo ({args.preset}): Q-Zoom on the zoom bench - a toy Qwen2.5-VL trained here, stage 1, "
+          f"stage 3, evaluation against baselines -> {out}", flush=True)
     from qzoom_swift.cli import _quiet_transformers
 
     _quiet_transformers()
@@ -682,27 +731,38 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
+    from qzoom_swift.bench.plots import plot_overlays, plot_pareto
+
+    metrics = json.loads(Path(ctx.outputs("evaluate")["metrics"]).read_text())
+    figures = {"pareto": str(plot_pareto(metrics, out / "pareto.png", RUN_LABELS)),
+               "overlays": str(plot_overlays(metrics["overlays"], out / "overlays.png"))}
+    figures["gate_calibration"] = str(shutil.copyfile(ctx.outputs("calibrate")["curve_png"],
+                                                      out / "gate_calibration.png"))
     total = time.perf_counter() - t_start
     this_run = Counter(r["this_run"] for r in ctx.records.values())
     summary = {
         "command": " ".join(["qzoom", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "qzoom demo",
-        "note": NOTE, "family": args.family, "size": args.size, "settings": settings, "sft": args.sft,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "ms-swift": version("ms_swift")},
-        "device": "cpu", "threads": torch.get_num_threads(),
+        "preset": args.preset, "demo_config": dataclasses.asdict(cfg), "config": metrics["config"],
+        "sft": args.sft, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                      "ms-swift": version("ms_swift")},
+        "bench": ctx.outputs("bench")["meta"], "metrics": {k: v for k, v in metrics.items() if k != "overlays"},
+        "model_dir": _model_dir(ctx), "checkpoint": ctx.outputs("calibrate")["checkpoint"],
+        "evalscope_data_root": ctx.outputs("bench")["evalscope_data_root"],
+        "acceptance": acceptance(metrics, cfg), "figures": figures,
         "stages_ran": this_run.get("ran", 0), "stages_cached": this_run.get("cached", 0),
-        "stages": ctx.records, "zoom": ctx.records["zoom"]["outputs"]["modes"],
-        "total_s": round(total, 3),
+        "stages": ctx.records, "total_s": round(total, 3),
     }
+    summary["metrics"]["threads"] = metrics["threads"]
     report = _write_text_atomic(out / "report.md", render_report(summary))
     summary["report"] = str(report)
     path = _write_json(out / "summary.json", summary)
     print()
-    header = f"{'mode':<7} {'zoom rate':>9} {'visual tok':>10} {'ms/sample':>9} {'vs never':>8}"
-    print(header)
-    for mode, m in summary["zoom"].items():
-        rel = "-" if m["relative_throughput"] is None else f"{m['relative_throughput']:.2f}x"
-        print(f"{mode:<7} {m['zoom_rate']:>9.2f} {m['mean_visual_tokens']:>10.1f} "
-              f"{m['mean_latency_s'] * 1000:>9.0f} {rel:>8}")
-    print(f"\ntotal {total:.1f} s; wrote {report} and {path}")
+    print(f"{'run':<16} {'tokens':>7} {'acc':>6} {'fine':>6} {'coarse':>6} {'vs 16x':>7} {'zoom f/c':>11}")
+    for name, r in metrics["runs"].items():
+        zr = "-" if r["mode"] == "never" else f"{r['zoom_rate_fine']:.2f}/{r['zoom_rate_coarse']:.2f}"
+        print(f"{name:<16} {r['mean_visual_tokens']:>7.1f} {r['accuracy']:>6.3f} {r['accuracy_fine']:>6.3f} "
+              f"{r['accuracy_coarse']:>6.3f} {r['relative_throughput']:>6.2f}x {zr:>11}")
+    met = sum(a["met"] for a in summary["acceptance"])
+    print(f"\nacceptance targets met: {met}/{len(summary['acceptance'])} (see report)")
+    print(f"total {total:.1f} s; wrote {report} and {path}")
     return 0

@@ -1,14 +1,16 @@
-"""`qzoom demo` (the README's main command) end to end, reduced: 4 records, 4 training steps per swift sft.
+"""`qzoom demo --preset quick` (the README's main command, reduced) end to end, as a subprocess.
 
-One run as a subprocess (as `make demo` runs it; ms-swift runs in-process there and must not leak into the
-test process), then the same command again, which must skip every stage. Checks the report and summary,
-each stage's artefact (pseudo-label shard, stage-1 checkpoint, gate checkpoint continued from it with a
-calibrated tau_gate, zoom stats) and the value ranges of the zoom comparison.
+Every stage runs on a handful of bench samples with a few training steps: the bench, the toy base (vision
+warm-up + swift sft), stage-1 pseudo labels + RPN swift sft, stage-3 gate labels + gate swift sft +
+calibration, and the evaluation of baselines and Q-Zoom. The checks are on structure and value ranges, not on
+the accuracy targets (those need the full preset). Then: a rerun skips every stage, and an evaluation killed
+halfway (a torn last line included) resumes without duplicates.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,142 +20,173 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-STAGES = ["model", "data", "pseudo_labels", "rpn_train", "gate_labels", "gate_train", "calibrate", "zoom"]
-MODES = ["never", "always", "zoom"]
-RECORDS, STEPS = 4, 4
+STAGES = ["bench", "toy_base", "pseudo_labels", "rpn_train", "gate_labels", "gate_train", "calibrate", "evaluate"]
+RUNS = ["baseline@16", "baseline@64", "baseline@256", "qzoom", "always"]
 
 
-def _demo(out: Path) -> tuple[subprocess.CompletedProcess, float]:
-    cmd = [sys.executable, "-m", "qzoom_swift.cli", "demo", "--out", str(out), "--records", str(RECORDS),
-           "--steps", str(STEPS)]
+def _demo(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    cmd = [sys.executable, "-m", "qzoom_swift.cli", "demo", "--preset", "quick", "--out", str(out), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=1200, env=env)
     return res, time.perf_counter() - t0
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    first, seconds = _demo(out)
+    first, _ = _demo(out)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    return out, first, summary
+    return out, first, json.loads((out / "summary.json").read_text())
 
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_demo_prints_a_line_per_stage_and_writes_report_and_summary(demo):
+def test_demo_prints_progress_and_writes_report_summary_and_figures(demo):
     out, run, summary = demo
     lines = run.stdout.splitlines()
-    assert "random weights" in lines[1] and "accuracy is meaningless" in lines[1]
     for i, name in enumerate(STAGES, 1):
-        assert sum(line.startswith(f"[{i}/{len(STAGES)}] ") for line in lines) == 1, name
+        stage_lines = [line for line in lines if line.startswith(f"[{i}/{len(STAGES)}] ")]
+        assert len(stage_lines) in (1, 2), name  # "running... (progress: tail -f LOG)" then the result
+        assert "(cached)" in stage_lines[-1] or "running..." in stage_lines[0]
     assert lines[-1].startswith("total ") and "report.md" in lines[-1]
-    assert list(summary["stages"]) == STAGES
-    assert summary["stages_ran"] + summary["stages_cached"] == len(STAGES) and summary["stages_ran"] >= 7
-    assert summary["settings"]["records"] == RECORDS and summary["settings"]["steps"] == STEPS
-    assert summary["family"] == "qwen2_5_vl" and summary["sft"] == "in-process"
+    assert any(line.startswith("acceptance targets met: ") for line in lines)
+    assert list(summary["stages"]) == STAGES and summary["preset"] == "quick"
+    assert summary["stages_ran"] + summary["stages_cached"] == len(STAGES)
     for st in summary["stages"].values():
-        assert st["status"] == "ran" and st["seconds"] >= 0 and st["line"]
-        assert all(Path(p).exists() for p in st["artefacts"])
-        assert (out / "stages" / f"{st['name']}.json").is_file()
-    assert 0 < sum(st["seconds"] for st in summary["stages"].values()) <= summary["total_s"]
+        assert st["seconds"] >= 0 and st["line"] and all(Path(p).exists() for p in st["artefacts"])
+        assert (out / "stages" / f"{st['name']}.json").is_file() and Path(st["log"]).is_file()
+    for name in ("pareto", "overlays", "gate_calibration"):
+        png = Path(summary["figures"][name])
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
     report = (out / "report.md").read_text()
-    assert "random" in report and "plumbing" in report and "accuracy is meaningless" in report
-    assert "## Stages" in report and "## Zoom modes" in report
-    stage_rows = [line for line in report.splitlines() if line.startswith("| ") and (
-        " | ran | " in line or " | cached | " in line)]
-    assert len(stage_rows) == len(STAGES)
-    assert all(" | ran | " in line for line in stage_rows[1:])  # only the model dir may come from the cache
-    mode_rows = {line.split(" | ")[0][2:]: line for line in report.splitlines() if line.startswith("| ")
-                 and line.split(" | ")[0][2:] in MODES}
-    assert set(mode_rows) == set(MODES) and "1.00x" in mode_rows["never"]
-    assert "synthetic" in report and "always_wrong" in report
+    for heading in ("## Results on the test split", "## Localisation and routing", "## Acceptance", "## Stages"):
+        assert heading in report
+    assert "Reduced preset" in report
+    acceptance_rows = [line for line in report.splitlines() if line.endswith(" | yes |") or line.endswith(" | NO |")]
+    assert len(acceptance_rows) == len(summary["acceptance"]) == 8
+    assert sum(a["met"] for a in summary["acceptance"]) == sum(line.endswith("yes |") for line in acceptance_rows)
 
 
-def test_stage1_labels_and_rpn_checkpoint(demo):
+def test_bench_and_toy_base(demo):
     _, _, summary = demo
-    labels = summary["stages"]["pseudo_labels"]["outputs"]
-    rows = _rows(Path(labels["shards"][0]))
-    assert len(rows) == RECORDS and labels["outcomes"]["labelled"] == RECORDS  # raised thresholds: all labelled
-    assert all(r["qzoom_status"] == "ok" and any(1 in row for row in r["qzoom_rpn_labels"]) for r in rows)
+    bench = summary["bench"]
+    assert bench["sizes"] == {"train": 40, "val": 12, "test": 16}
+    assert bench["questions"]["test"] == {"fine": 8, "coarse": 8}
+    toy = summary["stages"]["toy_base"]["outputs"]
+    model_dir = Path(toy["model_dir"])
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "processor_config.json").is_file()
+    assert toy["steps"] == 40 and toy["params_without_embedding"] < 3e6 and 0 <= toy["warmup_accuracy"] <= 1
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 4 and config["text_config"]["hidden_size"] == 128
 
+
+def test_stage1_rows_pool_labels_at_the_low_budget_and_train_only_the_rpn(demo):
+    out, _, summary = demo
+    labels = summary["stages"]["pseudo_labels"]["outputs"]
+    assert labels["label_tokens"] == 256
+    shard = [r for s in labels["shards"] for r in _rows(Path(s))]
+    assert len(shard) == 20 and all(r["qzoom_attn_grid"] == [16, 16] for r in shard)  # the high-budget pass
+    rows = _rows(out / "stage1" / "rpn_train.jsonl")
+    assert len(rows) == len(shard)
+    assert all(r["chat_template_kwargs"] == {"min_pixels": 16 * 784, "max_pixels": 16 * 784} for r in rows)
     rpn = summary["stages"]["rpn_train"]["outputs"]
     ckpt = Path(rpn["checkpoint"])
-    assert ckpt.name == f"checkpoint-{STEPS}" and (ckpt / "qzoom_branch.safetensors").is_file()
-    assert rpn["trained_branches"] == ["rpn"] and len(rpn["losses"]) == STEPS
-    assert rpn["loss_last"] < rpn["loss_first"]
-    assert json.loads((ckpt / "qzoom_config.json").read_text())["extra"]["trained_branches"] == ["rpn"]
-
-
-def test_stage3_gate_checkpoint_continues_stage1_and_is_calibrated(demo):
-    _, _, summary = demo
-    gate_labels = summary["stages"]["gate_labels"]["outputs"]
-    assert gate_labels["answered"] == RECORDS and gate_labels["kinds"] == {"always_wrong": RECORDS}
-    assert gate_labels["kept"] == 0  # random weights: no consistency label survives
-    assert any("synthetic" in note for note in summary["stages"]["gate_train"]["notes"])
-
-    gate = summary["stages"]["gate_train"]["outputs"]
-    ckpt = Path(gate["checkpoint"])
-    stage1 = Path(summary["stages"]["rpn_train"]["outputs"]["checkpoint"])
-    assert gate["adapters"] == str(stage1) and gate["trained_branches"] == ["rpn", "gate"]
-    assert len(gate["losses"]) == STEPS
-    trained, before = load_file(str(ckpt / "qzoom_branch.safetensors")), load_file(
-        str(stage1 / "qzoom_branch.safetensors"))
-    assert trained.keys() == before.keys()
-    rpn_keys = [k for k in trained if k.startswith("rpn.")]
-    gate_keys = [k for k in trained if k.startswith("gate.")]
-    assert rpn_keys and gate_keys
-    assert all(torch.equal(trained[k], before[k]) for k in rpn_keys)  # the stage-1 RPN, carried over
-    assert any(not torch.equal(trained[k], before[k]) for k in gate_keys)  # the gate trained
-
-    cal = summary["stages"]["calibrate"]["outputs"]
     config = json.loads((ckpt / "qzoom_config.json").read_text())
-    assert cal["checkpoint"] == str(ckpt) and config["tau_gate"] == pytest.approx(cal["tau_gate"])
-    assert 0.0 <= cal["tau_gate"] <= 1.0 and cal["samples"] == RECORDS
-    assert config["extra"]["gate_calibration"]["samples"] == RECORDS and cal["skip_ratio"] >= 0.5
-    assert (ckpt / "gate_calibration.json").is_file() and Path(cal["curve_png"]).is_file()
+    assert rpn["trained_branches"] == ["rpn"] and (rpn["branch_layer"], rpn["branch_depth"]) == (2, 2)
+    assert (config["low_min_tokens"], config["low_max_tokens"], config["roi_min_tokens"], config["roi_max_tokens"]) \
+        == (16, 16, 16, 64)
+    assert config["blur_kernel"] == 1 and config["tau_roi"] == 0.2
 
 
-def test_zoom_modes_values(demo):
+def test_stage3_gate_continues_stage1_and_is_calibrated(demo):
     _, _, summary = demo
-    zoom = summary["stages"]["zoom"]["outputs"]
-    assert zoom["checkpoint"] == summary["stages"]["calibrate"]["outputs"]["checkpoint"]
-    assert zoom["tau_gate"] == pytest.approx(summary["stages"]["calibrate"]["outputs"]["tau_gate"])
-    stats = json.loads(Path(zoom["stats"]).read_text())
-    modes = summary["zoom"]
-    assert list(modes) == MODES and stats["modes"] == modes
-    for mode, m in modes.items():
-        per = stats["per_sample"][mode]
-        assert len(per) == m["samples"] == RECORDS
-        assert 0.0 <= m["zoom_rate"] <= 1.0
-        assert m["zoom_rate"] == pytest.approx(sum(s["zoomed"] for s in per) / RECORDS)
-        assert m["mean_visual_tokens"] > 0 and m["mean_latency_s"] > 0 and m["relative_throughput"] > 0
-        assert m["mean_visual_tokens"] == pytest.approx(m["mean_visual_tokens_low"] + m["mean_visual_tokens_roi"])
-        assert sum(m["reasons"].values()) == RECORDS
-    never, always = modes["never"], modes["always"]
-    assert never["zoom_rate"] == 0.0 and never["mean_visual_tokens_roi"] == 0 and never["reasons"] == {
-        "never": RECORDS}
-    assert never["relative_throughput"] == 1.0
-    assert always["mean_visual_tokens_low"] == never["mean_visual_tokens_low"]  # same low-resolution pass
-    assert always["mean_visual_tokens"] >= never["mean_visual_tokens"]
-    assert set(always["reasons"]) <= {"forced", "no_roi"}
-    assert always["zoom_rate"] == always["reasons"].get("forced", 0) / RECORDS
-    assert set(modes["zoom"]["reasons"]) <= {"gate", "below_gate", "no_roi"}
-    gate = modes["zoom"]["gate_prob_range"]
-    assert gate is not None and 0.0 <= gate[0] <= gate[1] <= 1.0
+    gl = summary["stages"]["gate_labels"]["outputs"]
+    assert gl["budgets"] == [16, 64, 256] and gl["answered"] == 20 and gl["heldout_answered"] == 12
+    assert sum(gl["kinds"].values()) == 20
+    gate = summary["stages"]["gate_train"]["outputs"]
+    if gl["kept"] == 0:  # an undertrained toy keeps no consistency label: the ground-truth fallback, said so
+        assert gate["labels"] == "bench ground truth (fallback)" and summary["stages"]["gate_train"]["notes"]
+    ckpt, stage1 = Path(gate["checkpoint"]), Path(summary["stages"]["rpn_train"]["outputs"]["checkpoint"])
+    assert gate["adapters"] == str(stage1) and gate["trained_branches"] == ["rpn", "gate"]
+    trained, before = load_file(str(ckpt / "qzoom_branch.safetensors")), load_file(str(stage1 / "qzoom_branch.safetensors"))
+    assert all(torch.equal(trained[k], before[k]) for k in trained if k.startswith("rpn."))
+    assert any(not torch.equal(trained[k], before[k]) for k in trained if k.startswith("gate."))
+    cal = summary["stages"]["calibrate"]["outputs"]
+    assert json.loads((ckpt / "qzoom_config.json").read_text())["tau_gate"] == pytest.approx(cal["tau_gate"])
+    assert cal["samples"] == 12 and 0 <= cal["skip_ratio"] <= 1
 
 
-def test_rerun_skips_every_finished_stage(demo):
+def test_evaluation_values(demo):
+    out, _, summary = demo
+    m = summary["metrics"]
+    assert list(m["runs"]) == RUNS and m["reference"] == "baseline@256"
+    answers = _rows(out / "evaluate" / "answers.jsonl")
+    assert len(answers) == 16 * len(RUNS) and len({(a["run"], a["id"]) for a in answers}) == len(answers)
+    for name, r in m["runs"].items():
+        mine = [a for a in answers if a["run"] == name]
+        assert r["samples"] == 16 and r["accuracy"] == pytest.approx(sum(a["correct"] for a in mine) / 16)
+        for key in ("accuracy", "accuracy_fine", "accuracy_coarse", "zoom_rate"):
+            assert 0.0 <= r[key] <= 1.0
+        assert r["relative_throughput"] > 0 and r["mean_latency_ms"] > 0
+        assert sum(r["reasons"].values()) == 16
+        if r["mode"] == "never":
+            assert r["mean_visual_tokens"] == r["tokens"] and r["zoom_rate"] == 0
+    assert m["runs"]["baseline@256"]["relative_throughput"] == 1.0
+    always = m["runs"]["always"]
+    assert set(always["reasons"]) <= {"forced", "no_roi"} and always["mean_visual_tokens"] >= 16
+    assert set(m["runs"]["qzoom"]["reasons"]) <= {"gate", "below_gate", "no_roi"}
+    for a in answers:
+        if a["zoomed"]:
+            assert 16 <= a["visual_tokens_roi"] <= 64 and a["box"] is not None
+    assert set(m["pseudo_labels"]) <= {"fine", "coarse"}
+
+
+def test_rerun_skips_every_stage_and_a_killed_evaluation_resumes(demo):
     out, _, first = demo
     again, seconds = _demo(out)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    lines = [line for line in again.stdout.splitlines() if line.startswith("[")]
+    lines = [line for line in again.stdout.splitlines() if line.startswith("[") and "running..." not in line]
     assert len(lines) == len(STAGES) and all("(cached)" in line for line in lines), lines
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["stages_cached"] == len(STAGES) and summary["stages_ran"] == 0
-    assert summary["zoom"] == first["zoom"]  # taken from the cache, not recomputed
-    assert seconds < 120
+    assert json.loads((out / "summary.json").read_text())["metrics"]["runs"] == first["metrics"]["runs"]
+
+    answers = out / "evaluate" / "answers.jsonl"
+    kept = answers.read_text().splitlines()[:30]
+    answers.write_text("\n".join(kept) + "\n" + '{"run": "qzoom", "id": "te')  # killed mid-line
+    (out / "stages" / "evaluate.json").unlink()  # the stage never finished
+    resumed, _ = _demo(out)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = _rows(answers)
+    assert len(rows) == 16 * len(RUNS) and len({(r["run"], r["id"]) for r in rows}) == len(rows)
+    assert [json.dumps(r) for r in rows[:30]] == [json.dumps(json.loads(line)) for line in kept]
+
+
+def test_the_bench_test_split_runs_through_qzoom_eval_with_the_demo_answers(demo, tmp_path):
+    """The same data flows through evalscope: `qzoom eval --benchmarks qzoom_bench` on the demo's model gives,
+    per question, the answer the demo's own evaluation recorded for the same run."""
+    out, _, summary = demo
+    data_root = Path(summary["evalscope_data_root"])
+    assert (data_root / "qzoom_bench" / "data" / "test-00000-of-00001.parquet").is_file()
+    cmd = [sys.executable, "-m", "qzoom_swift.cli", "eval", "--model", summary["model_dir"], "--checkpoint",
+           summary["checkpoint"], "--data-root", str(data_root), "--benchmarks", "qzoom_bench",
+           "--run", "baseline:256", "--limit", "6", "--max-new-tokens", "4", "--device", "cpu",
+           "--out", str(tmp_path / "eval")]
+    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf"))
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    files = sorted((tmp_path / "eval" / "runs" / "baseline@256" / "evalscope").glob("*/predictions/*/*.jsonl"))
+    preds = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert len(preds) == 6
+    demo_answers = {a["id"]: a for a in _rows(out / "evaluate" / "answers.jsonl") if a["run"] == "baseline@256"}
+    for p in preds:
+        qid = p["metadata"]["question_id"]
+        assert qid in demo_answers and p["metadata"]["kind"] == demo_answers[qid]["kind"]
+        assert p["model_output"]["metadata"]["qzoom"]["visual_tokens"] == 256
+        content = p["model_output"]["choices"][0]["message"]["content"]
+        text = content if isinstance(content, str) else "".join(c.get("text", "") for c in content)
+        assert text.strip() == demo_answers[qid]["answer"].strip()
+    table = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert table["benchmarks"] == ["qzoom_bench"]
