@@ -75,8 +75,7 @@ def pseudo_labels_run(args: argparse.Namespace) -> int:
     opts = PseudoLabelOptions(
         model=str(args.model), dataset=str(args.dataset), out=str(args.out), batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, mode=args.mode, queries=args.queries, heads=args.heads,
-        sink_heads=args.sink_heads,
-        sink=args.sink, sink_threshold=args.sink_threshold, tau_norm=args.tau_norm,
+        sink_heads=args.sink_heads, sink=args.sink, sink_threshold=args.sink_threshold, tau_norm=args.tau_norm,
         grounding_prompt=args.grounding_prompt, max_tokens=args.max_tokens, calibration=args.calibration,
         top_k=args.top_k, tau_fg=args.tau_fg, tau_bg=args.tau_bg, max_box_fraction=args.max_box_fraction,
         min_peak=args.min_peak, shard_size=args.shard_size, overwrite=args.overwrite, limit=args.limit,

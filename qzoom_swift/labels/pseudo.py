@@ -125,9 +125,8 @@ class PseudoLabelOptions:
 
     # What must match for a resume to continue an earlier run (batch/shard size, progress, device may change).
     RESUME_KEYS = ("model", "dataset", "max_new_tokens", "mode", "queries", "heads", "sink_heads", "sink",
-                   "sink_threshold",
-                   "tau_norm", "grounding_prompt", "max_tokens", "calibration", "top_k", "tau_fg", "tau_bg",
-                   "max_box_fraction", "min_peak", "limit", "batch_size", "dtype")
+                   "sink_threshold", "tau_norm", "grounding_prompt", "max_tokens", "calibration", "top_k", "tau_fg",
+                   "tau_bg", "max_box_fraction", "min_peak", "limit", "batch_size", "dtype")
 
 
 # ------------------------------------------------------------------------------------------------ records
