@@ -53,6 +53,10 @@ class DemoConfig:
     """Every bench-specific setting of the demo (the method's own defaults live in ``QZoomConfig``)."""
 
     seed: int = 0
+    free_placement: bool = False
+    """Harder bench: the digit box at any pixel offset, not on the token grid (the toy reads it far worse)."""
+    distractors: int = 0
+    """Harder bench: grey-outlined boxes with other digits."""
     train_images: int = 3000
     val_images: int = 300
     test_images: int = 400
@@ -137,7 +141,12 @@ def demo_config(preset: str, overrides: list[str]) -> DemoConfig:
         if not sep or key not in types:
             raise SystemExit(f"qzoom demo: --set {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
         try:
-            values[key] = types[key](raw)
+            if types[key] is bool:
+                if raw.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(f"expected true or false, got {raw!r}")
+                values[key] = raw.strip().lower() in ("true", "1", "yes")
+            else:
+                values[key] = types[key](raw)
         except ValueError as exc:
             raise SystemExit(f"qzoom demo: --set {item!r}: {exc}") from exc
     return dataclasses.replace(cfg, **values)
@@ -275,10 +284,12 @@ def _model_dir(ctx: Context) -> str:
 
 def _stage_bench(ctx: Context) -> StageResult:
     from qzoom_swift.bench.dataset import write_bench, write_evalscope_split
+    from qzoom_swift.bench.render import BenchSpec
 
     c = ctx.cfg
+    spec = BenchSpec(free_placement=c.free_placement, distractors=c.distractors)
     marker = write_bench(ctx.path("bench"), {"train": c.train_images, "val": c.val_images, "test": c.test_images},
-                         seed=c.seed, progress=True)
+                         seed=c.seed, spec=spec, progress=True)
     meta = json.loads(marker.read_text())
     q = meta["questions"]
     evalscope_root = write_evalscope_split(marker.parent, "test")
@@ -520,7 +531,8 @@ def _stage_evaluate(ctx: Context) -> StageResult:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("bench", "bench data", (), ("seed", "train_images", "val_images", "test_images"), _stage_bench),
+    Stage("bench", "bench data", (), ("seed", "free_placement", "distractors", "train_images", "val_images",
+                                      "test_images"), _stage_bench),
     Stage("toy_base", "toy base VLM (warm-up + swift sft)", ("bench",),
           ("seed", "warmup_steps", "toy_steps", "toy_batch", "curriculum", "low_tokens", "high_tokens"),
           _stage_toy_base, own_cache=True),

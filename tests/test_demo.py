@@ -190,3 +190,17 @@ def test_the_bench_test_split_runs_through_qzoom_eval_with_the_demo_answers(demo
         assert text.strip() == demo_answers[qid]["answer"].strip()
     table = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert table["benchmarks"] == ["qzoom_bench"]
+
+
+def test_set_overrides_are_typed_and_unknown_keys_are_refused():
+    from qzoom_swift.demo import PRESETS, demo_config
+
+    cfg = demo_config("full", ["toy_steps=1500", "free_placement=true", "tau_roi=0.1", "gate_budgets=16,256"])
+    assert (cfg.toy_steps, cfg.free_placement, cfg.tau_roi, cfg.budgets) == (1500, True, 0.1, (16, 256))
+    assert cfg.train_images == PRESETS["full"].train_images
+    with pytest.raises(SystemExit, match="KEY one of seed, free_placement"):
+        demo_config("full", ["toy_step=3"])
+    with pytest.raises(SystemExit, match="expected true or false"):
+        demo_config("quick", ["free_placement=maybe"])
+    with pytest.raises(SystemExit, match="invalid literal"):
+        demo_config("quick", ["toy_steps=many"])
