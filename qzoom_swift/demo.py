@@ -118,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"),
                    help="output dir: every stage's files, report.md, summary.json, figures (default: runs/demo)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="full",
-                   help="full (default: the measured miniature, ~25 min on 2 cores) or quick (every stage on a "
+                   help="full (default: the measured miniature, ~21 min on 2 cores the first time) or quick (every stage on a "
                         "few samples, a few minutes; numbers are not meaningful)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a DemoConfig field, e.g. --set toy_steps=1500 (repeatable; see qzoom_swift/demo.py)")
