@@ -65,7 +65,7 @@ def plot_overlays(items: list[dict[str, Any]], path: Path) -> Path:
         if item.get("box"):
             b = [item["box"][0] * w, item["box"][1] * h, item["box"][2] * w, item["box"][3] * h]
             top.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="red", linewidth=2))
-        top.set_title(f"{item['kind']}: gt {item['answer']}, answer {item['model_answer']}, gate p={item['gate_prob']:.2g}",
+        top.set_title(f"{item['kind']}: {item['answer']} -> {item['model_answer']}, gate {item['gate_prob']:.2g}",
                       fontsize=8)
         bottom.imshow(image)
         bottom.imshow(np.asarray(item["heatmap"]), cmap="magma", alpha=0.6, extent=(0, w, h, 0), vmin=0, vmax=1,
