@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qzoom_swift.bench.dataset import BenchRecord
+from qzoom_swift.bench.render import token_cell
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,9 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
 
 
 def low_res_cell(box: Sequence[int], canvas: int, grid: int) -> tuple[float, float, float, float]:
-    """The cell of a ``grid x grid`` token grid over the canvas that holds ``box``'s centre (pixels)."""
+    """The pixel square of the ``grid x grid`` token cell that holds ``box``'s centre."""
+    col, row = token_cell(tuple(box), canvas, grid)
     side = canvas / grid
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    col, row = min(int(cx // side), grid - 1), min(int(cy // side), grid - 1)
     return col * side, row * side, (col + 1) * side, (row + 1) * side
 
 

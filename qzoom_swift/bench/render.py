@@ -164,11 +164,10 @@ def render_scene(rng: random.Random, spec: BenchSpec = DEFAULT_SPEC) -> tuple[Im
     return img, Scene(digit, colour, shape, target_box, shape_box)
 
 
-def cell_of_box(box: tuple[int, int, int, int], cell: int) -> tuple[int, int, int, int]:
-    """The ``cell``-aligned square (x0, y0, x1, y1) that contains ``box``'s centre."""
+def token_cell(box: tuple[int, int, int, int], canvas: int, grid: int) -> tuple[int, int]:
+    """(column, row) of the ``grid x grid`` token grid over the canvas that holds ``box``'s centre."""
     cx, cy = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
-    x0, y0 = (cx // cell) * cell, (cy // cell) * cell
-    return x0, y0, x0 + cell, y0 + cell
+    return min(cx * grid // canvas, grid - 1), min(cy * grid // canvas, grid - 1)
 
 
 def aligned_crop_around(box: tuple[int, int, int, int], side: int, canvas: int, rng: random.Random,

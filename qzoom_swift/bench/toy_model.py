@@ -24,7 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qzoom_swift.bench.render import DEFAULT_SPEC, BenchSpec, aligned_crop_around, question_for, render_scene
+from qzoom_swift.bench.render import (
+    DEFAULT_SPEC,
+    BenchSpec,
+    aligned_crop_around,
+    question_for,
+    render_scene,
+    token_cell,
+)
 
 PATCH_UNIT = 28  # Qwen2.5-VL: patch 14 x merge 2
 TOY_VERSION = 3
@@ -69,8 +76,7 @@ def _native_crop(rng: random.Random, spec: BenchSpec, sides: tuple[int, ...]):
 def _low_res_scene(rng: random.Random, spec: BenchSpec, side: int):
     img, scene = render_scene(rng, spec)
     cells = side // PATCH_UNIT
-    x0, y0, x1, y1 = scene.target_box
-    cx, cy = (x0 + x1) // 2 * cells // spec.canvas, (y0 + y1) // 2 * cells // spec.canvas
+    cx, cy = token_cell(scene.target_box, spec.canvas, cells)
     return img.resize((side, side), resample=3), cy * cells + cx  # bicubic, as resize_for_budget
 
 
@@ -181,8 +187,7 @@ def _row(image: str, question: str, answer: str, tokens: int, **extra) -> dict[s
 def roi_cells_around(target_box, cells: tuple[int, int], grid: int, canvas: int, rng: random.Random):
     """A ``cells`` (w, h) block of the ``grid x grid`` low-resolution token grid containing the target's
     centre: (grid box, normalised pixel box), as ``qzoom mine-hard`` stores a RoI."""
-    side = canvas // grid
-    cx, cy = (target_box[0] + target_box[2]) // 2 // side, (target_box[1] + target_box[3]) // 2 // side
+    cx, cy = token_cell(target_box, canvas, grid)
     w, h = cells
     x0 = min(max(cx - rng.randrange(w), 0), grid - w)
     y0 = min(max(cy - rng.randrange(h), 0), grid - h)
