@@ -515,7 +515,7 @@ def _stage_evaluate(ctx: Context) -> StageResult:
     rows = answer_all(qz, records, runs, answers, max_new_tokens=c.eval_new_tokens)
     grid = int(round(c.low_tokens ** 0.5))
     summary = summarise(rows, records, runs, f"baseline@{c.high_tokens}", grid)
-    gt = {(r.image, r.question): r for split in ("train",) for r in read_split(root, split)}
+    gt = {(r.image, r.question): r for r in read_split(root, "train")}
     shard_rows = [row for s in ctx.outputs("pseudo_labels")["shards"] for row in _rows(Path(s))]
     summary["pseudo_labels"] = pseudo_label_quality(shard_rows, gt)
     summary["overlays"] = _overlay_items(qz, records, rows, c.overlays)
