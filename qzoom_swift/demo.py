@@ -347,18 +347,16 @@ def _stage_pseudo_labels(ctx: Context) -> StageResult:
     return StageResult(line, outputs, shards)
 
 
-def _budget_kwargs(tokens: int, unit: int = 28) -> dict[str, int]:
-    return {"min_pixels": tokens * unit * unit, "max_pixels": tokens * unit * unit}
-
-
 def _stage_rpn_train(ctx: Context) -> StageResult:
+    from qzoom_swift.bench.toy_model import budget_kwargs
+
     c = ctx.cfg
     rows = []
     for shard in ctx.outputs("pseudo_labels")["shards"]:
         for row in _rows(Path(shard)):
             rows.append({"messages": row["messages"], "images": row["images"],
                          "qzoom_rpn_labels": row.get("qzoom_rpn_labels"),
-                         "chat_template_kwargs": _budget_kwargs(c.low_tokens)})
+                         "chat_template_kwargs": budget_kwargs(c.low_tokens)})
     train = _write_jsonl(ctx.path("stage1", "rpn_train.jsonl"), rows)
     out = ctx.path("stage1", "train")
     shutil.rmtree(out, ignore_errors=True)
@@ -407,13 +405,14 @@ def _gate_rows_from_ground_truth(ctx: Context, path: Path) -> Path:
     """Fallback gate labels when the consistency filter keeps none (an undertrained toy, e.g. --preset quick):
     the bench's own question kinds, fine = 1 (zoom) and coarse = 0, at the low budget."""
     from qzoom_swift.bench.dataset import read_split
+    from qzoom_swift.bench.toy_model import budget_kwargs
 
     kinds = {(r.image, r.question): r.kind for r in read_split(ctx.outputs("bench")["root"], "train")}
     rows = []
     for row in _rows(ctx.path("stage3", "label_input.jsonl")):
         question = row["messages"][0]["content"].replace("<image>", "").strip()
         rows.append({**row, "qzoom_gate": int(kinds[(row["images"][0], question)] == "fine"),
-                     "chat_template_kwargs": _budget_kwargs(ctx.cfg.low_tokens)})
+                     "chat_template_kwargs": budget_kwargs(ctx.cfg.low_tokens)})
     return _write_jsonl(path, rows)
 
 

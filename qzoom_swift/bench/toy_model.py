@@ -173,7 +173,8 @@ def build_toy_base(out_dir: str | Path, spec: BenchSpec = DEFAULT_SPEC, *, seed:
 # ------------------------------------------------------------------------------------------- swift sft rows
 
 
-def _budget(tokens: int) -> dict[str, int]:
+def budget_kwargs(tokens: int) -> dict[str, int]:
+    """chat_template_kwargs that make ms-swift encode a row's image at exactly ``tokens`` visual tokens."""
     pixels = tokens * PATCH_UNIT * PATCH_UNIT
     return {"min_pixels": pixels, "max_pixels": pixels}
 
@@ -181,7 +182,7 @@ def _budget(tokens: int) -> dict[str, int]:
 def _row(image: str, question: str, answer: str, tokens: int, **extra) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": f"<image>{question}"},
                          {"role": "assistant", "content": answer}],
-            "images": [image], "chat_template_kwargs": _budget(tokens), **extra}
+            "images": [image], "chat_template_kwargs": budget_kwargs(tokens), **extra}
 
 
 def roi_cells_around(target_box, cells: tuple[int, int], grid: int, canvas: int, rng: random.Random):
