@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What does a Q-Zoom decision cost? Q-Zoom's branch prefill against the stock prefill, on CPU.
 
-For each model family this loads a locally built model (``qzoom_swift.testing.tiny``, ``bench`` size by
+For each model family this loads a locally built model (``qzoom_swift.synthetic.models``, ``bench`` size by
 default: width 512, 12 decoder layers), attaches fresh gate/RPN branches with the default ``QZoomConfig``,
 builds one synthetic image question through the processor's chat template and times, interleaved in one
 process under ``torch.inference_mode()`` (the order is shuffled every repeat):
@@ -30,20 +30,17 @@ Run ``python benchmarks/bench_branch_prefill.py --help``. A benchmark, not a tes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import _bench_env  # noqa: F401  (environment before torch)
 from _bench_env import command_line, setup_torch
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
-
+from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
+from qzoom_swift.fileio import write_json_atomic
 
 QUESTION = "What is written on the small sign in the lower right corner?"
 
@@ -145,7 +142,7 @@ def bench_family(family: str, args: argparse.Namespace) -> dict:
     from qzoom_swift.config import QZoomConfig
     from qzoom_swift.families import get_adapter
     from qzoom_swift.prefill import continue_prefill, gate_logits, prefill, rpn_token_logits
-    from qzoom_swift.testing.tiny import build_model_dir
+    from qzoom_swift.synthetic.models import build_model_dir
     from qzoom_swift.training import branch_training_step
 
     t0 = time.perf_counter()
@@ -337,21 +334,6 @@ def print_summary(results: list[dict]) -> None:
               f"{res['expected_ratio_b_over_a']:>6.3f} {s['trunk']['ratio_to_stock']:>7.3f} "
               f"{res['B'] / res['L']:>5.3f} {s['train_fwd']['ratio_to_stock']:>9.3f} "
               f"{res['expected_ratio_train_trunk']:>6.3f} {res['parity']['last_max_abs_diff']:>9.2e}")
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    out = Path(path).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

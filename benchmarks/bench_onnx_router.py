@@ -35,7 +35,7 @@ from pathlib import Path
 
 import _bench_env  # noqa: F401  (environment before torch)
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
+from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
 
 # torch's OpenMP threads sleep when idle, as onnxruntime's do with allow_spinning=0 (fair on a shared machine)
 
@@ -101,7 +101,7 @@ def bench_family(family: str, args: argparse.Namespace, work: Path) -> dict:
     from qzoom_swift.onnx.export import branch_graph, export_onnx
     from qzoom_swift.prefill import prefill_to_branch
     from qzoom_swift.roi import roi_box_from_heatmap
-    from qzoom_swift.testing.tiny import build_model_dir
+    from qzoom_swift.synthetic.models import build_model_dir
     from qzoom_swift.zoom import TorchRouter
 
     model_dir = build_model_dir(family, args.size)
@@ -233,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from qzoom_swift.cli import _quiet_transformers, write_json_atomic
+    from qzoom_swift.fileio import quiet_transformers, write_json_atomic
 
-    _quiet_transformers()
+    quiet_transformers()
     torch.set_num_threads(args.threads)
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else \
         " ".join(shlex.quote(a) for a in ["bench_onnx_router.py", *argv])

@@ -39,8 +39,7 @@ from pathlib import Path
 
 import _bench_env  # noqa: F401  (environment before torch)
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
-
+from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
 
 
 def parse_args(argv=None):
@@ -113,7 +112,7 @@ def profile_family(family: str, args, data: Path, work: Path) -> dict:
         set_max_visual_tokens,
     )
     from qzoom_swift.labels.tristate import combine_sink_masks, tristate_labels
-    from qzoom_swift.testing.tiny import build_model_dir
+    from qzoom_swift.synthetic.models import build_model_dir
 
     model_dir = build_model_dir(family, args.size)
     # 1. the real job
@@ -235,7 +234,7 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
-    from qzoom_swift.testing.data import write_shape_dataset
+    from qzoom_swift.synthetic.images import write_shape_dataset
 
     families = FAMILIES if args.family == "all" else (args.family,)
     results = []

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What does a Q-Zoom answer cost? Prefix reuse in the second prefill, and zoom against higher-resolution baselines.
 
-For each model family this loads a locally built model (``qzoom_swift.testing.tiny``, ``bench`` size by
+For each model family this loads a locally built model (``qzoom_swift.synthetic.models``, ``bench`` size by
 default: width 512, 12 decoder layers) as a ``QZoomModel`` with fresh gate/RPN branches, draws one synthetic
 test card (``--image-size``, default 1344x1344) and one question, and times, interleaved in one process under
 ``torch.inference_mode()`` (the order of all variants is shuffled every round):
@@ -66,9 +66,11 @@ from _bench_env import command_line, setup_torch
 # make 2-thread runs several times slower and very noisy; passive waiting avoids that (export
 # OMP_WAIT_POLICY=ACTIVE to override). Must be set before torch is imported.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_branch_prefill import quartiles, synthetic_image, write_json_atomic  # noqa: E402 (sets env defaults)
+from bench_branch_prefill import quartiles, synthetic_image  # noqa: E402 (sets env defaults)
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
+from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
+from qzoom_swift.fileio import write_json_atomic
+
 DEFAULT_FAMILIES = "qwen2_5_vl,qwen3_vl"
 QUESTION = "What is written on the small sign in the lower right corner?"
 
@@ -327,7 +329,7 @@ def bench_family(family: str, args: argparse.Namespace) -> dict:
     import torch
 
     from qzoom_swift.model import QZoomModel
-    from qzoom_swift.testing.tiny import build_model_dir
+    from qzoom_swift.synthetic.models import build_model_dir
 
     t0 = time.perf_counter()
     model_dir = build_model_dir(family, args.size)

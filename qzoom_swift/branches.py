@@ -13,11 +13,10 @@ import copy
 import torch
 from torch import nn
 
-from qzoom_swift.config import QZoomConfig
+from qzoom_swift.config import BRANCH_NAMES, QZoomConfig
 from qzoom_swift.families import FamilyAdapter, family_of, get_adapter
 
 BRANCH_ATTR = "qzoom_branch"
-BRANCH_NAMES = ("gate", "rpn")
 
 
 class QZoomGate(nn.Module):

@@ -16,6 +16,7 @@ from torch import nn
 from qzoom_swift.branches import BRANCH_NAMES, attach_branches, get_branches
 from qzoom_swift.config import BRANCH_WEIGHTS_NAME, CONFIG_NAME, QZoomConfig
 from qzoom_swift.families import get_adapter
+from qzoom_swift.fileio import atomic_path
 
 
 class BranchCheckpointError(ValueError):
@@ -61,9 +62,8 @@ def save_branch_checkpoint(model: nn.Module, directory: str | os.PathLike, which
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in branch_state_dict(model, which, state_dict).items()}
     cfg = branches.qzoom_config
     meta = {"format": "pt", "family": cfg.family, "branches": ",".join(which)}
-    tmp = out / (BRANCH_WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(out / BRANCH_WEIGHTS_NAME)
+    with atomic_path(out / BRANCH_WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     cfg.save(out)
     return out
 

@@ -1,9 +1,10 @@
 """The ``qzoom`` command: one subcommand per pipeline step.
 
-Every subcommand is a pair of small functions, ``_<name>_args(parser)`` (declares its options) and
-``_<name>(args) -> int`` (does the work), registered in ``COMMANDS``. Heavy modules (torch,
-transformers, swift) are imported inside the run functions only, so ``qzoom --help`` and
-``qzoom plugin-path`` answer in well under a second.
+Every subcommand is a pair of functions, one declaring its options and one doing the work, registered in
+``COMMANDS``. The pipeline steps keep theirs in their own packages (``labels/commands.py``,
+``eval/command.py``, ``onnx/commands.py``, ``bench/demo.py``); those modules import only the standard
+library at module level and load torch, transformers and swift inside the run functions, so
+``qzoom --help`` and ``qzoom plugin-path`` answer in well under a second. No module imports this one.
 
 Adding a subcommand: write the two functions and add one ``Command`` entry to ``COMMANDS``.
 """
@@ -11,48 +12,26 @@ Adding a subcommand: write the two functions and add one ``Command`` entry to ``
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+# Each command module imports only the standard library at module level (``qzoom --help`` stays fast).
+from qzoom_swift.bench import demo as _demo_command
+from qzoom_swift.eval import command as _eval
+from qzoom_swift.families.registry import FAMILY_NAMES
+from qzoom_swift.fileio import quiet_transformers
+from qzoom_swift.labels import commands as _labels
+from qzoom_swift.onnx import commands as _onnx
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")  # same as qzoom_swift.testing.tiny.FAMILIES (not imported: fast help)
 SIZES = ("tiny", "bench")
 
 
 def plugin_path() -> Path:
     """Absolute path of the file that ``swift ... --external_plugins`` must point at."""
     return PACKAGE_DIR / "swift_plugin" / "plugin.py"
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON to ``path`` via a temporary file and a rename (readers never see half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _quiet_transformers() -> None:
-    """Silence transformers' per-load progress bars and info logs (warnings and errors still show)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------- plugin-path
@@ -70,7 +49,7 @@ def _plugin_path(args: argparse.Namespace) -> int:
 
 
 def _build_tiny_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", choices=(*FAMILIES, "all"), default="all",
+    p.add_argument("--family", choices=(*FAMILY_NAMES, "all"), default="all",
                    help="model family to build (default: all three)")
     p.add_argument("--size", choices=SIZES, default="tiny",
                    help="tiny: width 128, 8 layers, for tests; bench: width 512, 12 layers, for CPU benchmarks "
@@ -83,29 +62,14 @@ def _build_tiny_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build_tiny(args: argparse.Namespace) -> int:
-    _quiet_transformers()
-    from qzoom_swift.testing.tiny import build_model_dir
+    quiet_transformers()
+    from qzoom_swift.synthetic.models import build_model_dir
 
-    families = FAMILIES if args.family == "all" else (args.family,)
+    families = FAMILY_NAMES if args.family == "all" else (args.family,)
     for family in families:
         out = build_model_dir(family, args.size, cache_dir=args.cache_dir, seed=args.seed, force=args.force)
         print(out)
     return 0
-
-
-# ---------------------------------------------------------------------------------------------------- demo
-
-
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    from qzoom_swift import demo  # standard library only at import
-
-    demo.add_arguments(p)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from qzoom_swift import demo
-
-    return demo.run(args)
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -131,8 +95,8 @@ COMMANDS: dict[str, Command] = {
                     "interrupted one resumes; --force redoes them); writes <out>/report.md, summary.json, "
                     "pareto.png, overlays.png and gate_calibration.png. About 21 min on 2 cores the first time "
                     "(the toy model is cached in $QZOOM_CACHE/toy); --preset quick runs every stage in minutes.",
-        add_arguments=_demo_args,
-        run=_demo,
+        add_arguments=_demo_command.add_arguments,
+        run=_demo_command.run,
     ),
     "build-tiny": Command(
         help="build local tiny/bench model dirs (config, random weights, tokenizer, processor)",
@@ -148,42 +112,51 @@ COMMANDS: dict[str, Command] = {
                     "`swift infer --external_plugins $(qzoom plugin-path) --model_type qzoom_qwen2_5_vl ...`.",
         run=_plugin_path,
     ),
+    # The labelling jobs (qzoom_swift/labels/commands.py).
+    "pseudo-labels": Command(
+        help="stage 1: self-distilled tri-state RPN labels from the model's own attention (resumable shards)",
+        description=_labels.PSEUDO_LABELS_DESCRIPTION,
+        add_arguments=_labels.pseudo_labels_args,
+        run=_labels.pseudo_labels_run,
+    ),
+    "gate-labels": Command(
+        help="stage 3: answers across a resolution trajectory -> consistency-filtered gate labels (resumable)",
+        description=_labels.GATE_LABELS_DESCRIPTION,
+        add_arguments=_labels.gate_labels_args,
+        run=_labels.gate_labels_run,
+    ),
+    "calibrate-gate": Command(
+        help="choose tau_gate on held-out trajectories and write it into a checkpoint's qzoom_config.json",
+        description=_labels.CALIBRATE_GATE_DESCRIPTION,
+        add_arguments=_labels.calibrate_gate_args,
+        run=_labels.calibrate_gate_run,
+    ),
+    "mine-hard": Command(
+        help="stage 2: judge low-res vs RoI answers and keep the regressions as Post-SFT data (resumable)",
+        description=_labels.MINE_HARD_DESCRIPTION,
+        add_arguments=_labels.mine_hard_args,
+        run=_labels.mine_hard_run,
+    ),
+    "visualize": Command(
+        help="PNG of a pseudo-label record: image, attention, label, predicted heatmap and box",
+        description=_labels.VISUALIZE_DESCRIPTION,
+        add_arguments=_labels.visualize_args,
+        run=_labels.visualize_run,
+    ),
+    # Evaluation (qzoom_swift/eval/command.py; evalscope runs in worker processes).
+    "eval": Command(
+        help="benchmarks x runs (baseline/zoom at token budgets) through evalscope: summary table + Pareto plot",
+        add_arguments=_eval.add_arguments,
+        run=_eval.run,
+    ),
+    # ONNX export of the branches (qzoom_swift/onnx/commands.py).
+    "export-onnx": Command(
+        help=_onnx.EXPORT_ONNX_HELP,
+        description=_onnx.EXPORT_ONNX_DESCRIPTION,
+        add_arguments=_onnx.export_onnx_args,
+        run=_onnx.export_onnx_run,
+    ),
 }
-
-# Stage-1 labelling commands (qzoom_swift/labels/commands.py; standard library only at import).
-from qzoom_swift.labels import commands as _labels  # noqa: E402
-
-COMMANDS["pseudo-labels"] = Command(
-    help="stage 1: self-distilled tri-state RPN labels from the model's own attention (resumable shards)",
-    description=_labels.PSEUDO_LABELS_DESCRIPTION, add_arguments=_labels.pseudo_labels_args,
-    run=_labels.pseudo_labels_run)
-COMMANDS["gate-labels"] = Command(
-    help="stage 3: answers across a resolution trajectory -> consistency-filtered gate labels (resumable)",
-    description=_labels.GATE_LABELS_DESCRIPTION, add_arguments=_labels.gate_labels_args, run=_labels.gate_labels_run)
-COMMANDS["calibrate-gate"] = Command(
-    help="choose tau_gate on held-out trajectories and write it into a checkpoint's qzoom_config.json",
-    description=_labels.CALIBRATE_GATE_DESCRIPTION, add_arguments=_labels.calibrate_gate_args,
-    run=_labels.calibrate_gate_run)
-COMMANDS["mine-hard"] = Command(
-    help="stage 2: judge low-res vs RoI answers and keep the regressions as Post-SFT data (resumable)",
-    description=_labels.MINE_HARD_DESCRIPTION, add_arguments=_labels.mine_hard_args, run=_labels.mine_hard_run)
-COMMANDS["visualize"] = Command(
-    help="PNG of a pseudo-label record: image, attention, label, predicted heatmap and box",
-    description=_labels.VISUALIZE_DESCRIPTION, add_arguments=_labels.visualize_args, run=_labels.visualize_run)
-
-# Evaluation (qzoom_swift/eval_command.py; standard library only at import, evalscope runs in subprocesses).
-from qzoom_swift import eval_command as _eval  # noqa: E402
-
-COMMANDS["eval"] = Command(
-    help="benchmarks x runs (baseline/zoom at token budgets) through evalscope: summary table + Pareto plot",
-    add_arguments=_eval.add_arguments, run=_eval.run)
-
-
-# ONNX export of the branches (qzoom_swift/onnx/commands.py; standard library only at import).
-from qzoom_swift.onnx import commands as _onnx  # noqa: E402
-
-COMMANDS["export-onnx"] = Command(help=_onnx.EXPORT_ONNX_HELP, description=_onnx.EXPORT_ONNX_DESCRIPTION,
-                                  add_arguments=_onnx.export_onnx_args, run=_onnx.export_onnx_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

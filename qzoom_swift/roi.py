@@ -1,6 +1,6 @@
-"""Region-of-interest geometry for Q-Zoom inference: heatmap -> box -> crop -> token budget -> positions.
+"""Region-of-interest geometry for Q-Zoom inference: heatmap -> box -> pixel box -> crop.
 
-Kept free of model code so every rule of the official release (reference §3.3, §5.2 C, §5.4) can be
+Kept free of model code (a family's resize and position rules live in its adapter module) so every rule of the official release (reference §3.3, §5.2 C, §5.4) can be
 checked exhaustively by hand-made grids and numbers. Conventions used throughout:
 
 - grid sizes are ``(height, width)`` in merged visual tokens (as Qwen's ``image_grid_thw`` without t);
@@ -16,15 +16,13 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from qwen_vl_utils import smart_resize
-from qwen_vl_utils.vision_process import MAX_RATIO
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
 logger = logging.getLogger(__name__)
 
-MAX_ASPECT_RATIO: float = float(MAX_RATIO)
-"""Qwen's resize rule refuses images whose long/short side ratio exceeds this (200)."""
+MAX_ASPECT_RATIO: float = 200.0
+"""The largest long/short side ratio a supported family's resize rule encodes (Qwen's ``MAX_RATIO``)."""
 
 # Tolerance when turning normalised floats back into pixels: 0.3 * 10 is 3.0000000000000004 in floats,
 # which must stay pixel 3 on both the floor (left/top) and the ceil (right/bottom) side.
@@ -256,120 +254,6 @@ def crop_image(image: Image.Image, box: PixelBox) -> Image.Image:
     if box.right > image.width or box.bottom > image.height:
         raise ValueError(f"{box} reaches outside the {image.width}x{image.height} (w x h) image")
     return image.crop(box.as_tuple())
-
-
-def resized_hw_for_budget(
-    height: int, width: int, *, patch_unit: int, min_tokens: int, max_tokens: int
-) -> tuple[int, int]:
-    """``(height, width)`` in pixels that Qwen's resize rule gives an image under a visual-token budget.
-
-    ``patch_unit`` is patch_size * merge_size (28 for Qwen2.5-VL, 32 for Qwen3-VL); one merged token
-    covers ``patch_unit**2`` pixels. Sides become multiples of ``patch_unit``, the aspect ratio is kept
-    as well as possible, large crops shrink to at most ``max_tokens`` and small ones are UP-sampled to
-    at least ``min_tokens``: that up-sampling is the zoom.
-
-    Uses ``qwen_vl_utils.smart_resize``, with each side floored at ``patch_unit`` like transformers'
-    own rule (qwen_vl_utils can return a side of 0 for thin crops on a small budget). Aspect ratios
-    above 200 raise a ValueError naming the crop size; :func:`grid_box_to_pixel_box` prevents them.
-    """
-    if height < 1 or width < 1:
-        raise ValueError(f"crop of {width}x{height} (w x h) px is empty")
-    if patch_unit < 1:
-        raise ValueError(f"patch_unit={patch_unit}: expected >= 1")
-    if not 1 <= min_tokens <= max_tokens:
-        raise ValueError(f"token budget min={min_tokens}, max={max_tokens}: need 1 <= min <= max")
-    ratio = max(height, width) / min(height, width)
-    if ratio > MAX_ASPECT_RATIO:
-        raise ValueError(
-            f"crop of {width}x{height} (w x h) px has aspect ratio {ratio:.1f} > {MAX_ASPECT_RATIO:g}, "
-            "which Qwen's resize rule cannot encode; grow its short side first (grid_box_to_pixel_box does)"
-        )
-    unit_pixels = patch_unit * patch_unit
-    new_h, new_w = smart_resize(
-        height,
-        width,
-        factor=patch_unit,
-        min_pixels=min_tokens * unit_pixels,
-        max_pixels=max_tokens * unit_pixels,
-    )
-    return max(patch_unit, new_h), max(patch_unit, new_w)
-
-
-def tokens_for_hw(height: int, width: int, patch_unit: int) -> int:
-    """Merged visual tokens of a resized image: one per ``patch_unit x patch_unit`` pixel square."""
-    if height < 1 or width < 1 or height % patch_unit or width % patch_unit:
-        raise ValueError(f"{height}x{width} (h x w) px is not a positive multiple of patch_unit={patch_unit}")
-    return (height // patch_unit) * (width // patch_unit)
-
-
-def roi_position_ids(
-    src_visual_positions: Tensor,
-    src_grid_hw: tuple[int, int],
-    src_vision_end_pos: float,
-    box: GridBox,
-    roi_grid_hw: tuple[int, int],
-    num_tail: int,
-) -> Tensor:
-    """Continuous spatio-temporal MRoPE positions (t, h, w) of the tokens spliced after the source image.
-
-    The RoI tokens reuse the source image's coordinate frame, so the model sees them as a finer sampling
-    of the same place rather than as an unrelated second image (reference §3.3). The spliced tokens are:
-    RoI ``<|vision_start|>``, the ``h' * w'`` RoI visual tokens (row-major), RoI ``<|vision_end|>``, then
-    ``num_tail`` text tokens (the prompt after the source ``<|vision_end|>``, which stays in the cached
-    prefix and keeps its position).
-
-    - RoI ``<vs>``: ``src_vision_end_pos + 1`` on all axes.
-    - RoI visual t: ``st + max(h_s, w_s) + 2`` with ``st`` the source t position (the code's value; the
-      paper's "min" is not what was released).
-    - RoI visual h of row i: ``linspace(h_pos[y0], h_pos[y1 - 1], h')[i]``, w of column j:
-      ``linspace(w_pos[x0], w_pos[x1 - 1], w')[j]``, where ``h_pos``/``w_pos`` are the source positions of
-      the grid rows/columns: end points are the first and last COVERED cells, values stay fractional.
-    - RoI ``<ve>``: ``src_vision_end_pos + max(h', w') + 2``; tail token k: that + 1 + k, on all axes.
-
-    ``src_visual_positions`` is the ``[3, h_s * w_s]`` (t, h, w) positions the source visual tokens had
-    in the first pass, row-major. Returns float32 ``[3, 1 + h' * w' + 1 + num_tail]`` on its device.
-    """
-    src_h, src_w = src_grid_hw
-    roi_h, roi_w = roi_grid_hw
-    if min(src_h, src_w, roi_h, roi_w) < 1:
-        raise ValueError(f"grids must be positive: src_grid_hw={src_grid_hw}, roi_grid_hw={roi_grid_hw}")
-    if tuple(src_visual_positions.shape) != (3, src_h * src_w):
-        raise ValueError(
-            f"src_visual_positions shape {tuple(src_visual_positions.shape)} != (3, {src_h * src_w}) "
-            f"for src_grid_hw={src_grid_hw}"
-        )
-    if not box.fits_grid(src_grid_hw):
-        raise ValueError(f"{box} does not fit the source grid (h, w)={src_grid_hw}")
-    if num_tail < 0:
-        raise ValueError(f"num_tail={num_tail}: expected >= 0")
-
-    src = src_visual_positions.detach().to(torch.float64).cpu()
-    start_t = float(src[0, 0])
-    row_h = src[1, ::src_w]  # h position of each source grid row (taken from column 0)
-    col_w = src[2, :src_w]  # w position of each source grid column (taken from row 0)
-    vision_end = float(src_vision_end_pos)
-
-    roi_t = torch.full((roi_h * roi_w,), start_t + max(src_h, src_w) + 2, dtype=torch.float64)
-    rows = torch.linspace(float(row_h[box.y0]), float(row_h[box.y1 - 1]), roi_h, dtype=torch.float64)
-    cols = torch.linspace(float(col_w[box.x0]), float(col_w[box.x1 - 1]), roi_w, dtype=torch.float64)
-    roi = torch.stack([roi_t, rows.repeat_interleave(roi_w), cols.repeat(roi_h)])
-
-    roi_end = vision_end + max(roi_h, roi_w) + 2
-    vision_start = torch.full((3, 1), vision_end + 1, dtype=torch.float64)
-    end_and_tail = (roi_end + torch.arange(1 + num_tail, dtype=torch.float64)).expand(3, -1)
-    positions = torch.cat([vision_start, roi, end_and_tail], dim=1)
-    return positions.to(device=src_visual_positions.device, dtype=torch.float32)
-
-
-def sequential_position_ids(last_prefix_pos: int, num_new: int) -> Tensor:
-    """1-D positions of tokens appended after a prefix (LLaVA: RoI visual tokens, then the tail text).
-
-    LLaVA has no vision start/end tokens and plain 1-D RoPE, so the new tokens simply continue from the
-    last cached position. Returns int64 ``[num_new]``.
-    """
-    if num_new < 0:
-        raise ValueError(f"num_new={num_new}: expected >= 0")
-    return torch.arange(last_prefix_pos + 1, last_prefix_pos + 1 + num_new, dtype=torch.long)
 
 
 def grid_region(image_size: tuple[int, int], processor=None) -> tuple[float, float, float, float]:

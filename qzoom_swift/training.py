@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from qzoom_swift.branches import BRANCH_NAMES
+from qzoom_swift.config import BRANCH_NAMES
 from qzoom_swift.losses import IGNORE_INDEX, binary_accuracy, gate_bce_loss, selective_bce_loss
 from qzoom_swift.prefill import gate_logits, prefill_to_branch, rpn_token_logits
 
@@ -147,6 +147,15 @@ def trained_branches(model: nn.Module) -> tuple[str, ...] | None:
     return getattr(model, TRAIN_ATTR, None)
 
 
+def is_branch_batch(model: nn.Module, batch: dict) -> bool:
+    """True when ``batch`` goes to the branch loss: a branch is being trained and the batch carries its targets.
+
+    The one test the trainer forward, the template's pre-forward hook and its loss share; batches without
+    targets (evaluation ``generate``, inference) keep the stock path.
+    """
+    return bool(trained_branches(model)) and any(batch.get(key) is not None for key in TARGET_KEYS)
+
+
 def install_branch_training_forward(model: nn.Module) -> None:
     """Make ``model(**batch)`` compute the branch loss while ``trained_branches(model)`` is set.
 
@@ -159,11 +168,10 @@ def install_branch_training_forward(model: nn.Module) -> None:
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
-        which = trained_branches(model)
-        if which and not args and any(kwargs.get(key) is not None for key in TARGET_KEYS):
+        if not args and is_branch_batch(model, kwargs):
             kwargs.pop("use_cache", None)
             kwargs.pop("return_dict", None)
-            return branch_training_step(model, which, **kwargs)
+            return branch_training_step(model, trained_branches(model), **kwargs)
         for key in TARGET_KEYS:
             kwargs.pop(key, None)
         return original(*args, **kwargs)

@@ -27,7 +27,7 @@ os.environ.setdefault("MODELSCOPE_CACHE", str(REPO / ".cache" / "modelscope"))
 @pytest.fixture(scope="session")
 def tiny_dir() -> Callable[..., Path]:
     """Factory: ``tiny_dir("qwen2_5_vl")`` -> Path of the locally built tiny model dir (built once, cached)."""
-    from qzoom_swift.testing.tiny import build_model_dir
+    from qzoom_swift.synthetic.models import build_model_dir
 
     built: dict[tuple[str, str, int], Path] = {}
 
@@ -43,6 +43,6 @@ def tiny_dir() -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def shape_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ms-swift jsonl of 4 rows (392x280 PNGs with one coloured shape; answer = colour); returns its path."""
-    from qzoom_swift.testing.data import write_shape_dataset
+    from qzoom_swift.synthetic.images import write_shape_dataset
 
     return write_shape_dataset(tmp_path_factory.mktemp("shape_data"), n=4, size=(392, 280), seed=0)

@@ -12,10 +12,9 @@ from qzoom_swift.branches import attach_branches, detach_branches, get_branches
 from qzoom_swift.checkpoint import BranchCheckpointError, load_branch_checkpoint, save_branch_checkpoint
 from qzoom_swift.config import QZoomConfig, default_branch_layer
 from qzoom_swift.families import get_adapter
+from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
 from qzoom_swift.inputs import chat_inputs
 from qzoom_swift.prefill import continue_prefill, prefill, prefill_to_branch, query_token_index
-
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
 
 
 def _images():
@@ -256,7 +255,7 @@ def test_branch_checkpoint_errors_name_checkpoint_and_model(loaded, tmp_path):
 ])
 def test_default_branch_layer_of_released_checkpoints(name, expected_b):
     from qzoom_swift.families import family_of
-    from qzoom_swift.testing.tiny import full_size_config
+    from qzoom_swift.synthetic.models import full_size_config
 
     family, config = full_size_config(name)
     assert family_of(config) == family

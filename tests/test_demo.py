@@ -193,7 +193,7 @@ def test_the_bench_test_split_runs_through_qzoom_eval_with_the_demo_answers(demo
 
 
 def test_set_overrides_are_typed_and_unknown_keys_are_refused():
-    from qzoom_swift.demo import PRESETS, demo_config
+    from qzoom_swift.bench.settings import PRESETS, demo_config
 
     cfg = demo_config("full", ["toy_steps=1500", "free_placement=true", "tau_roi=0.1", "gate_budgets=16,256"])
     assert (cfg.toy_steps, cfg.free_placement, cfg.tau_roi, cfg.budgets) == (1500, True, 0.1, (16, 256))

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from qzoom_swift import cli
-from qzoom_swift.eval_suite import BENCHMARKS, PRESETS, parse_run, resolve_run
+from qzoom_swift.eval.suite import BENCHMARKS, PRESETS, parse_run, resolve_run
 
 E2E_BENCHMARKS = ("docvqa", "chartqa", "vstar_bench", "textvqa")
 
@@ -28,7 +28,7 @@ def _image_bytes(fmt: str, colour=(200, 30, 30), size=(40, 24)) -> bytes:
 
 
 def test_decode_image_reads_the_bytes_whatever_the_mime_label(tmp_path):
-    from qzoom_swift.evalscope_api import decode_image
+    from qzoom_swift.eval.model_api import decode_image
 
     png, jpeg = _image_bytes("PNG"), _image_bytes("JPEG", colour=(30, 60, 220), size=(32, 48))
     cases = {
@@ -58,7 +58,7 @@ def test_decode_image_reads_the_bytes_whatever_the_mime_label(tmp_path):
 def test_split_messages_keeps_image_order_and_joins_text():
     from evalscope.api.messages import ChatMessageSystem, ChatMessageUser, ContentImage, ContentText
 
-    from qzoom_swift.evalscope_api import split_messages
+    from qzoom_swift.eval.model_api import split_messages
 
     red = "data:image/jpeg;base64," + base64.b64encode(_image_bytes("PNG", (250, 0, 0), (8, 8))).decode()
     blue = "data:image/png;base64," + base64.b64encode(_image_bytes("JPEG", (0, 0, 250), (16, 8))).decode()
@@ -77,8 +77,8 @@ def test_model_api_serialises_concurrent_calls_and_shares_weights(tiny_dir, monk
     from evalscope.api.messages import ChatMessageUser, ContentImage, ContentText
     from evalscope.api.model import GenerateConfig
 
-    from qzoom_swift.evalscope_api import QZoomAPI
-    from qzoom_swift.testing.data import make_shape_image, sample_shapes
+    from qzoom_swift.eval.model_api import QZoomAPI
+    from qzoom_swift.synthetic.images import make_shape_image, sample_shapes
 
     model = str(tiny_dir("qwen2_5_vl"))
     knobs = dict(low_max_tokens=32, low_min_tokens=16, roi_max_tokens=32, roi_min_tokens=16, device="cpu",
@@ -153,7 +153,7 @@ def test_run_specs_follow_the_paper_settings():
 
 
 def test_summary_numbers_rectified_throughput_and_files(tmp_path):
-    from qzoom_swift.eval_report import summarize, to_csv, write_summary
+    from qzoom_swift.eval.report import summarize, to_csv, write_summary
 
     def bench(score, n, lat, vt, zr):
         return {"score": score, "samples": n, "throughput_sps": n / lat, "visual_tokens_mean": vt, "zoom_rate": zr}
@@ -215,7 +215,7 @@ def test_tiny_datasets_load_through_each_evalscope_adapter(tmp_path, monkeypatch
     from evalscope.api.messages import ContentImage, ContentText
     from evalscope.api.registry import get_benchmark
 
-    from qzoom_swift.evalscope_api import decode_image
+    from qzoom_swift.eval.model_api import decode_image
     from qzoom_swift.testing.eval_data import write_eval_datasets
 
     folders = write_eval_datasets(tmp_path / "data", n=2)
@@ -376,7 +376,7 @@ def test_qzoom_eval_restart_reuses_stored_runs(e2e, capsys):
     assert [p.stat().st_mtime_ns for p in bench_files] == mtimes
     assert cli.main([*args, "--summary-only"]) == 0  # back to the default reference for the other tests
     # Changed settings invalidate the stored results (they would be redone).
-    from qzoom_swift.eval_command import _pending, build_run_specs
+    from qzoom_swift.eval.command import _pending, build_run_specs
 
     parser = cli.build_parser()
     same, _ = build_run_specs(parser.parse_args(args))

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qzoom_swift.bench.sft import CPU_TRAIN_FLAGS, run_swift_concurrently
 from qzoom_swift.labels.gate_job import GateLabelOptions, build_gate_dataset, calibrate_gate, run_gate_labels
-from qzoom_swift.testing.data import write_shape_dataset
-from qzoom_swift.testing.swift_cli import CPU_TRAIN_FLAGS, run_swift_concurrently
+from qzoom_swift.synthetic.images import write_shape_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = "16,36"

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
 from qzoom_swift.families import get_adapter
+from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
 from qzoom_swift.inputs import chat_inputs
 from qzoom_swift.labels.attention import (
     KNOWN_ATTENTION_HEADS,
@@ -26,9 +27,7 @@ from qzoom_swift.labels.attention import (
     normalized_entropy,
     rank_layers_by_concentration,
 )
-from qzoom_swift.testing.data import QUESTION, make_shape_image, sample_shapes
-
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
+from qzoom_swift.synthetic.images import QUESTION, make_shape_image, sample_shapes
 
 
 class Script(LogitsProcessor):
@@ -149,7 +148,7 @@ def test_known_tables_match_the_released_choices():
     for (family, layers, _), table in KNOWN_ATTENTION_HEADS.items():
         for sel in table.values():
             sel.check(layers, 64)
-            assert sel.source.startswith("known:") and family in ("qwen2_5_vl", "qwen3_vl", "llava")
+            assert sel.source.startswith("known:") and family in FAMILIES
 
 
 def test_auto_candidates_cover_the_middle_to_late_band():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qzoom_swift.config import QZoomConfig
+from qzoom_swift.config import LabelThresholds, QZoomConfig
 from qzoom_swift.labels.tristate import (
     BG,
     FG,
@@ -133,7 +133,8 @@ def test_non_square_grid_keeps_rows_and_columns_apart():
 
 
 def test_label_kwargs_come_from_the_config():
-    cfg = QZoomConfig(tau_fg=0.25, tau_bg=0.1, max_box_fraction=0.4, min_peak=1e-3, blur_kernel=5, blur_sigma=2.0)
+    cfg = QZoomConfig(labelling=LabelThresholds(tau_fg=0.25, tau_bg=0.1, max_box_fraction=0.4, min_peak=1e-3),
+                      blur_kernel=5, blur_sigma=2.0)
     assert label_kwargs(cfg) == dict(tau_fg=0.25, tau_bg=0.1, max_box_fraction=0.4, min_peak=1e-3, blur_kernel=5,
                                      blur_sigma=2.0)
     attn = _map(10, 10, {(5, 5): 1.0, (5, 6): 0.24})

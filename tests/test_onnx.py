@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from qzoom_swift.branches import attach_branches, detach_branches
 from qzoom_swift.checkpoint import load_branch_checkpoint, save_branch_checkpoint
 from qzoom_swift.config import QZoomConfig
+from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
 from qzoom_swift.inputs import chat_inputs
 from qzoom_swift.onnx.export import (
     EXPORT_BATCH,
@@ -36,7 +37,6 @@ from qzoom_swift.onnx.router import OnnxRouter, OnnxRouterError, router_from_env
 from qzoom_swift.prefill import gate_logits, prefill, prefill_to_branch, rpn_token_logits
 from qzoom_swift.zoom import zoom_generate
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
 DEPTH = 2  # R: gate = 2 layers + Linear, RPN = 1 layer + q/k head (keeps the exports short)
 TOL = 1e-4
 
@@ -369,8 +369,8 @@ def test_router_from_env(exported):
 
 
 def test_swift_infer_with_the_onnx_router_answers_like_torch(exported, tiny_dir, shape_dataset, tmp_path):
+    from qzoom_swift.bench.sft import run_swift_concurrently
     from qzoom_swift.swift_plugin import MODEL_TYPES, plugin_path
-    from qzoom_swift.testing.swift_cli import run_swift_concurrently
 
     family = "qwen2_5_vl"
     ex = exported(family)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
+from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
 
 
 def _image():
@@ -126,7 +126,7 @@ def test_mined_rows_classification():
 
 def test_mine_hard_job_writes_post_sft_rows_and_resumes(tiny_dir, tmp_path):
     from qzoom_swift.labels.mining import MineOptions, build_post_sft_dataset, run_mine_hard
-    from qzoom_swift.testing.data import write_shape_dataset
+    from qzoom_swift.synthetic.images import write_shape_dataset
 
     data = write_shape_dataset(tmp_path / "data", n=4, size=(392, 280), seed=5)
     opts = MineOptions(model=str(tiny_dir("qwen2_5_vl")), checkpoint=None, dataset=str(data), out=str(tmp_path / "m"),
@@ -159,8 +159,8 @@ def test_mine_hard_job_writes_post_sft_rows_and_resumes(tiny_dir, tmp_path):
 @pytest.fixture(scope="module")
 def stage2_runs(tiny_dir, tmp_path_factory):
     """NPROC_PER_NODE=1 swift sft with the tiny stage-2 recipe (ZeRO-2), full and LoRA, then swift infer."""
-    from qzoom_swift.testing.data import write_shape_dataset
-    from qzoom_swift.testing.swift_cli import CPU_TRAIN_FLAGS, run_swift_concurrently
+    from qzoom_swift.bench.sft import CPU_TRAIN_FLAGS, run_swift_concurrently
+    from qzoom_swift.synthetic.images import write_shape_dataset
 
     repo = Path(__file__).resolve().parents[1]
     work = tmp_path_factory.mktemp("stage2")

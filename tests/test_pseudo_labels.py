@@ -22,7 +22,7 @@ from qzoom_swift.labels.pseudo import (
     run_pseudo_labels,
 )
 from qzoom_swift.labels.tristate import combine_sink_masks, tristate_labels
-from qzoom_swift.testing.data import write_shape_dataset
+from qzoom_swift.synthetic.images import write_shape_dataset
 
 # Tiny random models attend almost uniformly: raised thresholds give non-ignored labels.
 FIT = dict(tau_fg=0.9, tau_bg=0.8, max_box_fraction=0.9)

@@ -1,4 +1,5 @@
-"""Unit tests of the pure RoI geometry (qzoom_swift.roi): hand-made heatmaps, boxes and positions."""
+"""Unit tests of the pure RoI geometry (qzoom_swift.roi) and the families' pure resize/position rules: hand-made
+heatmaps, boxes and positions."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from qzoom_swift.families.llava import sequential_position_ids
+from qzoom_swift.families.qwen import MAX_RATIO, resized_hw_for_budget, roi_position_ids, tokens_for_hw
 from qzoom_swift.roi import (
     MAX_ASPECT_RATIO,
     GridBox,
@@ -17,11 +20,7 @@ from qzoom_swift.roi import (
     grid_box_to_pixel_box,
     heatmap_probabilities,
     mask_bounding_box,
-    resized_hw_for_budget,
     roi_box_from_heatmap,
-    roi_position_ids,
-    sequential_position_ids,
-    tokens_for_hw,
 )
 
 HOT, COLD = 10.0, -10.0  # sigmoid(10) ~ 1, sigmoid(-10) ~ 4.5e-5
@@ -366,7 +365,7 @@ def test_extreme_aspect_box_grows_its_short_side():
     )
     grown = grid_box_to_pixel_box(box, (100, 8), (8000, 1000))
     assert grown == PixelBox(0, 485, 8000, 525)  # 8000 / 200 = 40 px high, centred on the 28 px strip
-    assert grown.width / grown.height == MAX_ASPECT_RATIO == 200.0
+    assert grown.width / grown.height == MAX_ASPECT_RATIO == MAX_RATIO == 200.0
 
 
 def test_extreme_aspect_tall_box_and_thin_image():

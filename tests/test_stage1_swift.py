@@ -18,9 +18,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from qzoom_swift.bench.sft import run_swift_concurrently
 from qzoom_swift.swift_plugin import MODEL_TYPES, plugin_path
-from qzoom_swift.testing.data import write_shape_dataset
-from qzoom_swift.testing.swift_cli import run_swift_concurrently
+from qzoom_swift.synthetic.images import write_shape_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "tiny" / "stage1_sdrpn.yaml"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from qzoom_swift.testing.tiny import FAMILIES, SWIFT_MODEL_TYPES
+from qzoom_swift.families.registry import FAMILIES as SPECS
+from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
 
 SWIFT = Path(sys.executable).parent / "swift"
 TIMEOUT_S = 600
@@ -41,7 +42,7 @@ def swift_runs(tiny_dir, shape_dataset, tmp_path_factory):
         # One MODELSCOPE_CACHE per process: concurrent runs would share the same dataset cache lock otherwise.
         env = dict(os.environ, MODELSCOPE_CACHE=str(out / f"modelscope-{family}"), OMP_NUM_THREADS="1")
         with open(log, "wb") as log_f:
-            proc = subprocess.Popen(swift_infer_cmd(model_dir, SWIFT_MODEL_TYPES[family], shape_dataset, result),
+            proc = subprocess.Popen(swift_infer_cmd(model_dir, SPECS[family].swift_model_type, shape_dataset, result),
                                     cwd=out, env=env, stdout=log_f, stderr=subprocess.STDOUT)
         procs[family] = (proc, time.perf_counter(), result, log)
     runs = {}

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qzoom_swift.bench.sft import CPU_TRAIN_FLAGS, run_swift_concurrently
 from qzoom_swift.swift_plugin import MODEL_TYPES, plugin_path
-from qzoom_swift.testing.swift_cli import CPU_TRAIN_FLAGS, run_swift_concurrently
 
 TRAINED = {"qwen2_5_vl": "gate", "qwen3_vl": "rpn", "llava": "gate"}
 

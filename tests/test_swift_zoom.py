@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 from PIL import Image
 
+from qzoom_swift.bench.sft import run_swift_concurrently, swift_executable
 from qzoom_swift.swift_plugin import MODEL_TYPES, plugin_path
-from qzoom_swift.testing.swift_cli import run_swift_concurrently, swift_executable
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qzoom_swift.testing.data import QUESTION, make_shape_image, sample_shapes
-from qzoom_swift.testing.tiny import FAMILIES, build_model_dir, tiny_config
+from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
+from qzoom_swift.synthetic.images import QUESTION, make_shape_image, sample_shapes
+from qzoom_swift.synthetic.models import build_model_dir, tiny_config
 
 EXPECTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "processor_config.json", "generation_config.json", "chat_template.jinja")

@@ -8,11 +8,10 @@ from PIL import Image, ImageDraw
 
 from qzoom_swift.branches import attach_branches, detach_branches
 from qzoom_swift.config import QZoomConfig
+from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
 from qzoom_swift.inputs import chat_inputs
 from qzoom_swift.prefill import prefill
 from qzoom_swift.zoom import zoom_decisions, zoom_generate, zoom_prefill
-
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
 
 
 def _image(size=(640, 480), seed=0):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qzoom_swift.bench.render import DEFAULT_SPEC, KINDS, BenchSpec, question_for, render_scene
+from qzoom_swift.fileio import atomic_path, write_json_atomic, write_jsonl_atomic
 
 SPLITS = ("train", "val", "test")
 BENCH_FILE = "bench.json"
@@ -62,12 +63,6 @@ def split_seed(seed: int, split: str) -> int:
     return seed * 1000 + SPLITS.index(split) + 1
 
 
-def _write_lines(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
 def write_split(out: Path, split: str, n_images: int, spec: BenchSpec, seed: int,
                 progress: bool = False) -> list[BenchRecord]:
     """Render ``n_images`` scenes of ``split`` into ``out`` and write its jsonl files; returns the records."""
@@ -85,8 +80,8 @@ def write_split(out: Path, split: str, n_images: int, spec: BenchSpec, seed: int
         for kind in kinds:
             records.append(BenchRecord(f"{split}-{i:05d}-{kind}", str(path.resolve()), kind, question_for(kind),
                                        scene.answer(kind), scene.gt_box(kind), scene.target_box, spec.canvas))
-    _write_lines(out / "gt.jsonl", [r.gt() for r in records])
-    _write_lines(out / "questions.jsonl", [r.row() for r in records])
+    write_jsonl_atomic(out / "gt.jsonl", [r.gt() for r in records])
+    write_jsonl_atomic(out / "questions.jsonl", [r.row() for r in records])
     return records
 
 
@@ -114,9 +109,7 @@ def write_bench(root: str | Path, sizes: dict[str, int], *, seed: int = 0, spec:
         shutil.rmtree(root / split, ignore_errors=True)
         records = write_split(root / split, split, n, spec, seed, progress)
         counts[split] = {kind: sum(r.kind == kind for r in records) for kind in KINDS}
-    tmp = marker.with_name(f".{marker.name}.tmp")
-    tmp.write_text(json.dumps({**meta, "questions": counts}, indent=2) + "\n")
-    tmp.replace(marker)  # last: its presence means every split is complete
+    write_json_atomic(marker, {**meta, "questions": counts})  # last: its presence means every split is complete
     return marker
 
 
@@ -154,8 +147,6 @@ def write_evalscope_split(root: str | Path, split: str = "test") -> Path:
                                   "answers": datasets.Sequence(datasets.Value("string")),
                                   "kind": datasets.Value("string"), "box": datasets.Sequence(datasets.Value("int64")),
                                   "image": datasets.Image()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp))
     return out

@@ -32,6 +32,7 @@ from qzoom_swift.bench.render import (
     render_scene,
     token_cell,
 )
+from qzoom_swift.fileio import write_json_atomic, write_jsonl_atomic
 
 PATCH_UNIT = 28  # Qwen2.5-VL: patch 14 x merge 2
 TOY_VERSION = 3
@@ -48,7 +49,7 @@ TOY_VISION = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, 
 def toy_config():
     from transformers import Qwen2_5_VLConfig
 
-    from qzoom_swift.testing.tokenizer import QWEN_VOCAB_SIZE
+    from qzoom_swift.synthetic.tokenizer import QWEN_VOCAB_SIZE
 
     return Qwen2_5_VLConfig(text_config=dict(TOY_TEXT, vocab_size=QWEN_VOCAB_SIZE), vision_config=dict(TOY_VISION),
                             tie_word_embeddings=True)
@@ -57,7 +58,7 @@ def toy_config():
 def _processor(tokenizer, min_tokens: int = 4, max_tokens: int = 256):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    from qzoom_swift.testing.tokenizer import QWEN2_VL_CHAT_TEMPLATE
+    from qzoom_swift.synthetic.tokenizer import QWEN2_VL_CHAT_TEMPLATE
 
     unit = PATCH_UNIT ** 2
     image_processor = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
@@ -143,7 +144,7 @@ def build_toy_base(out_dir: str | Path, spec: BenchSpec = DEFAULT_SPEC, *, seed:
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    from qzoom_swift.testing.tokenizer import build_qwen_tokenizer
+    from qzoom_swift.synthetic.tokenizer import build_qwen_tokenizer
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -295,7 +296,7 @@ def train_toy_base(bench_root: str | Path, cache_dir: str | Path, *, seed: int =
     the finished model directory. Returns the contents of ``toy.json``.
     """
     from qzoom_swift.bench.dataset import BENCH_FILE, read_split
-    from qzoom_swift.swift_plugin.sft import swift_sft
+    from qzoom_swift.bench.sft import swift_sft
 
     bench_root = Path(bench_root)
     meta = json.loads((bench_root / BENCH_FILE).read_text())
@@ -318,9 +319,7 @@ def train_toy_base(bench_root: str | Path, cache_dir: str | Path, *, seed: int =
     if not rows_path.is_file():
         rows = toy_sft_rows(read_split(bench_root, "train"), root / "crops", steps=steps, batch=batch, seed=seed,
                             low_tokens=low_tokens, high_tokens=high_tokens, curriculum=curriculum)
-        tmp = rows_path.with_name(".sft_rows.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(rows_path)
+        write_jsonl_atomic(rows_path, rows)
     out = root / "sft"
     shutil.rmtree(out, ignore_errors=True)
     log(f"toy base: swift sft {TOY_RECIPE.name}, {steps} steps x {batch} -> {out}")
@@ -337,7 +336,5 @@ def train_toy_base(bench_root: str | Path, cache_dir: str | Path, *, seed: int =
     record = {"key": key, "model_dir": str(model_dir), "warmup": warmup, "steps": steps, "batch": batch,
               "curriculum": curriculum, "sft_seconds": round(time.perf_counter() - t0, 1),
               "losses": losses, "sft_log": str(sft_log), "recipe": str(TOY_RECIPE)}
-    tmp = done.with_name(".toy.json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(done)
+    write_json_atomic(done, record)
     return {**record, "reused": False}

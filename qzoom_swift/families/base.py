@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qzoom_swift.families.registry import FamilySpec, get_spec
+
 
 @dataclass
 class Embedded:
@@ -30,13 +32,27 @@ class Embedded:
 
 
 class FamilyAdapter:
-    """Base adapter; subclasses fill in the family-specific parts."""
+    """Base adapter; subclasses fill in the family-specific parts.
+
+    A subclass names its family; the plain facts (model types, patch unit, fixed resolution) come from
+    the registry entry, so they are written once.
+    """
 
     name: str = ""
-    model_types: tuple[str, ...] = ()
-    """``config.model_type`` values this adapter accepts."""
-    patch_unit: int = 28
-    """Pixels per side of one merged visual token (resize rules and pixel boxes use it)."""
+
+    @property
+    def spec(self) -> FamilySpec:
+        return get_spec(self.name)
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        """``config.model_type`` values this adapter accepts."""
+        return self.spec.model_types
+
+    @property
+    def patch_unit(self) -> int:
+        """Pixels per side of one merged visual token (resize rules and pixel boxes use it)."""
+        return self.spec.patch_unit
 
     # ---- module handles ----
     def inner_model(self, model: nn.Module) -> nn.Module:
@@ -127,6 +143,17 @@ class FamilyAdapter:
     def resize_for_budget(self, image, min_tokens: int, max_tokens: int):
         """The image resized so the processor encodes it within the token budget (identity if fixed-size)."""
         return image
+
+    def budget_template_kwargs(self, min_tokens: int, max_tokens: int) -> dict[str, int]:
+        """ms-swift template kwargs that encode images within a token budget (none for fixed-size families).
+
+        The ms-swift templates and the jobs that feed them use this; the processor path (``QZoomModel``)
+        resizes the image itself with ``resize_for_budget``. Both give the same token grid.
+        """
+        if self.spec.fixed_resolution:
+            return {}
+        unit = self.patch_unit ** 2
+        return {"min_pixels": min_tokens * unit, "max_pixels": max_tokens * unit}
 
     def encode_images(self, processor, images: list) -> dict[str, torch.Tensor]:
         """Processor outputs for images alone: ``pixel_values`` (+ ``image_grid_thw`` for Qwen)."""

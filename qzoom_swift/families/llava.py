@@ -5,14 +5,24 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from qzoom_swift.families.base import Embedded, FamilyAdapter
 
 
+def sequential_position_ids(last_prefix_pos: int, num_new: int) -> Tensor:
+    """1-D positions of tokens appended after a prefix (LLaVA: RoI visual tokens, then the tail text).
+
+    LLaVA has no vision start/end tokens and plain 1-D RoPE, so the new tokens simply continue from the
+    last cached position. Returns int64 ``[num_new]``.
+    """
+    if num_new < 0:
+        raise ValueError(f"num_new={num_new}: expected >= 0")
+    return torch.arange(last_prefix_pos + 1, last_prefix_pos + 1 + num_new, dtype=torch.long)
+
+
 class LlavaAdapter(FamilyAdapter):
     name = "llava"
-    model_types = ("llava",)
-    patch_unit = 14
 
     def image_token_id(self, model) -> int:
         config = model.config
@@ -63,8 +73,6 @@ class LlavaAdapter(FamilyAdapter):
 
     def roi_positions(self, model, positions, visual_index, src_grid, prefix_end, box, roi_grid, num_tail):
         """LLaVA has 1-D positions: the crop's tokens and the tail simply continue the prefix."""
-        from qzoom_swift.roi import sequential_position_ids
-
         num_new = roi_grid[0] * roi_grid[1] + num_tail
         return sequential_position_ids(int(positions[0, prefix_end - 1]), num_new)[None].to(positions.device)
 

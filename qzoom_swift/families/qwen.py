@@ -1,11 +1,124 @@
-"""Qwen2.5-VL and Qwen3-VL: 3-D MRoPE positions from ``get_rope_index``; Qwen3-VL adds q/k norms and DeepStack."""
+"""Qwen2.5-VL and Qwen3-VL: 3-D MRoPE positions from ``get_rope_index``; Qwen3-VL adds q/k norms and DeepStack.
+
+The module-level functions are the Qwen rules as pure functions (token-budget resize, continuous RoI
+positions), tested on hand-made numbers without a model.
+"""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from qwen_vl_utils import smart_resize
+from qwen_vl_utils.vision_process import MAX_RATIO as _QWEN_MAX_RATIO
+from torch import Tensor, nn
 
 from qzoom_swift.families.base import Embedded, FamilyAdapter
+from qzoom_swift.roi import GridBox
+
+MAX_RATIO: float = float(_QWEN_MAX_RATIO)
+"""Qwen's resize rule refuses images whose long/short side ratio exceeds this (200)."""
+
+
+def resized_hw_for_budget(
+    height: int, width: int, *, patch_unit: int, min_tokens: int, max_tokens: int
+) -> tuple[int, int]:
+    """``(height, width)`` in pixels that Qwen's resize rule gives an image under a visual-token budget.
+
+    ``patch_unit`` is patch_size * merge_size (28 for Qwen2.5-VL, 32 for Qwen3-VL); one merged token
+    covers ``patch_unit**2`` pixels. Sides become multiples of ``patch_unit``, the aspect ratio is kept
+    as well as possible, large crops shrink to at most ``max_tokens`` and small ones are UP-sampled to
+    at least ``min_tokens``: that up-sampling is the zoom.
+
+    Uses ``qwen_vl_utils.smart_resize``, with each side floored at ``patch_unit`` like transformers'
+    own rule (qwen_vl_utils can return a side of 0 for thin crops on a small budget). Aspect ratios
+    above 200 raise a ValueError naming the crop size; :func:`grid_box_to_pixel_box` prevents them.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"crop of {width}x{height} (w x h) px is empty")
+    if patch_unit < 1:
+        raise ValueError(f"patch_unit={patch_unit}: expected >= 1")
+    if not 1 <= min_tokens <= max_tokens:
+        raise ValueError(f"token budget min={min_tokens}, max={max_tokens}: need 1 <= min <= max")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_RATIO:
+        raise ValueError(
+            f"crop of {width}x{height} (w x h) px has aspect ratio {ratio:.1f} > {MAX_RATIO:g}, "
+            "which Qwen's resize rule cannot encode; grow its short side first (grid_box_to_pixel_box does)"
+        )
+    unit_pixels = patch_unit * patch_unit
+    new_h, new_w = smart_resize(
+        height,
+        width,
+        factor=patch_unit,
+        min_pixels=min_tokens * unit_pixels,
+        max_pixels=max_tokens * unit_pixels,
+    )
+    return max(patch_unit, new_h), max(patch_unit, new_w)
+
+
+def tokens_for_hw(height: int, width: int, patch_unit: int) -> int:
+    """Merged visual tokens of a resized image: one per ``patch_unit x patch_unit`` pixel square."""
+    if height < 1 or width < 1 or height % patch_unit or width % patch_unit:
+        raise ValueError(f"{height}x{width} (h x w) px is not a positive multiple of patch_unit={patch_unit}")
+    return (height // patch_unit) * (width // patch_unit)
+
+
+def roi_position_ids(
+    src_visual_positions: Tensor,
+    src_grid_hw: tuple[int, int],
+    src_vision_end_pos: float,
+    box: GridBox,
+    roi_grid_hw: tuple[int, int],
+    num_tail: int,
+) -> Tensor:
+    """Continuous spatio-temporal MRoPE positions (t, h, w) of the tokens spliced after the source image.
+
+    The RoI tokens reuse the source image's coordinate frame, so the model sees them as a finer sampling
+    of the same place rather than as an unrelated second image (reference §3.3). The spliced tokens are:
+    RoI ``<|vision_start|>``, the ``h' * w'`` RoI visual tokens (row-major), RoI ``<|vision_end|>``, then
+    ``num_tail`` text tokens (the prompt after the source ``<|vision_end|>``, which stays in the cached
+    prefix and keeps its position).
+
+    - RoI ``<vs>``: ``src_vision_end_pos + 1`` on all axes.
+    - RoI visual t: ``st + max(h_s, w_s) + 2`` with ``st`` the source t position (the code's value; the
+      paper's "min" is not what was released).
+    - RoI visual h of row i: ``linspace(h_pos[y0], h_pos[y1 - 1], h')[i]``, w of column j:
+      ``linspace(w_pos[x0], w_pos[x1 - 1], w')[j]``, where ``h_pos``/``w_pos`` are the source positions of
+      the grid rows/columns: end points are the first and last COVERED cells, values stay fractional.
+    - RoI ``<ve>``: ``src_vision_end_pos + max(h', w') + 2``; tail token k: that + 1 + k, on all axes.
+
+    ``src_visual_positions`` is the ``[3, h_s * w_s]`` (t, h, w) positions the source visual tokens had
+    in the first pass, row-major. Returns float32 ``[3, 1 + h' * w' + 1 + num_tail]`` on its device.
+    """
+    src_h, src_w = src_grid_hw
+    roi_h, roi_w = roi_grid_hw
+    if min(src_h, src_w, roi_h, roi_w) < 1:
+        raise ValueError(f"grids must be positive: src_grid_hw={src_grid_hw}, roi_grid_hw={roi_grid_hw}")
+    if tuple(src_visual_positions.shape) != (3, src_h * src_w):
+        raise ValueError(
+            f"src_visual_positions shape {tuple(src_visual_positions.shape)} != (3, {src_h * src_w}) "
+            f"for src_grid_hw={src_grid_hw}"
+        )
+    if not box.fits_grid(src_grid_hw):
+        raise ValueError(f"{box} does not fit the source grid (h, w)={src_grid_hw}")
+    if num_tail < 0:
+        raise ValueError(f"num_tail={num_tail}: expected >= 0")
+
+    src = src_visual_positions.detach().to(torch.float64).cpu()
+    start_t = float(src[0, 0])
+    row_h = src[1, ::src_w]  # h position of each source grid row (taken from column 0)
+    col_w = src[2, :src_w]  # w position of each source grid column (taken from row 0)
+    vision_end = float(src_vision_end_pos)
+
+    roi_t = torch.full((roi_h * roi_w,), start_t + max(src_h, src_w) + 2, dtype=torch.float64)
+    rows = torch.linspace(float(row_h[box.y0]), float(row_h[box.y1 - 1]), roi_h, dtype=torch.float64)
+    cols = torch.linspace(float(col_w[box.x0]), float(col_w[box.x1 - 1]), roi_w, dtype=torch.float64)
+    roi = torch.stack([roi_t, rows.repeat_interleave(roi_w), cols.repeat(roi_h)])
+
+    roi_end = vision_end + max(roi_h, roi_w) + 2
+    vision_start = torch.full((3, 1), vision_end + 1, dtype=torch.float64)
+    end_and_tail = (roi_end + torch.arange(1 + num_tail, dtype=torch.float64)).expand(3, -1)
+    positions = torch.cat([vision_start, roi, end_and_tail], dim=1)
+    return positions.to(device=src_visual_positions.device, dtype=torch.float32)
 
 
 class _QwenVLAdapter(FamilyAdapter):
@@ -44,8 +157,6 @@ class _QwenVLAdapter(FamilyAdapter):
         return importlib.import_module(self.modeling_module).apply_rotary_pos_emb(q, k, cos, sin)
 
     def resize_for_budget(self, image, min_tokens, max_tokens):
-        from qzoom_swift.roi import resized_hw_for_budget
-
         height, width = resized_hw_for_budget(image.height, image.width, patch_unit=self.patch_unit,
                                               min_tokens=min_tokens, max_tokens=max_tokens)
         if (width, height) == image.size:
@@ -72,8 +183,6 @@ class _QwenVLAdapter(FamilyAdapter):
         return last_visual + 2
 
     def roi_positions(self, model, positions, visual_index, src_grid, prefix_end, box, roi_grid, num_tail):
-        from qzoom_swift.roi import roi_position_ids
-
         src = positions[:, 0, visual_index]
         vision_end = float(positions[0, 0, prefix_end - 1])
         new = roi_position_ids(src, src_grid, vision_end, box, roi_grid, num_tail)
@@ -88,8 +197,6 @@ class _QwenVLAdapter(FamilyAdapter):
 
 class Qwen2_5VLAdapter(_QwenVLAdapter):
     name = "qwen2_5_vl"
-    model_types = ("qwen2_5_vl",)
-    patch_unit = 28
     modeling_module = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
 
     def causal_mask(self, model, hidden, attention_mask, cache=None, mask_layer_idx=None):
@@ -110,8 +217,6 @@ class Qwen2_5VLAdapter(_QwenVLAdapter):
 
 class Qwen3VLAdapter(_QwenVLAdapter):
     name = "qwen3_vl"
-    model_types = ("qwen3_vl",)
-    patch_unit = 32
     modeling_module = "transformers.models.qwen3_vl.modeling_qwen3_vl"
 
     def after_layer(self, model, index, hidden, embedded, visual_mask):

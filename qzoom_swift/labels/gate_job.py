@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.fileio import atomic_path, write_json_atomic, write_text_atomic
 from qzoom_swift.labels.gate import (
     DEFAULT_TRAJECTORY,
     balance_easy,
@@ -40,7 +41,6 @@ from qzoom_swift.labels.jobs import (
     prepare_record,
     question_text,
     read_dataset,
-    write_json_atomic,
 )
 from qzoom_swift.labels.matchers import get_matcher, is_correct
 
@@ -256,9 +256,7 @@ def build_gate_dataset(root: Path, opts: GateLabelOptions, patch_unit: int) -> d
                       qzoom_gate_meta={"id": rid, "kind": kind, "budget": budget})
         labels[label] += 1
         lines.append(json.dumps(record, ensure_ascii=False))
-    tmp = Path(root) / f".{GATE_TRAIN_FILE}.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(Path(root) / GATE_TRAIN_FILE)
+    write_text_atomic(Path(root) / GATE_TRAIN_FILE, "".join(line + "\n" for line in lines))
     return {"answered": len(rows), "kinds": dict(kinds), "kept": len(lines),
             "discarded": {k: kinds[k] for k in ("always_wrong", "unstable") if kinds[k]},
             "easy_dropped_for_balance": len(by_kind.get("easy", [])) - sum(1 for r in keep
@@ -342,8 +340,6 @@ def _plot_curve(curve, chosen, path: Path) -> None:
     ax.set_title("Q-Zoom gate calibration")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.fileio import append_jsonl_line
+
 JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
 REJECTS_FILE = "rejects.jsonl"
@@ -143,12 +145,6 @@ def prepare_record(record: Any, base_dir: Path, rewrite_question: Callable[[str]
     return Prepared(chat, image, str(path))
 
 
-def _write_line(f, data: dict) -> None:
-    f.write(json.dumps(data, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def _scan_jsonl(path: Path) -> list[tuple[str, str, str | None]]:
     """(id, status, reason) of every complete line; a partial or unparsable last line is cut off the file."""
     if not path.is_file():
@@ -220,14 +216,14 @@ class OutputDir:
                 self._shard_f.close()
                 self._shard_index, self._shard_count = self._shard_index + 1, 0
             self._shard_f = open(self.root / SHARD_PATTERN.format(self._shard_index), "a", encoding="utf-8")
-        _write_line(self._shard_f, data)
+        append_jsonl_line(self._shard_f, data)
         self._shard_count += 1
         self.done[data["qzoom_id"]] = data["qzoom_status"]
 
     def write_reject(self, rid: str, index: int, reject: Reject) -> None:
         if self._rejects_f is None:
             self._rejects_f = open(self.root / REJECTS_FILE, "a", encoding="utf-8")
-        _write_line(self._rejects_f, {"qzoom_id": rid, "qzoom_status": STATUS_REJECTED, "reason": reject.reason,
+        append_jsonl_line(self._rejects_f, {"qzoom_id": rid, "qzoom_status": STATUS_REJECTED, "reason": reject.reason,
                                       "index": index, "detail": reject.detail})
         self.done[rid] = STATUS_REJECTED
         self.reject_reasons[reject.reason] += 1
@@ -278,13 +274,6 @@ def prepare_out_dir(out: str | Path, overwrite: bool, settings: dict, resume_key
         raise JobError(f"{root} holds a {job_name} job with different settings ({shown}); rerun with the same "
                        "settings to resume it, or pass --overwrite to start again (its output is deleted)")
     return root, previous
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary file and rename it over ``path``: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def question_text(messages: list[dict]) -> str:

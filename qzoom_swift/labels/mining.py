@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.fileio import write_json_atomic, write_text_atomic
 from qzoom_swift.labels.jobs import (
     JOB_FILE,
     SUMMARY_FILE,
@@ -28,7 +29,6 @@ from qzoom_swift.labels.jobs import (
     prepare_record,
     question_text,
     read_dataset,
-    write_json_atomic,
 )
 from qzoom_swift.labels.matchers import get_matcher, is_correct
 
@@ -180,9 +180,7 @@ def build_post_sft_dataset(root: Path, mixing_ratio: float, seed: int) -> dict[s
         if r.get("qzoom_low"):
             record["chat_template_kwargs"] = dict(record.get("chat_template_kwargs") or {}, **r["qzoom_low"])
         lines.append(json.dumps(record, ensure_ascii=False))
-    tmp = Path(root) / f".{POST_SFT_FILE}.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(Path(root) / POST_SFT_FILE)
+    write_text_atomic(Path(root) / POST_SFT_FILE, "".join(line + "\n" for line in lines))
     return {"answered": len(rows), "categories": {c: counts[c] for c in CATEGORIES if counts[c]},
             "post_sft_rows": len(lines), "regressions": len(regressions), "improvements_mixed": want,
             "post_sft": str(Path(root) / POST_SFT_FILE)}

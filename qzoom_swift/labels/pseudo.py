@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.fileio import write_json_atomic
 from qzoom_swift.labels.jobs import (
     JOB_FILE,
     STATUS_REJECTED,
@@ -49,7 +50,6 @@ from qzoom_swift.labels.jobs import (
     prepare_out_dir,
     read_dataset,
     record_id,
-    write_json_atomic,
 )
 from qzoom_swift.labels.jobs import prepare_record as _prepare_record
 from qzoom_swift.labels.tristate import (
@@ -114,7 +114,7 @@ class PseudoLabelOptions:
     tau_bg: float | None = None
     max_box_fraction: float | None = None
     min_peak: float | None = None
-    """None = QZoomConfig's default."""
+    """None = the LabelThresholds default."""
     shard_size: int = 1000
     overwrite: bool = False
     limit: int | None = None
@@ -244,7 +244,7 @@ def _sink_method(opts: PseudoLabelOptions, selection) -> str:
 
 def run_pseudo_labels(opts: PseudoLabelOptions) -> dict:
     """Run (or resume) a pseudo-label job; returns the summary (also written to ``summary.json``)."""
-    from qzoom_swift.config import QZoomConfig
+    from qzoom_swift.config import LabelThresholds, QZoomConfig
     from qzoom_swift.families import get_adapter
     from qzoom_swift.labels.attention import (
         HeadSelection,
@@ -264,12 +264,12 @@ def run_pseudo_labels(opts: PseudoLabelOptions) -> dict:
     opts.dataset = str(dataset)
     model_path = Path(opts.model)
     opts.model = str(model_path.resolve()) if model_path.exists() else opts.model
-    defaults = QZoomConfig()
+    defaults = LabelThresholds()
     thresholds = {k: (getattr(opts, k) if getattr(opts, k) is not None else getattr(defaults, k))
                   for k in ("tau_fg", "tau_bg", "max_box_fraction", "min_peak")}
     for k, v in thresholds.items():
         setattr(opts, k, v)
-    label_cfg = QZoomConfig(**thresholds)
+    label_cfg = QZoomConfig(labelling=LabelThresholds(**thresholds))
     settings = {k: getattr(opts, k) for k in PseudoLabelOptions.RESUME_KEYS}
     root, previous = prepare_out_dir(opts.out, opts.overwrite, settings, PseudoLabelOptions.RESUME_KEYS,
                                      "pseudo-label")

@@ -141,9 +141,10 @@ def tristate_labels(attn: Tensor, sink_mask: Tensor | None = None, *, tau_fg: fl
 
 
 def label_kwargs(config) -> dict:
-    """The keyword arguments of :func:`tristate_labels` taken from a ``QZoomConfig``."""
-    return dict(tau_fg=config.tau_fg, tau_bg=config.tau_bg, max_box_fraction=config.max_box_fraction,
-                min_peak=config.min_peak, blur_kernel=config.blur_kernel, blur_sigma=config.blur_sigma)
+    """The keyword arguments of :func:`tristate_labels` taken from a ``QZoomConfig`` (its ``labelling`` and blur)."""
+    t = config.labelling
+    return dict(tau_fg=t.tau_fg, tau_bg=t.tau_bg, max_box_fraction=t.max_box_fraction, min_peak=t.min_peak,
+                blur_kernel=config.blur_kernel, blur_sigma=config.blur_sigma)
 
 
 def sink_mask_from_heads(sink_attn: Tensor | None, threshold: float = DEFAULT_SINK_THRESHOLD,

@@ -33,10 +33,10 @@ def export_onnx_args(p: argparse.ArgumentParser) -> None:
 
 
 def export_onnx_run(args: argparse.Namespace) -> int:
-    from qzoom_swift.cli import _quiet_transformers
+    from qzoom_swift.fileio import quiet_transformers
     from qzoom_swift.onnx.export import DEFAULT_OPSET, REPORT_NAME, export_checkpoint
 
-    _quiet_transformers()
+    quiet_transformers()
     precisions = tuple(dict.fromkeys(args.precisions or ("fp32", "fp16")))
     result = export_checkpoint(args.checkpoint, args.model, args.out, precisions=precisions,
                                opset=args.opset or DEFAULT_OPSET, parity=not args.no_parity)

@@ -253,7 +253,7 @@ def _real_inputs(model: nn.Module, processor) -> tuple[dict[str, torch.Tensor], 
     """Layer-B state of a real left-padded batch (two synthetic images, two questions) and its visual mask."""
     from qzoom_swift.inputs import chat_inputs
     from qzoom_swift.prefill import prefill_to_branch
-    from qzoom_swift.testing.data import make_shape_image, sample_shapes
+    from qzoom_swift.synthetic.images import make_shape_image, sample_shapes
 
     sizes = ((392, 280), (280, 336))
     images = [make_shape_image(sample_shapes(1, size=size, seed=i + 1)[0], size=size) for i, size in enumerate(sizes)]
@@ -340,7 +340,7 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, precisions: tup
     With ``parity`` the graphs are run with onnxruntime against the torch branches (random inputs, plus a
     real two-image batch when ``processor`` is given) and ``parity_report.json`` is written.
     """
-    from qzoom_swift.cli import write_json_atomic
+    from qzoom_swift.fileio import write_json_atomic
 
     for precision in precisions:
         if precision not in PRECISIONS:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qzoom_swift.config import read_env
 from qzoom_swift.onnx.export import (
     BRANCHES,
     GATE_OUTPUTS,
@@ -259,7 +260,6 @@ class OnnxRouter:
         return f"OnnxRouter({str(self.onnx_dir)!r}, provider={self.provider!r}, precision={self.precision!r})"
 
 
-ROUTERS = ("torch", "onnx")
 _CACHE: dict[tuple[str, str, str], OnnxRouter] = {}
 _LOCK = threading.Lock()
 
@@ -270,17 +270,15 @@ def router_from_env(environ: Mapping[str, str] | None = None, log: Callable[[str
 
     ``log`` receives one line when a router is created (the ms-swift template passes swift's logger).
     """
-    env = os.environ if environ is None else environ
-    kind = env.get("QZOOM_ROUTER", "torch").strip().lower() or "torch"
-    if kind not in ROUTERS:
-        raise OnnxRouterError(f"QZOOM_ROUTER={kind!r}; choose from {', '.join(ROUTERS)}")
-    if kind == "torch":
+    try:
+        env = read_env(environ)
+    except ValueError as exc:
+        raise OnnxRouterError(str(exc)) from exc
+    if env.router == "torch":
         return None
-    onnx_dir = env.get("QZOOM_ONNX_DIR", "").strip()
-    if not onnx_dir:
+    if not env.onnx_dir:
         raise OnnxRouterError("QZOOM_ROUTER=onnx needs QZOOM_ONNX_DIR (the output dir of `qzoom export-onnx`)")
-    key = (str(Path(onnx_dir).resolve()), env.get("QZOOM_ONNX_PROVIDER", "auto").strip() or "auto",
-           env.get("QZOOM_ONNX_PRECISION", "fp32").strip() or "fp32")
+    key = (str(Path(env.onnx_dir).resolve()), env.onnx_provider, env.onnx_precision)
     with _LOCK:
         router = _CACHE.get(key)
         if router is None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qzoom_swift.families.registry import FAMILIES
+
 PLUGIN_FILE = Path(__file__).with_name("plugin.py")
 
-MODEL_TYPES = {"qwen2_5_vl": "qzoom_qwen2_5_vl", "qwen3_vl": "qzoom_qwen3_vl", "llava": "qzoom_llava1_5_hf"}
-"""Q-Zoom family -> ms-swift model_type (also the template name)."""
+MODEL_TYPES = {name: spec.qzoom_model_type for name, spec in FAMILIES.items()}
+"""Q-Zoom family -> ms-swift model_type (also the template name), from the family registry."""
 
 _registered = False
 

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from qzoom_swift.swift_plugin import MODEL_TYPES
-
-# Q-Zoom family -> (stock ms-swift model_type, ModelArch name)
-_BASES = {"qwen2_5_vl": ("qwen2_5_vl", "qwen2_vl"), "qwen3_vl": ("qwen3_vl", "qwen3_vl"),
-          "llava": ("llava1_5_hf", "llava_hf")}
+from qzoom_swift.families.registry import FAMILIES
 
 
 def _qzoom_loader(base_loader: type) -> type:
@@ -16,16 +12,15 @@ def _qzoom_loader(base_loader: type) -> type:
         """Loads the stock model, then attaches the branches (configured by ``QZOOM_*`` variables)."""
 
         def get_model(self, model_dir, *args, **kwargs):
-            import os
-
             from qzoom_swift.branches import attach_branches
-            from qzoom_swift.config import config_from_env
+            from qzoom_swift.config import effective_config, read_env
 
+            env = read_env()
             model = super().get_model(model_dir, *args, **kwargs)
             # QZOOM_ATTACH=0: no branches (Post-SFT trains the LLM on stored RoIs and never runs them; under
             # ZeRO-3 the partitioned layers could not be copied anyway). Re-attach with --adapters later.
-            if os.environ.get("QZOOM_ATTACH", "1").strip().lower() not in ("0", "false", "no"):
-                attach_branches(model, config_from_env())
+            if env.attach:
+                attach_branches(model, effective_config())
             return model
 
     QZoomLoader.__name__ = QZoomLoader.__qualname__ = f"QZoom{base_loader.__name__}"
@@ -35,16 +30,15 @@ def _qzoom_loader(base_loader: type) -> type:
 def register_models() -> None:
     from swift.model import MODEL_MAPPING, Model, ModelGroup, register_model
 
-    for family, model_type in MODEL_TYPES.items():
-        base_type, arch = _BASES[family]
-        base = MODEL_MAPPING[base_type]
+    for spec in FAMILIES.values():
+        base = MODEL_MAPPING[spec.swift_model_type]
         meta = dataclasses.replace(
             base,
-            model_type=model_type,
+            model_type=spec.qzoom_model_type,
             model_groups=[ModelGroup([Model()])],
             loader=_qzoom_loader(base.loader),
-            template=model_type,
-            model_arch=arch,
+            template=spec.qzoom_model_type,
+            model_arch=spec.swift_model_arch,
             architectures=[],  # never auto-selected: Q-Zoom is asked for with --model_type
             is_multimodal=True,
         )

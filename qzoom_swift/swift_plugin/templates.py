@@ -13,11 +13,9 @@ import inspect
 
 import torch
 
+from qzoom_swift.families.registry import FAMILIES
 from qzoom_swift.losses import IGNORE_INDEX
-from qzoom_swift.swift_plugin import MODEL_TYPES
-from qzoom_swift.training import TARGET_KEYS, trained_branches
-
-_BASE_TEMPLATES = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "llava": "llava1_5_hf"}
+from qzoom_swift.training import is_branch_batch
 
 
 def _nesting_depth(value) -> int:
@@ -56,11 +54,11 @@ class QZoomTemplateMixin:
 
     def _qzoom_config(self, model=None):
         from qzoom_swift.branches import get_branches
-        from qzoom_swift.config import QZoomConfig, config_from_env
+        from qzoom_swift.config import effective_config
 
         model = model if model is not None else getattr(self, "model", None)
         branches = get_branches(model) if model is not None else None
-        return config_from_env(branches.qzoom_config if branches is not None else QZoomConfig())
+        return effective_config(branches.qzoom_config if branches is not None else None)
 
     def replace_tag(self, media_type, index, inputs):
         zoom_training = self.is_training and (inputs.extra_kwargs or {}).get("qzoom_roi") is not None
@@ -72,13 +70,12 @@ class QZoomTemplateMixin:
                 image = load_image(image)
             inputs.extra_kwargs.setdefault("qzoom_src_images", {})[index] = image  # the original, for crops
         if media_type == "image" and not self.is_training:
-            if self.qzoom_family != "llava":
-                from qzoom_swift.families import get_adapter
+            from qzoom_swift.families import get_adapter
 
-                cfg = self._qzoom_config()
-                unit = get_adapter(self.qzoom_family).patch_unit ** 2
-                inputs.chat_template_kwargs.setdefault("min_pixels", cfg.low_min_tokens * unit)
-                inputs.chat_template_kwargs.setdefault("max_pixels", cfg.low_max_tokens * unit)
+            cfg = self._qzoom_config()
+            budget = get_adapter(self.qzoom_family).budget_template_kwargs(cfg.low_min_tokens, cfg.low_max_tokens)
+            for key, value in budget.items():
+                inputs.chat_template_kwargs.setdefault(key, value)
         return super().replace_tag(media_type, index, inputs)
 
     def _encode(self, inputs):
@@ -112,14 +109,14 @@ class QZoomTemplateMixin:
         and, when the source grid is unchanged, the exact grid cells (``grid_box``, ``grid``) the
         positions interpolate over. Only the answer keeps its labels; the crop's tokens are never targets.
         """
-        import os
         import random
 
+        from qzoom_swift.config import read_env
         from qzoom_swift.zoom import random_roi, roi_training_sequence
 
         if not originals:
             raise ValueError("a qzoom_roi record needs its image")
-        noise = float(os.environ.get("QZOOM_ROI_NOISE", "0") or 0)  # the released Qwen3 recipe uses 0.8
+        noise = read_env().roi_noise  # the released Qwen3 recipe uses 0.8
         if noise > 0 and random.random() < noise:
             roi = random_roi(random)
         out = roi_training_sequence(self._get_model(), self.processor, self.qzoom_family, encoded, originals[-1],
@@ -162,7 +159,7 @@ class QZoomTemplateMixin:
 
     def pre_forward_hook(self, model, args, kwargs):
         base = self.get_base_model(model)
-        if trained_branches(base) and any(kwargs.get(k) is not None for k in TARGET_KEYS):
+        if is_branch_batch(base, kwargs):
             from swift.utils import to_device
 
             return args, to_device(kwargs, model.device)
@@ -207,7 +204,7 @@ class QZoomTemplateMixin:
         base = self.get_base_model(model)
         while hasattr(base, "module"):
             base = base.module
-        if not (trained_branches(base) and any(inputs.get(k) is not None for k in TARGET_KEYS)):
+        if not is_branch_batch(base, inputs):
             return super().compute_sft_loss(model, inputs, num_items_in_batch=num_items_in_batch, trainer=trainer)
         outputs = model(**inputs)
         if trainer is not None and outputs.metrics:
@@ -225,9 +222,9 @@ def _template_class(base_cls: type, family: str) -> type:
 def register_templates() -> None:
     from swift.template import TEMPLATE_MAPPING, register_template
 
-    for family, template_type in MODEL_TYPES.items():
-        base_meta = TEMPLATE_MAPPING[_BASE_TEMPLATES[family]]
+    for family, spec in FAMILIES.items():
+        base_meta = TEMPLATE_MAPPING[spec.swift_template]
         cls = _template_class(base_meta.template_cls, family)
         globals()[cls.__name__] = cls  # importable by name (pickling, spawn workers)
-        meta = dataclasses.replace(base_meta, template_type=template_type, template_cls=cls)
+        meta = dataclasses.replace(base_meta, template_type=spec.qzoom_model_type, template_cls=cls)
         register_template(meta, exist_ok=True)

@@ -6,29 +6,24 @@ both), set in a recipe's ``ENV:`` block or with ``--model_kwargs '{"QZOOM_TRAIN"
 
 from __future__ import annotations
 
-import os
-
 from swift.tuner_plugin import Tuner, tuners_map
 
 from qzoom_swift.branches import BRANCH_NAMES, branch_parameters, require_branches
 from qzoom_swift.checkpoint import load_branch_checkpoint, save_branch_checkpoint
+from qzoom_swift.config import read_env
 from qzoom_swift.training import install_branch_training_forward, set_trained_branches, trained_branches
 
 TUNER_NAME = "qzoom"
 
 
 def branches_to_train(environ=None) -> tuple[str, ...]:
-    env = os.environ if environ is None else environ
-    raw = env.get("QZOOM_TRAIN")
-    if not raw:
+    """The branches ``QZOOM_TRAIN`` names (parsed by ``config.read_env``); an error naming the fix when unset."""
+    which = read_env(environ).train
+    if not which:
         raise ValueError(
             "--tuner_type qzoom needs QZOOM_TRAIN: 'rpn' (stage 1), 'gate' (stage 3) or 'rpn,gate'; set it in the "
             "recipe's ENV block, the environment, or --model_kwargs '{\"QZOOM_TRAIN\": \"gate\"}'"
         )
-    which = tuple(w.strip() for w in raw.replace("+", ",").split(",") if w.strip())
-    bad = [w for w in which if w not in BRANCH_NAMES]
-    if bad or not which:
-        raise ValueError(f"QZOOM_TRAIN={raw!r}: choose from {', '.join(BRANCH_NAMES)} (comma-separated)")
     return which
 
 
@@ -49,9 +44,11 @@ class QZoomTuner(Tuner):
     @staticmethod
     def prepare_model(args, model):
         if getattr(model, "qzoom_branch", None) is None:
+            from qzoom_swift.swift_plugin import MODEL_TYPES
+
             raise ValueError(
-                f"--tuner_type qzoom needs a Q-Zoom model type (one of qzoom_qwen2_5_vl, qzoom_qwen3_vl, "
-                f"qzoom_llava1_5_hf), got model_type {getattr(args, 'model_type', None)!r}"
+                f"--tuner_type qzoom needs a Q-Zoom model type (one of {', '.join(MODEL_TYPES.values())}), "
+                f"got model_type {getattr(args, 'model_type', None)!r}"
             )
         return prepare_branch_training(model, branches_to_train())
 

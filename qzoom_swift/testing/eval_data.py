@@ -1,7 +1,7 @@
 """Tiny local copies of the ``qzoom eval`` benchmarks, in the Hugging Face layout evalscope reads offline.
 
 ``write_eval_datasets(root, names, n)`` writes ``root/<benchmark>/`` for each benchmark with the same files,
-configs and columns as the hub dataset that ``qzoom_swift.eval_suite.BENCHMARKS`` names (README ``configs:``
+configs and columns as the hub dataset that ``qzoom_swift.eval.suite.BENCHMARKS`` names (README ``configs:``
 where evalscope passes a config name, the hub's file names, HF ``Image`` columns or base64 strings), filled
 with ``n`` synthetic shape images whose answer is the shape's colour. Deterministic per seed.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from qzoom_swift.testing.data import COLOURS, QUESTION, make_shape_image, sample_shapes
+from qzoom_swift.synthetic.images import COLOURS, QUESTION, make_shape_image, sample_shapes
 
 LETTERS = "ABCDE"
 

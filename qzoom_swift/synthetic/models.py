@@ -1,4 +1,4 @@
-"""Offline model directories for tests, the CPU demo and benchmarks.
+"""Model directories built locally (no hub): for tests, the CPU demo, benchmarks and ``qzoom build-tiny``.
 
 ``build_model_dir(family, size)`` writes a complete Hugging Face model directory (config, random
 weights, tokenizer, processor) that ``AutoModelForImageTextToText.from_pretrained`` and
@@ -16,13 +16,13 @@ written atomically, so parallel test processes and interrupted builds never see 
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from qzoom_swift.testing.tokenizer import (
+from qzoom_swift.families.registry import FAMILY_NAMES
+from qzoom_swift.synthetic.tokenizer import (
     LLAVA_CHAT_TEMPLATE,
     QWEN2_VL_CHAT_TEMPLATE,
     QWEN3_VL_CHAT_TEMPLATE,
@@ -32,15 +32,14 @@ from qzoom_swift.testing.tokenizer import (
 )
 
 BUILDER_VERSION = 1
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
 SIZES = ("tiny", "bench")
-
-# swift's --model_type / --template for the stock (branch-less) model of each family.
-SWIFT_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "llava": "llava1_5_hf"}
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("QZOOM_CACHE", Path.home() / ".cache" / "qzoom_swift"))
+    """``QZOOM_CACHE`` (default ``~/.cache/qzoom_swift``), as read by the configuration module."""
+    from qzoom_swift.config import read_env
+
+    return read_env().cache_dir
 
 
 _TEXT_SIZES: dict[str, dict[str, Any]] = {
@@ -145,7 +144,7 @@ def make_config(family: str, config_kwargs: dict[str, Any]):
         return Qwen3VLConfig(**kwargs)
     if family == "llava":
         return LlavaConfig(**kwargs)
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILY_NAMES}")
 
 
 def full_size_config(name: str):
@@ -219,7 +218,7 @@ def tiny_config(family: str, size: str = "tiny"):
         tok = build_llava_tokenizer(None)
         vocab = ((len(tok) + 63) // 64) * 64
         return make_config(family, _llava_config(size, tok.convert_tokens_to_ids("<image>"), vocab))
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILY_NAMES}")
 
 
 def build_model_dir(family: str, size: str = "tiny", *, cache_dir: str | Path | None = None, seed: int = 0,

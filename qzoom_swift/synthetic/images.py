@@ -8,12 +8,11 @@ or ellipse) on a light background, the answer being its colour name. ``swift sft
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from qzoom_swift.fileio import write_jsonl_atomic
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -66,18 +65,6 @@ def sample_shapes(n: int, size: tuple[int, int] = (392, 280), seed: int = 0) -> 
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_shape_dataset(out_dir: str | Path, n: int = 4, *, size: tuple[int, int] = (392, 280), seed: int = 0,
                         name: str = "data.jsonl") -> Path:
     """Write ``n`` PNG images and an ms-swift jsonl under ``out_dir``; return the jsonl path.
@@ -95,5 +82,5 @@ def write_shape_dataset(out_dir: str | Path, n: int = 4, *, size: tuple[int, int
                                   {"role": "assistant", "content": sample.colour}],
                      "images": [str(png)]})
     jsonl = out / name
-    _write_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl_atomic(jsonl, rows)
     return jsonl

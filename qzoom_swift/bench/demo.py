@@ -1,0 +1,566 @@
+"""``qzoom demo``: the whole Q-Zoom pipeline on the zoom bench, a miniature of the paper measured on CPU.
+
+No real weights or benchmark data can be reached from our machines, so the demo trains its own toy VLM on a
+synthetic fine-detail VQA bench with ground-truth boxes (:mod:`qzoom_swift.bench`) and runs every Q-Zoom
+stage on it. Stages, in order (each writes under ``--out`` and a record ``stages/<name>.json``; a rerun skips
+a stage whose record matches the current settings and whose files still exist, ``--force`` redoes them):
+
+1. ``bench``          the bench splits: PNGs, ms-swift jsonl questions, ground truth (``bench/``);
+2. ``toy_base``       the toy Qwen2.5-VL: vision warm-up, then ``swift sft recipes/toy/base_sft.yaml`` full
+                      tuning at mixed resolutions (cached under ``$QZOOM_CACHE/toy/<settings hash>``);
+3. ``pseudo_labels``  stage 1: ``qzoom pseudo-labels`` on train questions, from a high-budget pass;
+4. ``rpn_train``      stage 1: ``swift sft recipes/toy/stage1_sdrpn.yaml`` at the low budget (labels pooled to
+                      the low-resolution grid);
+5. ``gate_labels``    stage 3: ``qzoom gate-labels`` along a resolution trajectory on train questions, and
+                      held-out trajectories on the val split;
+6. ``gate_train``     stage 3: ``swift sft recipes/toy/stage3_gate.yaml --adapters <stage-1 checkpoint>``;
+7. ``calibrate``      stage 3: ``calibrate_gate`` on the held-out trajectories writes ``tau_gate``;
+8. ``evaluate``       the test split answered by the base model at the low budget, 4x and 16x, and by Q-Zoom
+                      (gated) and its ``always`` ablation at the low budget (``never`` is the low baseline);
+                      accuracy, throughput, visual tokens, zoom rate, box and gate quality against GT.
+
+Then ``report.md``, ``summary.json`` and the figures (``pareto.png``, ``overlays.png``,
+``gate_calibration.png``) are written. ``--preset quick`` is a reduced configuration (minutes; the test
+suite runs it): every stage runs, numbers are not meaningful. Stage 2 (Post-SFT) is not part of the demo: the
+toy base is already trained on the zoomed layout it would adapt to.
+
+Only the standard library is imported at module level (``qzoom --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qzoom_swift.bench.report import RUN_LABELS, acceptance, render_report
+from qzoom_swift.bench.settings import PRESETS, DemoConfig, demo_config
+from qzoom_swift.fileio import write_json_atomic, write_jsonl_atomic, write_text_atomic
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "toy"
+STAGE1_RECIPE = RECIPES / "stage1_sdrpn.yaml"
+STAGE3_RECIPE = RECIPES / "stage3_gate.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+                   help="output dir: every stage's files, report.md, summary.json, figures (default: runs/demo)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="full",
+                   help="full (default: the measured miniature, ~21 min on 2 cores the first time) or quick (every stage on a "
+                        "few samples, a few minutes; numbers are not meaningful)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a DemoConfig field, e.g. --set toy_steps=1500 (repeatable; see qzoom_swift/bench/settings.py)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="cache of trained toy models (default: $QZOOM_CACHE, else ~/.cache/qzoom_swift)")
+    p.add_argument("--sft", choices=("in-process", "subprocess"), default="in-process",
+                   help="run swift sft inside this process (default; no second start-up) or as `swift sft` "
+                        "subprocesses")
+    p.add_argument("--force", action="store_true",
+                   help="redo every stage (a cached toy model is reused: delete $QZOOM_CACHE/toy to retrain it)")
+
+
+# ------------------------------------------------------------------------------------------------ plumbing
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    deps: tuple[str, ...]
+    settings: tuple[str, ...]
+    """DemoConfig fields that change this stage's output."""
+    run: Callable[[Context], StageResult]
+    own_cache: bool = False
+    """The stage keeps its own cache (keyed by everything that makes its output, code versions included):
+    always call it, it returns at once when its output exists."""
+    recipe: Path | None = None
+    """The swift sft recipe it runs: an edited recipe invalidates the stage."""
+
+
+@dataclass
+class StageResult:
+    line: str
+    """One line for the progress output and the report."""
+    outputs: dict[str, Any]
+    artefacts: list[str]
+    """Files or directories that must exist for the stage to count as done."""
+    run_id: str | None = None
+    """Identity of the outputs (default: unique per run); deterministic outputs pass a content hash."""
+    notes: list[str] = field(default_factory=list)
+    reused: bool = False
+    """The stage found its output already there (its own cache) and did no work."""
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    cfg: DemoConfig
+    out: Path
+    records: dict[str, dict] = field(default_factory=dict)
+    fresh: bool = False
+    """True when the running stage must start from scratch (--force, or its earlier outputs are stale);
+    False when it never finished, so a resumable job continues where it stopped."""
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def outputs(self, stage: str) -> dict[str, Any]:
+        return self.records[stage]["outputs"]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _label_job(job: Callable[[Any], dict], make_opts: Callable[[], Any], out: Path, fresh: bool) -> dict:
+    """Run a resumable labelling job: from scratch when ``fresh``, else resume an interrupted one (restarting
+    when that one had other settings)."""
+    from qzoom_swift.labels.jobs import JobError
+
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        return job(make_opts())
+    except JobError as exc:
+        if fresh:
+            raise
+        print(f"qzoom demo: not resuming {out} ({exc}); starting again")
+        shutil.rmtree(out, ignore_errors=True)
+        return job(make_opts())
+
+
+def _train_outputs(out_dir: Path, steps: int, loss_key: str, log: Path) -> tuple[dict[str, Any], Path]:
+    ckpt = out_dir / f"checkpoint-{steps}"
+    if not (ckpt / "qzoom_branch.safetensors").is_file():
+        raise RuntimeError(f"swift sft left no {ckpt}/qzoom_branch.safetensors; see {log}")
+    logs = _rows(out_dir / "logging.jsonl")
+    losses = [row[loss_key] for row in logs if loss_key in row]
+    runtime = next((row["train_runtime"] for row in logs if "train_runtime" in row), None)
+    config = json.loads((ckpt / "qzoom_config.json").read_text())
+    return {"checkpoint": str(ckpt), "steps": steps, "log": str(log), "loss_key": loss_key,
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "losses": [round(x, 6) for x in losses], "train_runtime_s": runtime,
+            "trained_branches": config.get("extra", {}).get("trained_branches"),
+            "branch_layer": config.get("branch_layer"), "branch_depth": config.get("branch_depth")}, ckpt
+
+
+def _sft(ctx: Context, recipe: Path, overrides: list[str], workdir: Path, env: dict[str, str] | None = None) -> Path:
+    from qzoom_swift.bench.sft import swift_sft
+
+    return swift_sft(recipe, overrides, workdir, env, in_process=ctx.args.sft == "in-process")
+
+
+def _recipe_rel(recipe: Path) -> str:
+    return str(recipe.relative_to(RECIPES.parents[1]))
+
+
+def _model_dir(ctx: Context) -> str:
+    return ctx.outputs("toy_base")["model_dir"]
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+
+def _stage_bench(ctx: Context) -> StageResult:
+    from qzoom_swift.bench.dataset import write_bench, write_evalscope_split
+    from qzoom_swift.bench.render import BenchSpec
+
+    c = ctx.cfg
+    spec = BenchSpec(free_placement=c.free_placement, distractors=c.distractors)
+    marker = write_bench(ctx.path("bench"), {"train": c.train_images, "val": c.val_images, "test": c.test_images},
+                         seed=c.seed, spec=spec, progress=True)
+    meta = json.loads(marker.read_text())
+    q = meta["questions"]
+    evalscope_root = write_evalscope_split(marker.parent, "test")
+    outputs = {"root": str(marker.parent), "meta": meta, "evalscope_data_root": str(evalscope_root)}
+    line = (f"{c.train_images}/{c.val_images}/{c.test_images} images (train/val/test), "
+            f"{meta['spec']['canvas']} px; test questions {q['test']['fine']} fine + {q['test']['coarse']} coarse "
+            f"-> {marker.parent}")
+    return StageResult(line, outputs, [str(marker), str(evalscope_root)], run_id=_sha(marker))
+
+
+def _stage_toy_base(ctx: Context) -> StageResult:
+    from qzoom_swift.bench.toy_model import train_toy_base
+    from qzoom_swift.synthetic.models import cache_root
+
+    c = ctx.cfg
+    cache = Path(ctx.args.cache_dir) if ctx.args.cache_dir is not None else cache_root()
+    rec = train_toy_base(ctx.outputs("bench")["root"], cache, seed=c.seed, warmup_steps=c.warmup_steps,
+                         steps=c.toy_steps, batch=c.toy_batch, curriculum=c.curriculum, low_tokens=c.low_tokens,
+                         high_tokens=c.high_tokens, in_process=ctx.args.sft == "in-process")
+    w = rec["warmup"]
+    outputs = {"model_dir": rec["model_dir"], "params": w["params"],
+               "params_without_embedding": w["params_without_embedding"], "warmup_accuracy": w["ema_accuracy"],
+               "warmup_seconds": w["seconds"], "sft_seconds": rec["sft_seconds"], "steps": rec["steps"],
+               "batch": rec["batch"], "loss_first": rec["losses"][0][1] if rec["losses"] else None,
+               "loss_last": rec["losses"][-1][1] if rec["losses"] else None, "recipe": _recipe_rel(Path(rec["recipe"])),
+               "cache_key": rec["key"]}
+    line = (f"Qwen2.5-VL toy, {w['params_without_embedding'] / 1e6:.1f} M params + embedding; warm-up "
+            f"{w['seconds']:.0f} s (digit acc {w['ema_accuracy']:.2f}), swift sft {rec['steps']} x {rec['batch']} "
+            f"in {rec['sft_seconds']:.0f} s{' (cached)' if rec['reused'] else ''} -> {rec['model_dir']}")
+    return StageResult(line, outputs, [rec["model_dir"]], run_id=rec["key"], reused=rec["reused"])
+
+
+def _stage_pseudo_labels(ctx: Context) -> StageResult:
+    from qzoom_swift.bench.dataset import questions_path
+    from qzoom_swift.labels.pseudo import PseudoLabelOptions, run_pseudo_labels
+
+    c = ctx.cfg
+    rows = _rows(questions_path(ctx.outputs("bench")["root"], "train"))[: 2 * c.label_images]
+    dataset = write_jsonl_atomic(ctx.path("stage1", "label_input.jsonl"), rows)
+    out = ctx.path("stage1", "labels")
+    summary = _label_job(run_pseudo_labels, lambda: PseudoLabelOptions(
+        model=_model_dir(ctx), dataset=str(dataset), out=str(out), batch_size=8, max_new_tokens=c.label_new_tokens,
+        heads=c.label_heads, queries=c.label_queries, sink=c.label_sink, max_tokens=c.high_tokens, progress=True),
+        out, ctx.fresh)
+    shards = [str(out / s) for s in summary["shards"]]
+    if not shards:
+        raise RuntimeError(f"pseudo-labels wrote no shard under {out}")
+    counts = summary["outcomes"]
+    outputs = {"dir": str(out), "shards": shards, "outcomes": counts, "ignored": summary["ignored"],
+               "head_selection": summary["head_selection"], "label_tokens": c.high_tokens,
+               "queries": c.label_queries, "sink_filter": summary["sink_filter"],
+               "samples_per_s": summary["this_run"]["samples_per_s"]}
+    line = (f"{len(rows)} questions at {c.high_tokens} tokens: {counts['labelled']} labelled, {summary['ignored']} "
+            f"ignored, {counts['rejected']} rejected -> {out}")
+    return StageResult(line, outputs, shards)
+
+
+def _stage_rpn_train(ctx: Context) -> StageResult:
+    from qzoom_swift.bench.toy_model import budget_kwargs
+
+    c = ctx.cfg
+    rows = []
+    for shard in ctx.outputs("pseudo_labels")["shards"]:
+        for row in _rows(Path(shard)):
+            rows.append({"messages": row["messages"], "images": row["images"],
+                         "qzoom_rpn_labels": row.get("qzoom_rpn_labels"),
+                         "chat_template_kwargs": budget_kwargs(c.low_tokens)})
+    train = write_jsonl_atomic(ctx.path("stage1", "rpn_train.jsonl"), rows)
+    out = ctx.path("stage1", "train")
+    shutil.rmtree(out, ignore_errors=True)
+    overrides = ["--model", _model_dir(ctx), "--dataset", str(train), "--output_dir", str(out),
+                 "--max_steps", str(c.rpn_steps), "--save_steps", str(c.rpn_steps), "--seed", str(c.seed)]
+    log = _sft(ctx, STAGE1_RECIPE, overrides, ctx.path("stage1"), env={"QZOOM_TAU_ROI": str(c.tau_roi)})
+    outputs, ckpt = _train_outputs(out, c.rpn_steps, "qzoom_rpn_loss", log)
+    outputs.update(recipe=_recipe_rel(STAGE1_RECIPE), rows=len(rows),
+                   labelled_rows=sum(r["qzoom_rpn_labels"] is not None for r in rows))
+    line = (f"swift sft {outputs['recipe']} on {len(rows)} rows at {c.low_tokens} tokens: {c.rpn_steps} steps, "
+            f"rpn loss {outputs['loss_first']:.4f} -> {outputs['loss_last']:.4f} -> {ckpt}")
+    return StageResult(line, outputs, [str(ckpt / "qzoom_branch.safetensors")])
+
+
+def _stage_gate_labels(ctx: Context) -> StageResult:
+    from qzoom_swift.bench.dataset import questions_path
+    from qzoom_swift.labels.gate_job import GateLabelOptions, run_gate_labels
+
+    c = ctx.cfg
+    root = ctx.outputs("bench")["root"]
+    train_rows = _rows(questions_path(root, "train"))
+    rows = train_rows[2 * c.label_images: 2 * (c.label_images + c.gate_images)]
+    if not rows:
+        raise RuntimeError(f"no train images left for stage 3: train_images={c.train_images} <= label_images="
+                           f"{c.label_images}; raise train_images or lower label_images")
+    dataset = write_jsonl_atomic(ctx.path("stage3", "label_input.jsonl"), rows)
+
+    def job(dataset_path: str, out: Path) -> dict:
+        return _label_job(run_gate_labels, lambda: GateLabelOptions(
+            model=_model_dir(ctx), dataset=dataset_path, out=str(out), budgets=c.budgets, max_new_tokens=4,
+            batch_size=8, stable_top=c.gate_stable_top, seed=c.seed, progress=True), out, ctx.fresh)
+
+    train = job(str(dataset), ctx.path("stage3", "labels"))
+    heldout = job(str(questions_path(root, "val")), ctx.path("stage3", "heldout"))
+    outputs = {"budgets": list(c.budgets), "stable_top": c.gate_stable_top, "answered": train["answered"],
+               "kinds": train["kinds"], "kept": train["kept"], "labels": train["labels"],
+               "gate_train": train["gate_train"], "heldout_dir": str(ctx.path("stage3", "heldout")),
+               "heldout_answered": heldout["answered"], "heldout_kinds": heldout["kinds"]}
+    kinds = ", ".join(f"{v} {k}" for k, v in sorted(train["kinds"].items()))
+    line = (f"budgets {c.gate_budgets}: {train['answered']} answered ({kinds}), {train['kept']} kept "
+            f"({train['labels']}); {heldout['answered']} held-out trajectories")
+    return StageResult(line, outputs, [train["gate_train"], str(ctx.path("stage3", "heldout", "summary.json"))])
+
+
+def _gate_rows_from_ground_truth(ctx: Context, path: Path) -> Path:
+    """Fallback gate labels when the consistency filter keeps none (an undertrained toy, e.g. --preset quick):
+    the bench's own question kinds, fine = 1 (zoom) and coarse = 0, at the low budget."""
+    from qzoom_swift.bench.dataset import read_split
+    from qzoom_swift.bench.toy_model import budget_kwargs
+
+    kinds = {(r.image, r.question): r.kind for r in read_split(ctx.outputs("bench")["root"], "train")}
+    rows = []
+    for row in _rows(ctx.path("stage3", "label_input.jsonl")):
+        question = row["messages"][0]["content"].replace("<image>", "").strip()
+        rows.append({**row, "qzoom_gate": int(kinds[(row["images"][0], question)] == "fine"),
+                     "chat_template_kwargs": budget_kwargs(ctx.cfg.low_tokens)})
+    return write_jsonl_atomic(path, rows)
+
+
+def _stage_gate_train(ctx: Context) -> StageResult:
+    c = ctx.cfg
+    out = ctx.path("stage3", "train")
+    shutil.rmtree(out, ignore_errors=True)
+    stage1 = ctx.outputs("rpn_train")["checkpoint"]
+    train = Path(ctx.outputs("gate_labels")["gate_train"])
+    notes, source = [], "consistency labels (qzoom gate-labels)"
+    if not _rows(train):
+        train = _gate_rows_from_ground_truth(ctx, ctx.path("stage3", "gate_train_ground_truth.jsonl"))
+        source = "bench ground truth (fallback)"
+        notes.append("the consistency filter kept no gate label (the toy base cannot yet read the digit at the top "
+                     "budget), so the gate trained on the bench's question kinds instead: fine = zoom, coarse = not")
+    overrides = ["--model", _model_dir(ctx), "--adapters", stage1, "--dataset", str(train), "--output_dir", str(out),
+                 "--max_steps", str(c.gate_steps), "--save_steps", str(c.gate_steps), "--seed", str(c.seed)]
+    log = _sft(ctx, STAGE3_RECIPE, overrides, ctx.path("stage3"))
+    outputs, ckpt = _train_outputs(out, c.gate_steps, "qzoom_gate_loss", log)
+    outputs.update(recipe=_recipe_rel(STAGE3_RECIPE), adapters=stage1, labels=source, dataset=str(train))
+    line = (f"swift sft {outputs['recipe']} --adapters <stage 1> on {source}: {c.gate_steps} steps, gate loss "
+            f"{outputs['loss_first']:.4f} -> {outputs['loss_last']:.4f} -> {ckpt}")
+    return StageResult(line, outputs, [str(ckpt / "qzoom_branch.safetensors")], notes=notes)
+
+
+def _stage_calibrate(ctx: Context) -> StageResult:
+    from qzoom_swift.labels.gate_job import calibrate_gate
+
+    ckpt = ctx.outputs("gate_train")["checkpoint"]
+    res = calibrate_gate(_model_dir(ctx), ckpt, ctx.outputs("gate_labels")["heldout_dir"],
+                         max_accuracy_drop=ctx.cfg.max_accuracy_drop)
+    outputs = {"checkpoint": ckpt, "tau_gate": res.tau_gate, "accuracy": res.accuracy, "skip_ratio": res.skip_ratio,
+               "samples": res.samples, "curve_png": res.curve_png, "config": res.config,
+               "max_accuracy_drop": ctx.cfg.max_accuracy_drop}
+    line = (f"tau_gate {res.tau_gate:.4g} on {res.samples} held-out trajectories (estimated accuracy "
+            f"{res.accuracy:.3f}, no-RoI ratio {res.skip_ratio:.2f}) -> {res.config}")
+    return StageResult(line, outputs, [res.config, res.curve_png])
+
+
+def eval_runs(cfg: DemoConfig):
+    from qzoom_swift.bench.evaluate import EvalRun
+
+    low = cfg.low_tokens
+    return [EvalRun(f"baseline@{low}", "never", low), EvalRun(f"baseline@{4 * low}", "never", 4 * low),
+            EvalRun(f"baseline@{cfg.high_tokens}", "never", cfg.high_tokens), EvalRun("qzoom", "zoom", low),
+            EvalRun("always", "always", low)]
+
+
+def _overlay_items(qz, records, rows: list[dict], n: int) -> list[dict]:
+    """RPN heatmaps (low-resolution pass) of the first ``n`` fine and a few coarse test questions."""
+    import torch
+    from PIL import Image
+
+    from qzoom_swift.inputs import chat_inputs
+
+    cfg = qz.config
+    zoom_rows = {r["id"]: r for r in rows if r["run"] == "qzoom"}
+    fine = [r for r in records if r.kind == "fine"]
+    coarse = [r for r in records if r.kind == "coarse"]
+    chosen = fine[: max(1, n - n // 3)] + coarse[: n // 3]
+    items = []
+    for rec in chosen:
+        with Image.open(rec.image) as im:
+            image = im.convert("RGB")
+        low = qz.adapter.resize_for_budget(image, cfg.low_min_tokens, cfg.low_max_tokens)
+        inputs = chat_inputs(qz.processor, [[low]], [rec.question])
+        state = qz.prefill(branches=("rpn",), **inputs)
+        heat = torch.sigmoid(state.heatmaps()[0].float()).tolist()
+        row = zoom_rows.get(rec.id, {})
+        items.append({"image": rec.image, "kind": rec.kind, "answer": rec.answer, "gt_box": list(rec.box),
+                      "heatmap": heat, "box": row.get("box"), "gate_prob": row.get("gate_prob") or 0.0,
+                      "zoomed": row.get("zoomed"), "model_answer": row.get("answer")})
+    return items
+
+
+def _stage_evaluate(ctx: Context) -> StageResult:
+    import torch
+    from PIL import Image
+
+    from qzoom_swift.bench.dataset import read_split
+    from qzoom_swift.bench.evaluate import answer_all, pseudo_label_quality, summarise
+    from qzoom_swift.model import QZoomModel
+
+    c = ctx.cfg
+    root = ctx.outputs("bench")["root"]
+    records = read_split(root, "test")
+    ckpt = ctx.outputs("calibrate")["checkpoint"]
+    qz = QZoomModel.from_pretrained(_model_dir(ctx), checkpoint=ckpt)
+    runs = eval_runs(c)
+    answers = ctx.path("evaluate", "answers.jsonl")
+    if ctx.fresh:
+        answers.unlink(missing_ok=True)
+    for rec in records[:2]:  # warm-up: first calls pay one-off allocations
+        with Image.open(rec.image) as im:
+            image = im.convert("RGB")
+        for run in runs:
+            with torch.inference_mode():
+                qz.generate([image], rec.question, config_overrides=run.overrides(), max_new_tokens=c.eval_new_tokens)
+    rows = answer_all(qz, records, runs, answers, max_new_tokens=c.eval_new_tokens)
+    grid = int(round(c.low_tokens ** 0.5))
+    summary = summarise(rows, records, runs, f"baseline@{c.high_tokens}", grid)
+    gt = {(r.image, r.question): r for r in read_split(root, "train")}
+    shard_rows = [row for s in ctx.outputs("pseudo_labels")["shards"] for row in _rows(Path(s))]
+    summary["pseudo_labels"] = pseudo_label_quality(shard_rows, gt)
+    summary["overlays"] = _overlay_items(qz, records, rows, c.overlays)
+    summary["config"] = {k: v for k, v in qz.config.to_dict().items() if k != "extra"}
+    summary["threads"] = torch.get_num_threads()
+    path = write_json_atomic(ctx.path("evaluate", "metrics.json"), summary)
+    r = summary["runs"]
+    q = r["qzoom"]
+    line = (f"{len(records)} test questions x {len(runs)} runs: Q-Zoom acc {q['accuracy']:.3f} at "
+            f"{q['relative_throughput']:.2f}x the {summary['reference']} throughput (baseline acc "
+            f"{r[summary['reference']]['accuracy']:.3f}), zoom rate {q['zoom_rate']:.2f} -> {path}")
+    return StageResult(line, {"metrics": str(path), "answers": str(answers)}, [str(path)])
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("bench", "bench data", (), ("seed", "free_placement", "distractors", "train_images", "val_images",
+                                      "test_images"), _stage_bench),
+    Stage("toy_base", "toy base VLM (warm-up + swift sft)", ("bench",),
+          ("seed", "warmup_steps", "toy_steps", "toy_batch", "curriculum", "low_tokens", "high_tokens"),
+          _stage_toy_base, own_cache=True),
+    Stage("pseudo_labels", "stage 1: pseudo labels", ("bench", "toy_base"),
+          ("label_images", "label_new_tokens", "label_heads", "label_queries", "label_sink", "high_tokens"),
+          _stage_pseudo_labels),
+    Stage("rpn_train", "stage 1: RPN training (swift sft)", ("toy_base", "pseudo_labels"),
+          ("rpn_steps", "low_tokens", "tau_roi", "seed"), _stage_rpn_train, recipe=STAGE1_RECIPE),
+    Stage("gate_labels", "stage 3: gate labels", ("bench", "toy_base"),
+          ("label_images", "gate_images", "gate_budgets", "gate_stable_top", "seed"), _stage_gate_labels),
+    Stage("gate_train", "stage 3: gate training (swift sft)", ("toy_base", "rpn_train", "gate_labels"),
+          ("gate_steps", "seed"), _stage_gate_train, recipe=STAGE3_RECIPE),
+    Stage("calibrate", "stage 3: gate calibration", ("toy_base", "gate_labels", "gate_train"),
+          ("max_accuracy_drop",), _stage_calibrate),
+    Stage("evaluate", "evaluation (baselines, Q-Zoom)", ("bench", "toy_base", "pseudo_labels", "calibrate"),
+          ("low_tokens", "high_tokens", "eval_new_tokens", "overlays"), _stage_evaluate),
+)
+
+
+def _stage_key(ctx: Context, stage: Stage) -> dict[str, Any]:
+    upstream = {d: ctx.records[d]["run_id"] for d in stage.deps if d in ctx.records}
+    key = {"settings": {k: getattr(ctx.cfg, k) for k in stage.settings}, "upstream": upstream}
+    if stage.recipe is not None:
+        key["recipe"] = _sha(stage.recipe)
+    return key
+
+
+def _cached(ctx: Context, stage: Stage, key: dict[str, Any]) -> dict | None:
+    path = ctx.path("stages", f"{stage.name}.json")
+    if ctx.args.force or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("key") != key or record.get("status") != "ran":
+        return None
+    if not all(Path(p).exists() for p in record.get("artefacts", [])):
+        return None
+    return record
+
+
+def _run_stage(ctx: Context, index: int, stage: Stage) -> dict:
+    from qzoom_swift.bench.sft import output_to
+
+    key = _stage_key(ctx, stage)
+    record = None if stage.own_cache else _cached(ctx, stage, key)
+    prefix = f"[{index}/{len(STAGES)}] {stage.title:<36}"
+    if record is not None:
+        record = {**record, "this_run": "cached"}
+    else:
+        log = ctx.path("logs", f"{stage.name}.log")
+        ctx.fresh = ctx.args.force or ctx.path("stages", f"{stage.name}.json").exists()
+        ctx.path("stages", f"{stage.name}.json").unlink(missing_ok=True)  # not done until it finishes again
+        log.unlink(missing_ok=True)
+        print(f"{prefix} running... (progress: tail -f {log})", flush=True)
+        t0 = time.perf_counter()
+        try:
+            with output_to(log):
+                result = stage.run(ctx)
+        except Exception:
+            print(f"[{index}/{len(STAGES)}] {stage.title}: FAILED; log {log}:", file=sys.stderr)
+            print(log.read_text(errors="replace")[-3000:] if log.exists() else "", file=sys.stderr)
+            raise
+        seconds = time.perf_counter() - t0
+        record = {"name": stage.name, "title": stage.title, "key": key, "status": "ran",
+                  "seconds": round(seconds, 3), "line": result.line, "outputs": result.outputs,
+                  "artefacts": result.artefacts, "notes": result.notes, "log": str(log),
+                  "run_id": result.run_id or f"{time.time():.6f}", "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json_atomic(ctx.path("stages", f"{stage.name}.json"), record)
+        record = {**record, "this_run": "cached" if result.reused else "ran"}
+    ctx.records[stage.name] = record
+    status = {"ran": "", "cached": " (cached)"}[record["this_run"]]
+    print(f"{prefix} {record['seconds']:7.1f} s{status}  {record['line']}", flush=True)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    cfg = demo_config(args.preset, args.overrides)
+    # On a shared CPU, OpenMP threads spinning at barriers while another process holds a core make every
+    # torch op several times slower. Passive waiting must be chosen before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MODELSCOPE_CACHE", str(out / ".modelscope"))  # swift's dataset caches, not ~/.cache
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ctx = Context(args, cfg, out)
+    print(f"qzoom demo ({args.preset}): Q-Zoom on the zoom bench - a toy Qwen2.5-VL trained here, stage 1, "
+          f"stage 3, evaluation against baselines -> {out}", flush=True)
+    from qzoom_swift.fileio import quiet_transformers
+
+    quiet_transformers()
+    for i, stage in enumerate(STAGES, 1):
+        _run_stage(ctx, i, stage)
+
+    from importlib.metadata import version
+
+    import torch
+    import transformers
+
+    from qzoom_swift.bench.plots import plot_overlays, plot_pareto
+
+    metrics = json.loads(Path(ctx.outputs("evaluate")["metrics"]).read_text())
+    figures = {"pareto": str(plot_pareto(metrics, out / "pareto.png", RUN_LABELS)),
+               "overlays": str(plot_overlays(metrics["overlays"], out / "overlays.png"))}
+    figures["gate_calibration"] = str(shutil.copyfile(ctx.outputs("calibrate")["curve_png"],
+                                                      out / "gate_calibration.png"))
+    total = time.perf_counter() - t_start
+    this_run = Counter(r["this_run"] for r in ctx.records.values())
+    summary = {
+        "command": " ".join(["qzoom", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "qzoom demo",
+        "preset": args.preset, "demo_config": dataclasses.asdict(cfg), "config": metrics["config"],
+        "sft": args.sft, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                      "ms-swift": version("ms_swift")},
+        "bench": ctx.outputs("bench")["meta"], "metrics": {k: v for k, v in metrics.items() if k != "overlays"},
+        "model_dir": _model_dir(ctx), "checkpoint": ctx.outputs("calibrate")["checkpoint"],
+        "evalscope_data_root": ctx.outputs("bench")["evalscope_data_root"],
+        "acceptance": acceptance(metrics, cfg), "figures": figures,
+        "stages_ran": this_run.get("ran", 0), "stages_cached": this_run.get("cached", 0),
+        "stages": ctx.records, "total_s": round(total, 3),
+    }
+    summary["metrics"]["threads"] = metrics["threads"]
+    report = write_text_atomic(out / "report.md", render_report(summary))
+    summary["report"] = str(report)
+    path = write_json_atomic(out / "summary.json", summary)
+    print()
+    print(f"{'run':<16} {'tokens':>7} {'acc':>6} {'fine':>6} {'coarse':>6} {'vs 16x':>7} {'zoom f/c':>11}")
+    for name, r in metrics["runs"].items():
+        zr = "-" if r["mode"] == "never" else f"{r['zoom_rate_fine']:.2f}/{r['zoom_rate_coarse']:.2f}"
+        print(f"{name:<16} {r['mean_visual_tokens']:>7.1f} {r['accuracy']:>6.3f} {r['accuracy_fine']:>6.3f} "
+              f"{r['accuracy_coarse']:>6.3f} {r['relative_throughput']:>6.2f}x {zr:>11}")
+    met = sum(a["met"] for a in summary["acceptance"])
+    print(f"\nacceptance targets met: {met}/{len(summary['acceptance'])} (see report)")
+    print(f"total {total:.1f} s; wrote {report} and {path}")
+    return 0

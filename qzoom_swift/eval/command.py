@@ -1,0 +1,346 @@
+"""``qzoom eval``: benchmarks x runs through evalscope, one process per run, then one summary and a Pareto plot.
+
+The parent process (``run``) validates everything cheaply first (run specs, dataset folders, model dir),
+then starts ``python -m qzoom_swift.eval.command worker SPEC.json`` for each run that has no stored result,
+with the hub offline variables set. The worker loads the model once and runs one evalscope task per
+benchmark (``qzoom_swift.eval.model_api``), storing ``<out>/runs/<run>/bench/<benchmark>.json`` after each,
+so an interrupted run resumes at the next benchmark. A benchmark result is reused only while its settings
+fingerprint (model, checkpoint, dataset path, Q-Zoom config, limit, generation) is unchanged;
+``--overwrite`` redoes everything. Standard library only at import (``qzoom --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qzoom_swift.eval.suite import (
+    BENCHMARKS,
+    DEFAULT_BENCHMARKS,
+    PRESET_CHOICES,
+    PRESETS,
+    DatasetMissingError,
+    RunSpec,
+    check_datasets,
+    dataset_paths,
+    layout_help,
+    model_family,
+    parse_run,
+    preset_for,
+    resolve_run,
+)
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+BENCH_GROUPS = {"doc": ("docvqa", "infovqa", "chartqa", "ocr_bench", "textvqa"),
+                "hr": ("vstar_bench", "hr_bench_4k", "hr_bench_8k", "mme_realworld_lite"),
+                "all": tuple(BENCHMARKS)}
+# A direct-answer V* prompt (the paper's lmms-eval style); evalscope's own asks to "think step by step",
+# which needs ~1k new tokens and makes decoding dominate the latency.
+SHORT_PROMPTS = {
+    "vstar_bench": "{question}\nAnswer with the option's letter from the given choices directly. The last line "
+                   "of your response should be of the form 'ANSWER: [LETTER]' (without quotes) where [LETTER] is "
+                   "one of A, B, C, D.",
+}
+
+DESCRIPTION = """\
+Evaluate Q-Zoom against the plain model on image benchmarks with evalscope, one process per run, and write
+<out>/summary.md, summary.csv, summary.json and pareto.png (accuracy vs relative throughput, per group).
+
+Runs (--run, repeatable) are MODE:BUDGET[:key=value...]:
+  baseline:576     the base model alone (no checkpoint) at max 576 visual tokens (min 256)
+  zoom:576         Q-Zoom: low-res pass at max 576, gate, crop re-encoded at the same budget
+  always:576       zoom every sample;   never:576   checkpoint loaded, never zoom
+  zoom:paper       each task's budget from the official scripts (576 Doc/OCR, 4096 high-res)
+  zoom:4096:tau_roi=0.04:tau_gate=0.02:name=qz-hr    explicit knobs and a run name
+Thresholds and min tokens come from --preset (the official eval scripts' per-task table for the model's
+family) unless a run sets them. Throughput is relative to --reference (default: the first baseline run).
+
+Datasets are never downloaded: --data-root DIR must hold one folder per benchmark (or name a folder with
+--dataset NAME=DIR), each a local copy of the hub dataset in Hugging Face layout, as evalscope reads it:
+{layout}
+
+Results are stored per run and benchmark under <out>/runs/<run>/ (evalscope's predictions with per-sample
+qzoom metadata: gate_prob, zoomed, box, visual_tokens, latency); a finished run is not redone on restart.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = DESCRIPTION.format(layout=layout_help())
+    p.add_argument("--model", required=True, help="base model: a local Hugging Face model dir (or hub id with --online)")
+    p.add_argument("--checkpoint", default=None,
+                   help="Q-Zoom branch checkpoint dir for zoom/always/never runs (without it those runs use "
+                        "fresh, untrained branches; baseline runs never load it)")
+    p.add_argument("--run", dest="runs", action="append", required=True, metavar="MODE:BUDGET[:k=v...]",
+                   help="a run (repeatable), e.g. --run baseline:576 --run baseline:2304 --run zoom:576")
+    p.add_argument("--benchmarks", default=",".join(DEFAULT_BENCHMARKS),
+                   help=f"comma-separated benchmarks, or doc / hr / all (default: {','.join(DEFAULT_BENCHMARKS)}); "
+                        f"known: {', '.join(BENCHMARKS)}")
+    p.add_argument("--data-root", type=Path, default=None, help="folder with one sub-folder per benchmark (see above)")
+    p.add_argument("--dataset", dest="datasets", action="append", default=[], metavar="NAME=DIR",
+                   help="this benchmark's folder (repeatable; overrides --data-root/NAME)")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output dir (default: runs/eval)")
+    p.add_argument("--limit", type=_limit, default=None,
+                   help="samples per subset (evalscope's limit; a fraction < 1 takes that share); default: all")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default: 128, as lmms-eval)")
+    p.add_argument("--preset", choices=PRESET_CHOICES, default="auto",
+                   help="per-task tau_roi/tau_gate/min tokens: auto = the official table of the model's family "
+                        "(Qwen2.5-VL, Qwen3-VL), none = the checkpoint's own config (default: auto)")
+    p.add_argument("--prompts", choices=("short", "evalscope"), default="short",
+                   help="short: direct-answer V* prompt (as the paper); evalscope: its chain-of-thought prompt "
+                        "(needs --max-new-tokens ~1024). Other benchmarks always use evalscope's prompts")
+    p.add_argument("--reference", default=None, help="run name throughput is relative to (default: first baseline)")
+    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 (default: auto)")
+    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default: auto)")
+    p.add_argument("--attn-implementation", default=None,
+                   help="e.g. sdpa (the paper's throughput runs) or flash_attention_2 (default: the model's)")
+    p.add_argument("--eval-batch-size", type=int, default=1,
+                   help="evalscope's concurrent requests; generation is serialised, keep 1 for latency (default: 1)")
+    p.add_argument("--overwrite", action="store_true", help="redo runs and benchmarks that have stored results")
+    p.add_argument("--summary-only", action="store_true", help="only rebuild the summary from stored results")
+    p.add_argument("--online", action="store_true",
+                   help="do not force the Hugging Face offline variables in the run processes")
+
+
+def _limit(text: str) -> int | float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--limit {text}: must be > 0")
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _benchmarks(text: str) -> list[str]:
+    names: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        for name in BENCH_GROUPS.get(item, (item,)):
+            if name not in BENCHMARKS:
+                raise ValueError(f"--benchmarks: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError("--benchmarks is empty")
+    return names
+
+
+def _explicit_datasets(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or name not in BENCHMARKS:
+            raise ValueError(f"--dataset {item!r}: expected NAME=DIR with NAME one of {', '.join(BENCHMARKS)}")
+        out[name] = Path(path)
+    return out
+
+
+def _fingerprint(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_run_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    """One worker spec per ``--run`` (with each benchmark's settings and fingerprint), and the benchmarks."""
+    runs = [parse_run(r) for r in args.runs]
+    seen = set()
+    for r in runs:
+        if r.name in seen:
+            raise ValueError(f"two runs are named {r.name!r}: add :name=LABEL to one of them")
+        seen.add(r.name)
+    names = _benchmarks(args.benchmarks)
+    paths = dataset_paths(names, args.data_root, _explicit_datasets(args.datasets))
+    table = preset_for(args.preset, model_family(args.model))
+    out = Path(args.out).resolve()
+    specs = []
+    for run in runs:
+        checkpoint = run.checkpoint or (args.checkpoint if run.uses_checkpoint else None)
+        common = {"model": str(args.model), "checkpoint": str(checkpoint) if checkpoint else None,
+                  "limit": args.limit, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
+                  "device": args.device, "attn_implementation": args.attn_implementation,
+                  "eval_batch_size": args.eval_batch_size, "prompts": args.prompts}
+        benches = {}
+        for name in names:
+            settings = {"overrides": resolve_run(run, name, table), "dataset": str(paths[name]),
+                        "prompt_template": SHORT_PROMPTS.get(name) if args.prompts == "short" else None}
+            benches[name] = {**settings, "fingerprint": _fingerprint({**common, **settings, "benchmark": name})}
+        specs.append({**common, "run": run.to_dict(), "run_dir": str(out / "runs" / run.name), "benchmarks": benches})
+    return specs, names
+
+
+def _stored(run_dir: Path, name: str, fingerprint: str) -> dict[str, Any] | None:
+    path = run_dir / "bench" / f"{name}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data if data.get("fingerprint") == fingerprint else None
+
+
+def _pending(spec: dict[str, Any]) -> list[str]:
+    run_dir = Path(spec["run_dir"])
+    return [n for n, b in spec["benchmarks"].items() if _stored(run_dir, n, b["fingerprint"]) is None]
+
+
+def _child_env(online: bool) -> dict[str, str]:
+    from qzoom_swift.config import subprocess_env
+
+    env = subprocess_env(**({} if online else OFFLINE_ENV))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        specs, names = build_run_specs(args)
+        if not args.summary_only:
+            check_datasets({n: Path(b["dataset"]) for n, b in specs[0]["benchmarks"].items()})
+            model = Path(args.model)
+            if not args.online and not model.is_dir():
+                raise FileNotFoundError(f"qzoom eval: --model {args.model} is not a local model dir (offline; pass "
+                                        "--online to let transformers download a hub id)")
+            for spec in specs:
+                ck = spec["checkpoint"]
+                if ck and not Path(ck).is_dir():
+                    raise FileNotFoundError(f"qzoom eval: run {spec['run']['name']}: checkpoint {ck} does not exist")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{exc}" if str(exc).startswith("qzoom eval") else f"qzoom eval: {exc}", file=sys.stderr)
+        return 2
+
+    out = Path(args.out).resolve()
+    family = model_family(args.model)
+    preset = (family if family in PRESETS else "none") if args.preset == "auto" else args.preset
+    print(f"[qzoom eval] {len(specs)} run(s) x {len(names)} benchmark(s); thresholds: "
+          + ("the checkpoint's own (no preset)" if preset == "none" else f"official {preset} table"), flush=True)
+    failures = []
+    if not args.summary_only:
+        for spec in specs:
+            name, run_dir = spec["run"]["name"], Path(spec["run_dir"])
+            if args.overwrite and run_dir.exists():
+                shutil.rmtree(run_dir)
+            pending = _pending(spec)
+            if not pending:
+                print(f"[qzoom eval] {name}: stored results are current, skipped (--overwrite to redo)")
+                continue
+            if spec["run"]["mode"] != "baseline" and not spec["checkpoint"]:
+                print(f"[qzoom eval] {name}: warning: no --checkpoint, the branches are fresh (untrained) copies",
+                      file=sys.stderr)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            spec_path = run_dir / "spec.json"
+            spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+            log = run_dir / "log.txt"
+            print(f"[qzoom eval] {name}: {', '.join(pending)} (log: {log})", flush=True)
+            t0 = time.perf_counter()
+            with open(log, "a", encoding="utf-8") as f:
+                proc = subprocess.run([sys.executable, "-m", "qzoom_swift.eval.command", "worker", str(spec_path)],
+                                      stdout=f, stderr=subprocess.STDOUT, env=_child_env(args.online))
+            dt = time.perf_counter() - t0
+            if proc.returncode != 0:
+                failures.append(name)
+                print(f"[qzoom eval] {name}: FAILED (exit {proc.returncode}) after {dt:.0f} s; last lines of {log}:\n"
+                      f"{_tail(log)}", file=sys.stderr)
+            else:
+                print(f"[qzoom eval] {name}: done in {dt:.0f} s", flush=True)
+
+    results = []
+    for spec in specs:
+        run_dir = Path(spec["run_dir"])
+        per = {}
+        for n, b in spec["benchmarks"].items():
+            stored = _stored(run_dir, n, b["fingerprint"])
+            if stored is not None:
+                per[n] = stored["result"]
+        if per:
+            results.append({**spec["run"], "benchmarks": per})
+    if not results:
+        print("qzoom eval: no results to summarise", file=sys.stderr)
+        return 1
+    from qzoom_swift.eval.report import summarize, write_summary
+
+    reference = args.reference
+    if reference is not None and reference not in {r["name"] for r in results}:
+        print(f"qzoom eval: --reference {reference!r} is not a run with results", file=sys.stderr)
+        return 2
+    summary = summarize(results, names, reference)
+    summary["settings"] = {"model": str(args.model), "checkpoint": args.checkpoint, "limit": args.limit,
+                           "max_new_tokens": args.max_new_tokens, "preset": preset, "prompts": args.prompts}
+    paths = write_summary(summary, out)
+    print(paths["markdown"].read_text())
+    print(f"[qzoom eval] wrote {', '.join(str(p) for p in paths.values())}")
+    return 1 if failures else 0
+
+
+# ------------------------------------------------------------------------------------------------ worker
+
+
+def worker(spec_path: str | Path) -> int:
+    """Run the pending benchmarks of one run spec (in this process: the model is loaded once)."""
+    import logging
+
+    spec = json.loads(Path(spec_path).read_text())
+    from evalscope import TaskConfig, run_task
+
+    import qzoom_swift.eval.model_api  # noqa: F401  (registers the model API and the plugin benchmarks)
+    from qzoom_swift.eval.report import collect_benchmark
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    run_spec = spec["run"]
+    run_dir = Path(spec["run_dir"])
+    model_id = run_spec["name"]
+    for name in _pending(spec):
+        bench = spec["benchmarks"][name]
+        work = run_dir / "evalscope" / name
+        if work.exists():
+            shutil.rmtree(work)  # a half-finished task: redo it whole (latency of cached samples is lost)
+        model_args = {"checkpoint": spec["checkpoint"], "max_new_tokens": spec["max_new_tokens"],
+                      "dtype": spec["dtype"], "device": spec["device"],
+                      "attn_implementation": spec["attn_implementation"], **bench["overrides"]}
+        dataset_args: dict[str, Any] = {"dataset_id": bench["dataset"]}
+        if bench.get("prompt_template"):
+            dataset_args["prompt_template"] = bench["prompt_template"]
+        print(f"[worker {model_id}] {name}: {json.dumps(bench['overrides'])}", flush=True)
+        t0 = time.perf_counter()
+        task = TaskConfig(eval_type="qzoom", model=spec["model"], model_id=model_id, model_args=model_args,
+                          datasets=[name], dataset_args={name: dataset_args},
+                          generation_config={"max_tokens": spec["max_new_tokens"], "do_sample": False},
+                          limit=spec["limit"], eval_batch_size=spec["eval_batch_size"], work_dir=str(work),
+                          no_timestamp=True, dataset_dir=str(run_dir / "evalscope" / ".datasets"))
+        run_task(task)
+        result = collect_benchmark(work, model_id, name)
+        record = {"benchmark": name, "run": run_spec, "fingerprint": bench["fingerprint"], "settings": bench,
+                  "elapsed_s": time.perf_counter() - t0, "result": result}
+        from qzoom_swift.fileio import write_json_atomic
+
+        write_json_atomic(run_dir / "bench" / f"{name}.json", record)
+        print(f"[worker {model_id}] {name}: score {result['score']:.4f}, {result['samples']} samples, "
+              f"zoom rate {result['zoom_rate']:.2f}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "worker":
+        return worker(argv[1])
+    print("usage: python -m qzoom_swift.eval.command worker SPEC.json (use `qzoom eval` instead)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["DatasetMissingError", "RunSpec", "add_arguments", "build_run_specs", "run", "worker"]

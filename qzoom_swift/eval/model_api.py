@@ -1,0 +1,252 @@
+"""evalscope model API ``qzoom``: a base VLM (+ optional Q-Zoom checkpoint) answering benchmark samples.
+
+Importing this module registers the model API ``qzoom`` (and the plugin benchmarks of
+``qzoom_swift.eval.benchmarks``) with evalscope; re-imports are no-ops. Use it from Python::
+
+    import qzoom_swift.eval.model_api  # registers
+    from evalscope import TaskConfig, run_task
+    run_task(TaskConfig(eval_type="qzoom", model="/models/Qwen2.5-VL-7B-Instruct", model_id="qzoom@576",
+                        model_args={"checkpoint": "/ckpt/qzoom-stage3", "mode": "zoom", "low_max_tokens": 576,
+                                    "tau_roi": 0.125, "tau_gate": 0.05, "dtype": "bfloat16", "device": "cuda"},
+                        datasets=["docvqa"], dataset_args={"docvqa": {"dataset_id": "/data/docvqa"}},
+                        generation_config={"max_tokens": 128}, eval_batch_size=1))
+
+or through ``qzoom eval`` (several runs and benchmarks, summary table, Pareto plot). evalscope's own
+``evalscope eval`` CLI cannot select a plugin model type.
+
+Per sample: the data-URI images evalscope sends are decoded from their bytes (the MIME label is often
+wrong and is ignored), the text parts are joined into the question, and ``QZoomModel.generate`` answers
+(images first, then the text, as in the paper's prompts). ``perf_metrics.latency`` is the model time of
+the sample (vision encoding, layers [0, B), gate/RPN, crop re-encode, second prefill, decode: the paper's
+"wall clock around model.generate"), ``ttft`` the part before decoding. Gate probability, the zoom
+decision, the box and the visual tokens go to ``ModelOutput.metadata["qzoom"]``, which evalscope keeps in
+``predictions/<model_id>/<benchmark>_<subset>.jsonl``.
+
+Loaded models are shared per process (keyed by path, checkpoint, dtype, device): the per-benchmark
+instances that differ only in thresholds or budgets reuse one set of weights. ``generate`` holds a lock,
+so evalscope's concurrent calls (``eval_batch_size`` > 1) are serialised; keep ``eval_batch_size=1`` for
+latency numbers (with more, the wait for the lock is not counted, but the GPU is shared by nobody else).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from evalscope.api.messages import ChatMessage, ChatMessageSystem, ChatMessageUser, ContentImage, ContentText
+from evalscope.api.messages.perf_metrics import PerformanceMetrics
+from evalscope.api.model import GenerateConfig, ModelAPI, ModelOutput, ModelUsage
+from evalscope.api.registry import MODEL_APIS, register_model_api
+from evalscope.api.tool import ToolChoice, ToolInfo
+from PIL import Image
+
+import qzoom_swift.eval.benchmarks  # noqa: F401  (registers textvqa, hr_bench_*, mme_realworld_lite)
+from qzoom_swift.config import QZoomConfig
+
+MODEL_API_NAME = "qzoom"
+# QZoomConfig fields that may be set per evalscope task (inference knobs).
+CONFIG_KEYS = ("mode", "tau_gate", "tau_roi", "blur_kernel", "blur_sigma", "min_box_side", "low_max_tokens",
+               "low_min_tokens", "roi_max_tokens", "roi_min_tokens")
+
+_MODELS: dict[tuple, Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def decode_image(uri: str) -> Image.Image:
+    """A PIL image (RGB) from what evalscope puts in ``ContentImage.image``.
+
+    Data URIs are decoded from their base64 payload whatever their MIME label says (evalscope labels
+    every DocVQA/ChartQA image ``png`` and every V*/OCRBench image ``jpeg``); bare base64 strings and local
+    file paths work too. Remote URLs are refused: evaluation is offline.
+    """
+    if not isinstance(uri, str) or not uri:
+        raise ValueError("empty image reference")
+    if uri.startswith("data:"):
+        header, sep, payload = uri.partition(",")
+        if not sep:
+            raise ValueError(f"malformed data URI (no comma): {uri[:40]!r}...")
+        if ";base64" in header:
+            data = _b64(payload)
+        else:
+            from urllib.parse import unquote_to_bytes
+
+            data = unquote_to_bytes(payload)
+    elif uri.startswith(("http://", "https://")):
+        raise ValueError(f"image URL {uri[:80]!r}: qzoom evaluates offline; give the image bytes or a local path")
+    elif len(uri) < 4096 and Path(uri).is_file():
+        data = Path(uri).read_bytes()
+    else:
+        data = _b64(uri)
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as exc:
+        raise ValueError(f"image bytes are not a readable image ({exc})") from exc
+    return img.convert("RGB")
+
+
+def _b64(payload: str) -> bytes:
+    payload = "".join(payload.split())
+    try:
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=False)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"invalid base64 image payload ({exc})") from exc
+
+
+def split_messages(messages: list[ChatMessage]) -> tuple[list[Image.Image], str]:
+    """Images (in order) and the question text of an evalscope chat input.
+
+    System text comes first, then each user message's text parts, joined by newlines. Images keep their
+    order; the model sees them all before the text (Q-Zoom crops the last one).
+    """
+    images: list[Image.Image] = []
+    system: list[str] = []
+    texts: list[str] = []
+    for msg in messages:
+        if not isinstance(msg, (ChatMessageSystem, ChatMessageUser)):
+            continue  # no assistant/tool turns in these benchmarks
+        content = msg.content
+        parts = [ContentText(text=content)] if isinstance(content, str) else list(content)
+        for part in parts:
+            if isinstance(part, ContentImage):
+                images.append(decode_image(part.image))
+            elif isinstance(part, ContentText) and part.text.strip():
+                (system if isinstance(msg, ChatMessageSystem) else texts).append(part.text.strip())
+    return images, "\n".join(system + texts)
+
+
+def _torch_dtype(dtype: str | None):
+    import torch
+
+    if dtype in (None, "", "auto"):
+        return "auto"
+    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype {dtype!r}: use auto, bfloat16, float16 or float32")
+    return value
+
+
+def _resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def load_qzoom_model(model_path: str, checkpoint: str | None = None, dtype: str | None = "auto",
+                     device: str | None = "auto", attn_implementation: str | None = None):
+    """``QZoomModel.from_pretrained`` once per (path, checkpoint, dtype, device, attention) in this process."""
+    from qzoom_swift.model import QZoomModel
+
+    device = _resolve_device(device)
+    key = (str(model_path), str(checkpoint) if checkpoint else None, str(dtype), device, attn_implementation)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            torch_dtype = _torch_dtype(dtype)
+            if torch_dtype == "auto" and device == "cpu":
+                import torch
+
+                torch_dtype = torch.float32  # bf16 checkpoints are slow on CPU
+            qz = QZoomModel.from_pretrained(model_path, checkpoint=checkpoint or None, dtype=torch_dtype,
+                                            attn_implementation=attn_implementation,
+                                            device_map=None if device == "cpu" else device)
+            qz.model.to(device)  # the branches are attached after loading
+            _MODELS[key] = (qz, threading.Lock())
+        return _MODELS[key]
+
+
+class QZoomAPI(ModelAPI):
+    """evalscope ``ModelAPI`` over ``QZoomModel``; ``model_args`` are the constructor's keyword arguments.
+
+    Args (``model_args``):
+        checkpoint: Q-Zoom branch checkpoint dir (``qzoom_branch.safetensors`` + ``qzoom_config.json``);
+            None = fresh, untrained branches (enough for ``mode='never'``, the plain-model baseline).
+        mode: ``zoom`` (gated), ``always`` or ``never`` (low-resolution only: the baseline).
+        tau_gate, tau_roi, low_max_tokens, low_min_tokens, roi_max_tokens, roi_min_tokens, blur_kernel,
+            blur_sigma, min_box_side: QZoomConfig overrides for this task.
+        max_new_tokens: default answer length when the generation config sets no ``max_tokens``.
+        dtype: auto | bfloat16 | float16 | float32. device: auto | cuda | cuda:N | cpu.
+        attn_implementation: e.g. sdpa (the paper's throughput runs) or flash_attention_2.
+    """
+
+    def __init__(self, model_name: str, base_url: str | None = None, api_key: str | None = None,
+                 config: GenerateConfig | None = None, *, checkpoint: str | None = None,
+                 max_new_tokens: int = 128, dtype: str | None = "auto", device: str | None = "auto",
+                 attn_implementation: str | None = None, **model_args: Any) -> None:
+        super().__init__(model_name, base_url, api_key, config if config is not None else GenerateConfig())
+        unknown = sorted(k for k in model_args if k not in CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"qzoom model_args: unknown keys {unknown}; known: checkpoint, max_new_tokens, dtype, "
+                             f"device, attn_implementation, {', '.join(CONFIG_KEYS)}")
+        self.qz, self._lock = load_qzoom_model(model_name, checkpoint, dtype, device, attn_implementation)
+        self.overrides = dict(model_args)
+        self.effective_config = QZoomConfig.from_dict({**self.qz.config.to_dict(), **self.overrides})
+        self.default_max_new_tokens = int(max_new_tokens)
+        self.checkpoint = checkpoint
+
+    def max_tokens(self) -> int | None:
+        return self.default_max_new_tokens
+
+    def generate(self, input: list[ChatMessage], tools: list[ToolInfo], tool_choice: ToolChoice,
+                 config: GenerateConfig) -> ModelOutput:
+        images, question = split_messages(input)  # decoding is not part of the timed model work
+        max_new = int(config.max_tokens or self.default_max_new_tokens)
+        kwargs: dict[str, Any] = {}
+        if config.do_sample:
+            kwargs["do_sample"] = True
+            for name in ("temperature", "top_p", "top_k"):
+                if getattr(config, name, None) is not None:
+                    kwargs[name] = getattr(config, name)
+        if config.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = config.repetition_penalty
+        with self._lock:
+            t0 = time.perf_counter()
+            answer = self.qz.generate(images, question, config_overrides=self.overrides, max_new_tokens=max_new,
+                                      **kwargs)[0]
+            _sync(self.qz)
+            wall = time.perf_counter() - t0
+        st = answer.stats
+        text = answer.text
+        out_tokens = len(answer.token_ids or [])  # the generated tokens themselves (incl. a final end token)
+        model_time = st.time_pass1_s + st.time_pass2_s + st.time_decode_s
+        latency = model_time if model_time > 0 else wall
+        ttft = st.time_pass1_s + st.time_pass2_s if model_time > 0 else None
+        output = ModelOutput.from_content(model=self.model_name, content=text,
+                                          stop_reason="max_tokens" if out_tokens >= max_new else "stop")
+        output.usage = ModelUsage(input_tokens=st.prompt_tokens, output_tokens=out_tokens,
+                                  total_tokens=st.prompt_tokens + out_tokens)
+        output.time = latency
+        output.message.perf_metrics = PerformanceMetrics(latency=latency, ttft=ttft, input_tokens=st.prompt_tokens,
+                                                         output_tokens=out_tokens)
+        cfg = self.effective_config
+        output.metadata = {"qzoom": {
+            **st.to_dict(),
+            "latency_s": latency, "wall_s": wall, "output_tokens": out_tokens,
+            "mode": cfg.mode, "tau_gate": cfg.tau_gate, "tau_roi": cfg.tau_roi,
+            "low_tokens": [cfg.low_min_tokens, cfg.low_max_tokens],
+            "roi_tokens": [cfg.roi_min_tokens, cfg.roi_max_tokens],
+            "num_images": len(images), "image_size": list(images[-1].size) if images else None,
+        }}
+        return output
+
+
+def _sync(qz) -> None:
+    import torch
+
+    if qz.device.type == "cuda":
+        torch.cuda.synchronize(qz.device)
+
+
+def register() -> None:
+    """Register ``qzoom`` with evalscope (idempotent: importing this module already did)."""
+    if not MODEL_APIS.is_registered(MODEL_API_NAME):
+        register_model_api(MODEL_API_NAME)(QZoomAPI)
+
+
+register()
