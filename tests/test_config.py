@@ -1,0 +1,96 @@
+"""Configuration read once at the boundary: the ``QZOOM_*`` parser, its truthiness rule, the precedence of the
+effective inference config, and the stage-1 thresholds kept apart from the inference knobs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qzoom_swift.config import (
+    CONFIG_NAME,
+    FALSE_WORDS,
+    TRUE_WORDS,
+    LabelThresholds,
+    QZoomConfig,
+    effective_config,
+    parse_bool,
+    read_env,
+)
+
+
+def test_defaults_when_nothing_is_set():
+    env = read_env({})
+    assert env.config_overrides == {} and env.attach is True and env.train == ()
+    assert env.roi_noise == 0.0 and env.router == "torch" and env.onnx_dir == ""
+    assert (env.onnx_provider, env.onnx_precision) == ("auto", "fp32")
+    assert env.cache_dir.name == "qzoom_swift"
+
+
+@pytest.mark.parametrize("word", [*TRUE_WORDS, "TRUE", " Yes "])
+def test_one_truthiness_rule_true(word):
+    assert parse_bool("QZOOM_ATTACH", word) is True
+    assert read_env({"QZOOM_ATTACH": word}).attach is True
+
+
+@pytest.mark.parametrize("word", [*FALSE_WORDS, "FALSE", " No "])
+def test_one_truthiness_rule_false(word):
+    assert parse_bool("QZOOM_ATTACH", word) is False
+    assert read_env({"QZOOM_ATTACH": word}).attach is False
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("QZOOM_ATTACH", "maybe", "QZOOM_ATTACH='maybe': expected one of 1, true"),
+    ("QZOOM_TRAIN", "lm_head", "QZOOM_TRAIN='lm_head': choose from gate, rpn"),
+    ("QZOOM_ROUTER", "tensorrt", "choose from torch, onnx"),
+    ("QZOOM_ROI_NOISE", "lots", "QZOOM_ROI_NOISE='lots'"),
+    ("QZOOM_ROI_NOISE", "1.5", "probability in \\[0, 1\\]"),
+    ("QZOOM_TAU_ROI", "high", "QZOOM_TAU_ROI='high'"),
+    ("QZOOM_BRANCH_DEPTH", "three", "QZOOM_BRANCH_DEPTH"),
+])
+def test_unknown_values_are_errors_naming_the_variable(name, value, match):
+    with pytest.raises(ValueError, match=match):
+        read_env({name: value})
+
+
+def test_every_variable_is_parsed(tmp_path):
+    env = read_env({"QZOOM_TRAIN": "rpn+gate", "QZOOM_ROI_NOISE": "0.8", "QZOOM_ROUTER": "ONNX",
+                    "QZOOM_ONNX_DIR": " /x/onnx ", "QZOOM_ONNX_PROVIDER": "cpu", "QZOOM_ONNX_PRECISION": "fp16",
+                    "QZOOM_CACHE": str(tmp_path), "QZOOM_MODE": "always", "QZOOM_LOW_MAX_TOKENS": "64",
+                    "QZOOM_BRANCH_LAYER": "auto"})
+    assert env.train == ("rpn", "gate") and env.roi_noise == 0.8 and env.router == "onnx"
+    assert (env.onnx_dir, env.onnx_provider, env.onnx_precision) == ("/x/onnx", "cpu", "fp16")
+    assert env.cache_dir == tmp_path
+    assert env.config_overrides == {"mode": "always", "low_max_tokens": 64, "branch_layer": None}
+
+
+def test_precedence_checkpoint_then_environment_then_call():
+    checkpoint = QZoomConfig(tau_gate=0.3, tau_roi=0.2, mode="always")
+    environ = {"QZOOM_TAU_GATE": "0.5", "QZOOM_MODE": "never"}
+    assert effective_config(checkpoint, environ={}) == checkpoint  # nothing else: the checkpoint's values
+    by_env = effective_config(checkpoint, environ=environ)
+    assert (by_env.tau_gate, by_env.mode, by_env.tau_roi) == (0.5, "never", 0.2)  # env beats checkpoint
+    by_call = effective_config(checkpoint, {"mode": "zoom"}, environ=environ)
+    assert (by_call.tau_gate, by_call.mode, by_call.tau_roi) == (0.5, "zoom", 0.2)  # the call beats env
+    assert effective_config(None, environ={}) == QZoomConfig()  # no checkpoint: the defaults
+    with pytest.raises(ValueError, match="mode"):
+        effective_config(checkpoint, {"mode": "sometimes"}, environ={})
+
+
+def test_label_thresholds_travel_with_the_config(tmp_path):
+    cfg = QZoomConfig(labelling=LabelThresholds(tau_fg=0.25, min_peak=1e-3))
+    cfg.save(tmp_path)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved["labelling"] == {"tau_fg": 0.25, "tau_bg": 0.05, "max_box_fraction": 0.5, "min_peak": 1e-3}
+    assert "tau_fg" not in saved  # not an inference knob
+    assert QZoomConfig.load(tmp_path) == cfg
+
+
+def test_configs_saved_before_the_split_still_load(tmp_path):
+    legacy = {**QZoomConfig().to_dict(), "tau_fg": 0.3, "tau_bg": 0.1}
+    del legacy["labelling"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(legacy))
+    loaded = QZoomConfig.load(tmp_path)
+    assert loaded.labelling == LabelThresholds(tau_fg=0.3, tau_bg=0.1)
+    with pytest.raises(ValueError, match="LabelThresholds.tau_fg"):
+        LabelThresholds(tau_fg=1.5)
