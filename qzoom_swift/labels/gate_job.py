@@ -15,7 +15,6 @@ accuracy / no-RoI curve; the chosen tau_gate is written into the checkpoint's ``
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,15 +31,14 @@ from qzoom_swift.labels.gate import (
     sample_rng,
 )
 from qzoom_swift.labels.jobs import (
-    JOB_FILE,
-    SUMMARY_FILE,
+    Block,
     JobError,
-    OutputDir,
+    Prepared,
+    ReferenceJob,
     Reject,
-    prepare_out_dir,
+    assistant_answer,
     prepare_record,
     question_text,
-    read_dataset,
 )
 from qzoom_swift.labels.matchers import get_matcher, is_correct
 
@@ -75,26 +73,20 @@ class GateLabelOptions:
                    "batch_size", "judge_model")
 
 
-def _ground_truth(record: dict) -> str | list[str] | None:
-    for message in reversed(record.get("messages") or []):
-        if isinstance(message, dict) and message.get("role") == "assistant":
-            return message.get("content")
-    return record.get("answer") or record.get("answers")
-
-
 def load_base_model(model_dir: str):
     """The base model (no branches) and its processor, for answering at several budgets."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from qzoom_swift.families import get_adapter
+    from qzoom_swift.families import FAMILIES, get_adapter
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     adapter = get_adapter(model)
-    if adapter.name == "llava":
-        raise JobError("LLaVA-1.5 encodes every image at one fixed resolution: it has no resolution trajectory "
-                       "to label a gate from; use a Qwen2.5-VL or Qwen3-VL model")
+    if adapter.spec.fixed_resolution:
+        usable = " or ".join(spec.title for spec in FAMILIES.values() if not spec.fixed_resolution)
+        raise JobError(f"{adapter.spec.title} encodes every image at one fixed resolution: it has no resolution "
+                       f"trajectory to label a gate from; use a {usable} model")
     return model, processor, adapter
 
 
@@ -119,86 +111,76 @@ def answer_at_budget(model, processor, adapter, chats: list[list[dict]], images:
     return [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
 
 
-def run_gate_labels(opts: GateLabelOptions) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    budgets = tuple(sorted(int(b) for b in opts.budgets))
-    if len(budgets) < 2 or budgets[0] < 1:
-        raise JobError(f"--budgets {budgets}: need at least two positive budgets")
-    matcher = get_matcher(opts.matcher)
-    dataset = Path(opts.dataset)
-    if not dataset.is_file():
-        raise JobError(f"dataset {dataset} not found")
-    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
-    settings["budgets"] = list(budgets)
-    root, _ = prepare_out_dir(opts.out, opts.overwrite, settings, GateLabelOptions.RESUME_KEYS, "gate-label",
-                              (GATE_TRAIN_FILE,))
-    model, processor, adapter = load_base_model(opts.model)
-    judge = None
-    if opts.judge_model:
-        from qzoom_swift.labels.judge import LLMJudge
+class GateLabelJob(ReferenceJob):
+    """Phase 1 per block (the answers at every budget, scored), phase 2 as the summary."""
 
-        judge = LLMJudge(opts.judge_model, opts.judge_model_type)
-    cap = max_budget(processor, adapter.patch_unit)
-    used = tuple(b for b in budgets if b <= cap)
-    if len(used) < 2:
-        raise JobError(f"budgets {budgets} exceed the processor's maximum of {cap} visual tokens")
-    write_json_atomic(root / JOB_FILE, {"kind": "gate-labels", "settings": settings, "budgets_used": list(used)})
+    job_name = "gate-label"
+    progress_desc = "gate-labels"
+    progress_unit = "q"
+    opts: GateLabelOptions
+    own_files = (GATE_TRAIN_FILE,)
+    purpose = "gate labelling"
 
-    records = read_dataset(dataset)[: opts.limit]
-    out = OutputDir(root, opts.shard_size)
-    out.scan()
-    from tqdm import tqdm
+    def configure(self) -> dict:
+        opts = self.opts
+        self.budgets = tuple(sorted(int(b) for b in opts.budgets))
+        if len(self.budgets) < 2 or self.budgets[0] < 1:
+            raise JobError(f"--budgets {self.budgets}: need at least two positive budgets")
+        self.matcher = get_matcher(opts.matcher)
+        self.find_dataset()
+        settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
+        settings["budgets"] = list(self.budgets)
+        return settings
 
-    done_before = sum(1 for _, rid, _ in records if rid in out.done)
-    bar = tqdm(total=len(records), initial=done_before, desc="gate-labels", unit="q", disable=not opts.progress)
-    try:
-        # Fixed blocks of input records: a resumed run batches (and pads) exactly as an uninterrupted one,
-        # so its answers are the same; a block cut by a crash is recomputed whole, only missing lines written.
-        for block_start in range(0, len(records), opts.batch_size):
-            block = records[block_start:block_start + opts.batch_size]
-            already = sum(1 for _, rid, _ in block if rid in out.done)
-            if already == len(block):
+    def setup(self) -> None:
+        self.model, self.processor, self.adapter = load_base_model(self.opts.model)
+        self.judge = self.load_judge()
+        cap = max_budget(self.processor, self.adapter.patch_unit)
+        self.used = tuple(b for b in self.budgets if b <= cap)
+        if len(self.used) < 2:
+            raise JobError(f"budgets {self.budgets} exceed the processor's maximum of {cap} visual tokens")
+        self.write_job({"kind": "gate-labels", "settings": self.settings, "budgets_used": list(self.used)})
+
+    def reference(self, record: dict) -> str | list[str] | None:
+        """The last assistant turn, else an ``answer``/``answers`` field (VQA-style records)."""
+        return assistant_answer(record, record.get("answer") or record.get("answers"))
+
+    def process_block(self, block: Block) -> None:
+        ready = self.scorable(block)
+        if not ready:
+            return
+        chats = [p.messages for *_, p, _ in ready]
+        images = [p.image for *_, p, _ in ready]
+        per_budget = [answer_at_budget(self.model, self.processor, self.adapter, chats, images, b,
+                                       self.opts.max_new_tokens) for b in self.used]
+        for k, (_i, rid, rec, prepared, gt) in enumerate(ready):
+            if self.is_done(rid):
                 continue
-            ready = []
-            for i, rid, rec in block:
-                prepared = prepare_record(rec, dataset.parent, None, "gate labelling")
-                gt = _ground_truth(rec) if isinstance(rec, dict) else None
-                if isinstance(prepared, Reject):
-                    if rid not in out.done:
-                        out.write_reject(rid, i, prepared)
-                elif not gt:
-                    if rid not in out.done:
-                        out.write_reject(rid, i, Reject("no_ground_truth", "no assistant answer to score against"))
-                else:
-                    ready.append((i, rid, rec, prepared, gt))
-            if ready:
-                chats = [p.messages for *_, p, _ in ready]
-                images = [p.image for *_, p, _ in ready]
-                per_budget = [answer_at_budget(model, processor, adapter, chats, images, b, opts.max_new_tokens)
-                              for b in used]
-                for k, (_i, rid, rec, prepared, gt) in enumerate(ready):
-                    if rid in out.done:
-                        continue
-                    answers = [per_budget[j][k] for j in range(len(used))]
-                    if judge is not None:
-                        correct = judge_trajectory(judge, question_text(prepared.messages), gt, answers)
-                        scores = [None if c is None else float(c) for c in correct]
-                    else:
-                        scores = [float(matcher(a, gt)) for a in answers]
-                        correct = [is_correct(s, opts.correct_threshold) for s in scores]
-                    status = STATUS_OK if all(c is not None for c in correct) else "judge_unknown"
-                    out.write_record({"qzoom_id": rid, "qzoom_status": status, **rec,
-                                      "qzoom_budgets": list(used), "qzoom_answers": answers,
-                                      "qzoom_scores": scores, "qzoom_correct": correct})
-            bar.update(len(block) - already)
-    finally:
-        bar.close()
-        out.close()
-    summary = build_gate_dataset(root, opts, adapter.patch_unit)
-    summary["seconds"] = round(time.perf_counter() - t_start, 2)
-    summary["rejects"] = dict(out.reject_reasons)
-    write_json_atomic(root / SUMMARY_FILE, summary)
-    return summary
+            answers = [per_budget[j][k] for j in range(len(self.used))]
+            scores, correct = self._score(prepared, gt, answers)
+            status = STATUS_OK if all(c is not None for c in correct) else "judge_unknown"
+            self.write_record({"qzoom_id": rid, "qzoom_status": status, **rec, "qzoom_budgets": list(self.used),
+                               "qzoom_answers": answers, "qzoom_scores": scores, "qzoom_correct": correct})
+
+    def _score(self, prepared: Prepared, gt: str | list[str],
+               answers: list[str]) -> tuple[list[float | None], list[bool | None]]:
+        """(scores, right/wrong) of one trajectory's answers, from the judge or the matcher."""
+        if self.judge is not None:
+            correct = judge_trajectory(self.judge, question_text(prepared.messages), gt, answers)
+            return [None if c is None else float(c) for c in correct], correct
+        scores = [float(self.matcher(a, gt)) for a in answers]
+        return scores, [is_correct(s, self.opts.correct_threshold) for s in scores]
+
+    def summarize(self) -> dict[str, Any]:
+        summary = build_gate_dataset(self.root, self.opts, self.adapter.patch_unit)
+        summary["seconds"] = round(self.elapsed(), 2)
+        summary["rejects"] = dict(self.out.reject_reasons)
+        return summary
+
+
+def run_gate_labels(opts: GateLabelOptions) -> dict[str, Any]:
+    """Run (or resume) phase 1, then rebuild ``gate_train.jsonl``; returns the summary."""
+    return GateLabelJob(opts).run()
 
 
 def judge_trajectory(judge, question: str, reference: str | list[str], answers: list[str]) -> list[bool | None]:

@@ -5,6 +5,9 @@ writes one output line per record into ``shard-NNNNN.jsonl`` files (or a reject 
 and must survive a crash: a record's id is its line index plus a hash of its content, each line is
 written in one ``write``, flushed and fsynced, and on start the shards are scanned for finished ids and a
 partial last line is cut off. A rerun of the same command continues without duplicates or gaps.
+
+:class:`LabelJob` is the run loop they share (output dir, ``job.json``, resume scan, fixed blocks, progress,
+summary); :class:`ReferenceJob` adds what the jobs that score answers against a reference have in common.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qzoom_swift.fileio import append_jsonl_line
+from qzoom_swift.fileio import append_jsonl_line, write_json_atomic
 
 JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
@@ -280,3 +284,177 @@ def question_text(messages: list[dict]) -> str:
     """The text of the user turn of a prepared chat (image parts dropped): what a judge reads."""
     user = next(m for m in messages if m["role"] == "user")
     return " ".join(part["text"].strip() for part in user["content"] if part.get("type") == "text").strip()
+
+
+def assistant_answer(record: dict, default: Any = None) -> Any:
+    """The content of the record's last assistant turn (the reference answer); ``default`` without one."""
+    for message in reversed(record.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            return message.get("content")
+    return default
+
+
+Block = list[tuple[int, str, Any]]
+"""A fixed run of ``batch_size`` input records: (line index, id, record or None)."""
+
+
+class LabelJob:
+    """The run loop of a resumable job; subclasses fill in the hooks.
+
+    The loop is shared so every job resumes the same way: the output directory is checked before the
+    (slow) model load, finished ids are scanned once, and records are cut into fixed blocks of
+    ``batch_size`` *input* records, so a resumed run batches (and pads) exactly as an uninterrupted one
+    and computes the same answers; a block cut by a crash is recomputed whole, only its missing lines are
+    written. Hooks: :meth:`configure` (check options, find the dataset; the resume settings),
+    :meth:`setup` (load the model, :meth:`write_job`), :meth:`check_resume`, :meth:`process_block` (one
+    block with unfinished records), :meth:`finish` (after the last block) and :meth:`summarize`.
+    """
+
+    job_name = "labelling"
+    """How ``prepare_out_dir``'s messages name the job (``a pseudo-label job``)."""
+    progress_desc = "records"
+    progress_unit = "rec"
+    own_files: tuple[str, ...] = ()
+    """The job's outputs besides shards, rejects, job.json and summary.json (deleted by ``--overwrite``)."""
+
+    def __init__(self, opts: Any):
+        self.opts = opts
+        self.t_start = time.perf_counter()
+        self.dataset = Path(opts.dataset)
+        self.root = Path(opts.out)
+        self.settings: dict = {}
+        self.previous: dict | None = None
+        self.records: Block = []
+        self.out = OutputDir(self.root, opts.shard_size)
+        self.done_before = 0
+        self.processed = 0
+        self.bar: Any = None
+
+    # ----------------------------------------------------------------------------------------- hooks
+
+    def configure(self) -> dict:
+        """Check the options and find the dataset (:meth:`find_dataset`); returns the job's settings."""
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        """Load what the job runs (model, judge) and write ``job.json`` (:meth:`write_job`)."""
+        raise NotImplementedError
+
+    def check_resume(self) -> None:
+        """Refuse to continue earlier output that does not fit the records (after the scan); default: accept."""
+
+    def process_block(self, block: Block) -> None:
+        """Compute one block (at least one record not done) and write its unfinished records."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Write whatever the blocks held back (after the last block, before the output is closed)."""
+
+    def summarize(self) -> dict:
+        """The summary (written to ``summary.json`` and returned)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------- loop
+
+    def run(self) -> dict:
+        """Run (or resume) the job; returns the summary, also written to ``summary.json``."""
+        self.t_start = time.perf_counter()
+        self.settings = self.configure()
+        self.root, self.previous = prepare_out_dir(self.opts.out, self.opts.overwrite, self.settings,
+                                                   self.opts.RESUME_KEYS, self.job_name, self.own_files)
+        self.setup()
+        self.records = read_dataset(self.dataset)[: self.opts.limit]
+        self.out = OutputDir(self.root, self.opts.shard_size)
+        self.out.scan()
+        self.check_resume()
+        self.done_before = sum(1 for _, rid, _ in self.records if self.is_done(rid))
+        self.bar = self._progress_bar()
+        try:
+            bs = self.opts.batch_size
+            for start in range(0, len(self.records), bs):
+                block = self.records[start:start + bs]
+                if not all(self.is_done(rid) for _, rid, _ in block):
+                    self.process_block(block)
+            self.finish()
+        finally:
+            self.out.close()
+            self.bar.close()
+        summary = self.summarize()
+        write_json_atomic(self.root / SUMMARY_FILE, summary)
+        return summary
+
+    def _progress_bar(self):
+        from tqdm import tqdm
+
+        return tqdm(total=len(self.records), initial=self.done_before, desc=self.progress_desc,
+                    unit=self.progress_unit, dynamic_ncols=True, disable=not self.opts.progress)
+
+    # ----------------------------------------------------------------------------------------- helpers
+
+    def find_dataset(self, absolute: bool = False) -> Path:
+        """The dataset file (made absolute when the job records it so); a JobError when there is none."""
+        dataset = Path(self.opts.dataset)
+        if absolute:
+            dataset = dataset.resolve()
+        if not dataset.is_file():
+            raise JobError(f"dataset {dataset} not found")
+        self.dataset = dataset
+        return dataset
+
+    def write_job(self, job: dict) -> None:
+        write_json_atomic(self.root / JOB_FILE, job)
+
+    def is_done(self, rid: str) -> bool:
+        return rid in self.out.done
+
+    def write_record(self, data: dict) -> None:
+        self.out.write_record(data)
+        self.processed += 1
+        self.bar.update(1)
+
+    def write_reject(self, rid: str, index: int, reject: Reject) -> None:
+        self.out.write_reject(rid, index, reject)
+        self.processed += 1
+        self.bar.update(1)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+
+class ReferenceJob(LabelJob):
+    """A job that scores the model's answers against each record's reference answer (gate-labels, mine-hard)."""
+
+    purpose = "this job"
+    """How a multi-image reject names the job (``... handles one image per record``)."""
+    no_reference = "no assistant answer to score against"
+    """The detail of a ``no_ground_truth`` reject."""
+
+    def reference(self, record: dict) -> Any:
+        """The record's reference answer (its last assistant turn), or None/empty when it has none."""
+        return assistant_answer(record)
+
+    def scorable(self, block: Block) -> list[tuple[int, str, Any, Prepared, Any]]:
+        """(index, id, record, prepared, reference) of the block's usable records; the others are rejected.
+
+        Finished records stay in the list (the batch must be the one an uninterrupted run builds); a
+        reject is written only for a record that is not done.
+        """
+        ready = []
+        for i, rid, rec in block:
+            prepared = prepare_record(rec, self.dataset.parent, None, self.purpose)
+            gt = self.reference(rec) if isinstance(rec, dict) else None
+            if isinstance(prepared, Reject) or not gt:
+                if not self.is_done(rid):
+                    self.write_reject(rid, i, prepared if isinstance(prepared, Reject) else
+                                      Reject("no_ground_truth", self.no_reference))
+                continue
+            ready.append((i, rid, rec, prepared, gt))
+        return ready
+
+    def load_judge(self) -> Any:
+        """The LLM judge of ``--judge-model`` (loaded through ms-swift), or None to use the rule matcher."""
+        if not self.opts.judge_model:
+            return None
+        from qzoom_swift.labels.judge import LLMJudge
+
+        return LLMJudge(self.opts.judge_model, self.opts.judge_model_type)

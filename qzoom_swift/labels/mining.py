@@ -12,24 +12,13 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qzoom_swift.fileio import write_json_atomic, write_text_atomic
-from qzoom_swift.labels.jobs import (
-    JOB_FILE,
-    SUMMARY_FILE,
-    JobError,
-    OutputDir,
-    Reject,
-    prepare_out_dir,
-    prepare_record,
-    question_text,
-    read_dataset,
-)
+from qzoom_swift.fileio import write_text_atomic
+from qzoom_swift.labels.jobs import Block, ReferenceJob, question_text
 from qzoom_swift.labels.matchers import get_matcher, is_correct
 
 POST_SFT_FILE = "post_sft.jsonl"
@@ -62,13 +51,6 @@ class MineOptions:
                    "config_overrides", "limit", "batch_size")
 
 
-def _ground_truth(record: dict) -> str | None:
-    for message in reversed(record.get("messages") or []):
-        if isinstance(message, dict) and message.get("role") == "assistant":
-            return message.get("content")
-    return None
-
-
 def classify(base_ok: bool | None, roi_ok: bool | None, zoomed: bool) -> str:
     if not zoomed:
         return "no_roi"
@@ -81,87 +63,74 @@ def classify(base_ok: bool | None, roi_ok: bool | None, zoomed: bool) -> str:
     return "both_right" if base_ok else "both_wrong"
 
 
-def run_mine_hard(opts: MineOptions) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    dataset = Path(opts.dataset)
-    if not dataset.is_file():
-        raise JobError(f"dataset {dataset} not found")
-    settings = asdict(opts)
-    root, _ = prepare_out_dir(opts.out, opts.overwrite, settings, MineOptions.RESUME_KEYS, "mine-hard",
-                              (POST_SFT_FILE,))
-    write_json_atomic(root / JOB_FILE, {"kind": "mine-hard", "settings": settings})
-    from qzoom_swift.model import QZoomModel
+class MineHardJob(ReferenceJob):
+    """Per block: answers without and with the RoI, judged; the Post-SFT file is built as the summary."""
 
-    qz = QZoomModel.from_pretrained(opts.model, checkpoint=opts.checkpoint, config_overrides=opts.config_overrides)
-    cfg = qz.config
-    judge = None
-    if opts.judge_model:
-        from qzoom_swift.labels.judge import LLMJudge
+    job_name = "mine-hard"
+    progress_desc = "mine-hard"
+    progress_unit = "q"
+    opts: MineOptions
+    own_files = (POST_SFT_FILE,)
+    purpose = "mining"
+    no_reference = "no assistant answer to judge against"
 
-        judge = LLMJudge(opts.judge_model, opts.judge_model_type)
-    matcher = get_matcher(opts.matcher)
-    low_kwargs = {}
-    if qz.adapter.name != "llava":
-        unit = qz.adapter.patch_unit ** 2
-        low_kwargs = {"min_pixels": cfg.low_min_tokens * unit, "max_pixels": cfg.low_max_tokens * unit}
+    def configure(self) -> dict:
+        self.find_dataset()
+        return asdict(self.opts)
 
-    records = read_dataset(dataset)[: opts.limit]
-    out = OutputDir(root, opts.shard_size)
-    out.scan()
-    from tqdm import tqdm
+    def setup(self) -> None:
+        from qzoom_swift.model import QZoomModel
 
-    bar = tqdm(total=len(records), initial=sum(1 for _, rid, _ in records if rid in out.done), desc="mine-hard",
-               unit="q", disable=not opts.progress)
-    try:
-        for start in range(0, len(records), opts.batch_size):  # fixed blocks: a resume batches identically
-            block = records[start:start + opts.batch_size]
-            already = sum(1 for _, rid, _ in block if rid in out.done)
-            if already == len(block):
+        opts = self.opts
+        self.write_job({"kind": "mine-hard", "settings": self.settings})
+        self.qz = QZoomModel.from_pretrained(opts.model, checkpoint=opts.checkpoint,
+                                             config_overrides=opts.config_overrides)
+        self.judge = self.load_judge()
+        self.matcher = get_matcher(opts.matcher)
+        cfg = self.qz.config
+        self.low_kwargs = self.qz.adapter.budget_template_kwargs(cfg.low_min_tokens, cfg.low_max_tokens)
+
+    def process_block(self, block: Block) -> None:
+        ready = self.scorable(block)
+        if not ready:
+            return
+        images = [[p.image] for *_, p, _ in ready]
+        questions = [question_text(p.messages) for *_, p, _ in ready]
+        base = self.qz.generate(images, questions, config_overrides={"mode": "never"},
+                                max_new_tokens=self.opts.max_new_tokens)
+        zoom = self.qz.generate(images, questions, config_overrides={"mode": "always"},
+                                max_new_tokens=self.opts.max_new_tokens)
+        verdicts = self._judge([gt for *_, gt in ready], questions, base, zoom)
+        for (_i, rid, rec, _p, _gt), b, z, (base_ok, roi_ok, raw) in zip(ready, base, zoom, verdicts):
+            if self.is_done(rid):
                 continue
-            ready = []
-            for i, rid, rec in block:
-                prepared = prepare_record(rec, dataset.parent, None, "mining")
-                gt = _ground_truth(rec) if isinstance(rec, dict) else None
-                if isinstance(prepared, Reject) or not gt:
-                    if rid not in out.done:
-                        out.write_reject(rid, i, prepared if isinstance(prepared, Reject) else
-                                         Reject("no_ground_truth", "no assistant answer to judge against"))
-                    continue
-                ready.append((rid, rec, prepared, gt, question_text(prepared.messages)))
-            if ready:
-                images = [[p.image] for _, _, p, _, _ in ready]
-                questions = [q for *_, q in ready]
-                base = qz.generate(images, questions, config_overrides={"mode": "never"},
-                                   max_new_tokens=opts.max_new_tokens)
-                zoom = qz.generate(images, questions, config_overrides={"mode": "always"},
-                                   max_new_tokens=opts.max_new_tokens)
-                if judge is not None:
-                    verdicts = judge([(q, gt, b.text, z.text) for (_, _, _, gt, q), b, z in zip(ready, base, zoom)])
-                    oks = [(v.a, v.b, v.raw) for v in verdicts]
-                else:
-                    oks = [(is_correct(matcher(b.text, gt), opts.correct_threshold),
-                            is_correct(matcher(z.text, gt), opts.correct_threshold), None)
-                           for (_, _, _, gt, _), b, z in zip(ready, base, zoom)]
-                for (rid, rec, _p, _gt, _q), b, z, (base_ok, roi_ok, raw) in zip(ready, base, zoom, oks):
-                    if rid in out.done:
-                        continue
-                    st = z.stats
-                    roi = ({"box": list(st.box), "grid_box": list(st.grid_box), "grid": list(st.grid)}
-                           if st.zoomed else None)
-                    out.write_record({"qzoom_id": rid, "qzoom_status": classify(base_ok, roi_ok, st.zoomed), **rec,
-                                      "qzoom_base_answer": b.text, "qzoom_roi_answer": z.text,
-                                      "qzoom_base_correct": base_ok, "qzoom_roi_correct": roi_ok,
-                                      "qzoom_judge": raw, "qzoom_roi": roi, "qzoom_low": low_kwargs})
-            bar.update(len(block) - already)
-    finally:
-        bar.close()
-        out.close()
-    summary = build_post_sft_dataset(root, opts.mixing_ratio, opts.seed)
-    summary["seconds"] = round(time.perf_counter() - t_start, 2)
-    summary["rejects"] = dict(out.reject_reasons)
-    summary["judge"] = opts.judge_model or f"matcher:{opts.matcher}"
-    write_json_atomic(root / SUMMARY_FILE, summary)
-    return summary
+            st = z.stats
+            roi = {"box": list(st.box), "grid_box": list(st.grid_box), "grid": list(st.grid)} if st.zoomed else None
+            self.write_record({"qzoom_id": rid, "qzoom_status": classify(base_ok, roi_ok, st.zoomed), **rec,
+                               "qzoom_base_answer": b.text, "qzoom_roi_answer": z.text,
+                               "qzoom_base_correct": base_ok, "qzoom_roi_correct": roi_ok,
+                               "qzoom_judge": raw, "qzoom_roi": roi, "qzoom_low": self.low_kwargs})
+
+    def _judge(self, refs: list[str], questions: list[str], base: list, zoom: list) -> list[tuple]:
+        """(base right, RoI right, judge output or None) per question, from the judge or the matcher."""
+        if self.judge is not None:
+            verdicts = self.judge([(q, gt, b.text, z.text) for q, gt, b, z in zip(questions, refs, base, zoom)])
+            return [(v.a, v.b, v.raw) for v in verdicts]
+        threshold = self.opts.correct_threshold
+        return [(is_correct(self.matcher(b.text, gt), threshold), is_correct(self.matcher(z.text, gt), threshold),
+                 None) for gt, b, z in zip(refs, base, zoom)]
+
+    def summarize(self) -> dict[str, Any]:
+        summary = build_post_sft_dataset(self.root, self.opts.mixing_ratio, self.opts.seed)
+        summary["seconds"] = round(self.elapsed(), 2)
+        summary["rejects"] = dict(self.out.reject_reasons)
+        summary["judge"] = self.opts.judge_model or f"matcher:{self.opts.matcher}"
+        return summary
+
+
+def run_mine_hard(opts: MineOptions) -> dict[str, Any]:
+    """Run (or resume) the mining, then rebuild ``post_sft.jsonl``; returns the summary."""
+    return MineHardJob(opts).run()
 
 
 def build_post_sft_dataset(root: Path, mixing_ratio: float, seed: int) -> dict[str, Any]:

@@ -38,16 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qzoom_swift.fileio import write_json_atomic
 from qzoom_swift.labels.jobs import (
-    JOB_FILE,
     STATUS_REJECTED,
-    SUMMARY_FILE,
+    Block,
     JobError,
+    LabelJob,
     OutputDir,
     Prepared,
     Reject,
-    prepare_out_dir,
     read_dataset,
     record_id,
 )
@@ -127,12 +125,6 @@ class PseudoLabelOptions:
     RESUME_KEYS = ("model", "dataset", "max_new_tokens", "mode", "queries", "heads", "sink_heads", "sink",
                    "sink_threshold", "tau_norm", "grounding_prompt", "max_tokens", "calibration", "top_k", "tau_fg",
                    "tau_bg", "max_box_fraction", "min_peak", "limit", "batch_size", "dtype")
-
-
-# ------------------------------------------------------------------------------------------------ records
-
-
-# ------------------------------------------------------------------------------------------------- output
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -242,100 +234,191 @@ def _sink_method(opts: PseudoLabelOptions, selection) -> str:
     return "norm"
 
 
-def run_pseudo_labels(opts: PseudoLabelOptions) -> dict:
-    """Run (or resume) a pseudo-label job; returns the summary (also written to ``summary.json``)."""
-    from qzoom_swift.config import LabelThresholds, QZoomConfig
-    from qzoom_swift.families import get_adapter
-    from qzoom_swift.labels.attention import (
-        HeadSelection,
-        eos_token_ids,
-        generate_with_attention,
-        image_grids,
-        rank_layers_by_concentration,
-    )
-    from qzoom_swift.labels.tristate import combine_sink_masks, label_kwargs, tristate_labels
+class PseudoLabelJob(LabelJob):
+    """The pseudo-label run: one greedy answer per record, its attention map turned into tri-state labels.
 
-    t_start = time.perf_counter()
-    if opts.batch_size < 1 or opts.shard_size < 1 or opts.max_new_tokens < 1:
-        raise JobError("--batch-size, --shard-size and --max-new-tokens must be >= 1")
-    dataset = Path(opts.dataset).resolve()
-    if not dataset.is_file():
-        raise JobError(f"dataset {dataset} not found")
-    opts.dataset = str(dataset)
-    model_path = Path(opts.model)
-    opts.model = str(model_path.resolve()) if model_path.exists() else opts.model
-    defaults = LabelThresholds()
-    thresholds = {k: (getattr(opts, k) if getattr(opts, k) is not None else getattr(defaults, k))
-                  for k in ("tau_fg", "tau_bg", "max_box_fraction", "min_peak")}
-    for k, v in thresholds.items():
-        setattr(opts, k, v)
-    label_cfg = QZoomConfig(labelling=LabelThresholds(**thresholds))
-    settings = {k: getattr(opts, k) for k in PseudoLabelOptions.RESUME_KEYS}
-    root, previous = prepare_out_dir(opts.out, opts.overwrite, settings, PseudoLabelOptions.RESUME_KEYS,
-                                     "pseudo-label")
+    With ``--heads auto`` the layers are not known when the first blocks run: their outputs are held
+    back (with the attention of every candidate layer) until ``calibration`` labelled records have come
+    in, the layers are chosen on those, and the held outputs are written with that choice.
+    """
 
-    model, processor, family = load_labelling_model(opts.model, opts.device, opts.dtype)
-    t_loaded = time.perf_counter()
-    adapter = get_adapter(model)
-    text_cfg = adapter.text_config(model)
-    num_layers, hidden, num_heads = len(adapter.decoder_layers(model)), int(text_cfg.hidden_size), \
-        int(text_cfg.num_attention_heads)
-    selection, candidates = _resolve_selection(opts, family, num_layers, hidden, num_heads)
-    if previous is not None and previous.get("head_selection"):
-        selection = HeadSelection.from_dict(previous["head_selection"])
-    sink_method = _sink_method(opts, selection)
-    grounding_prompt = opts.grounding_prompt == "on" or (opts.grounding_prompt == "auto" and opts.mode == "natural")
-    if opts.grounding_prompt not in ("auto", "on", "off"):
-        raise JobError(f"--grounding-prompt {opts.grounding_prompt!r}: choose from auto, on, off")
-    capped = set_max_visual_tokens(processor, opts.max_tokens)
-    eos = eos_token_ids(model, processor.tokenizer)
+    job_name = "pseudo-label"
+    progress_desc = "pseudo-labels"
+    progress_unit = "rec"
+    opts: PseudoLabelOptions
 
-    job = previous or {"version": JOB_VERSION, "settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    job.update(family=family, num_layers=num_layers, hidden_size=hidden, num_heads=num_heads,
-               sink_filter=sink_method, grounding_prompt_used=grounding_prompt, max_tokens_applied=capped,
-               label_config=label_kwargs(label_cfg),
-               head_selection=None if selection is None else selection.to_dict(),
-               auto_candidates=candidates)
-    write_json_atomic(root / JOB_FILE, job)
+    def __init__(self, opts: PseudoLabelOptions):
+        super().__init__(opts)
+        self.timing: Counter = Counter()
+        self.outcome: Counter = Counter()
+        self.held: list[tuple[str, tuple]] = []  # (kind, payload) waiting for the auto layer choice
+        self.calibration: list[tuple[Any, tuple[int, int]]] = []
+        self.selection: Any = None  # HeadSelection; None until the auto choice is made
 
-    records = read_dataset(dataset)
-    if opts.limit is not None:
-        records = records[: opts.limit]
-    out = OutputDir(root, opts.shard_size)
-    out.scan()
-    ids = {rid for _, rid, _ in records}
-    indices = {i for i, _, _ in records}
-    stale = [rid for rid in out.done if rid not in ids and int(rid.split("-", 1)[0]) in indices]
-    if stale:
-        raise JobError(f"the dataset changed since {root} was started (record {stale[0]} is no longer in it): "
-                       "pass --overwrite to start again")
-    done_before = sum(1 for _, rid, _ in records if rid in out.done)
+    # ------------------------------------------------------------------------------------------ setup
 
-    timing = Counter()
-    processed = 0
-    outcome = Counter()
-    held: list = []  # (kind, payload) waiting for the auto layer choice
-    calibration: list[dict] = []
-    base_dir = dataset.parent
+    def configure(self) -> dict:
+        from qzoom_swift.config import LabelThresholds, QZoomConfig
 
-    def norm_layer_of(sel) -> int:
-        """Layer whose input hidden states give the norm sink test: the lowest grounding layer."""
-        return min(sel.grounding)
+        opts = self.opts
+        if opts.batch_size < 1 or opts.shard_size < 1 or opts.max_new_tokens < 1:
+            raise JobError("--batch-size, --shard-size and --max-new-tokens must be >= 1")
+        opts.dataset = str(self.find_dataset(absolute=True))
+        model_path = Path(opts.model)
+        opts.model = str(model_path.resolve()) if model_path.exists() else opts.model
+        defaults = LabelThresholds()
+        thresholds = {k: (getattr(opts, k) if getattr(opts, k) is not None else getattr(defaults, k))
+                      for k in ("tau_fg", "tau_bg", "max_box_fraction", "min_peak")}
+        for k, v in thresholds.items():
+            setattr(opts, k, v)
+        self.label_cfg = QZoomConfig(labelling=LabelThresholds(**thresholds))
+        return {k: getattr(opts, k) for k in PseudoLabelOptions.RESUME_KEYS}
 
-    def labelled_record(rid, rec, answer, sample, grid, sel):
+    def setup(self) -> None:
+        from qzoom_swift.families import get_adapter
+        from qzoom_swift.labels.attention import HeadSelection, eos_token_ids
+        from qzoom_swift.labels.tristate import label_kwargs
+
+        opts = self.opts
+        self.model, self.processor, self.family = load_labelling_model(opts.model, opts.device, opts.dtype)
+        self.t_loaded = time.perf_counter()
+        adapter = get_adapter(self.model)
+        text_cfg = adapter.text_config(self.model)
+        num_layers, hidden, num_heads = len(adapter.decoder_layers(self.model)), int(text_cfg.hidden_size), \
+            int(text_cfg.num_attention_heads)
+        self.selection, self.candidates = _resolve_selection(opts, self.family, num_layers, hidden, num_heads)
+        if self.previous is not None and self.previous.get("head_selection"):
+            self.selection = HeadSelection.from_dict(self.previous["head_selection"])
+        self.sink_method = _sink_method(opts, self.selection)
+        self.grounding_prompt = opts.grounding_prompt == "on" or (opts.grounding_prompt == "auto" and
+                                                                  opts.mode == "natural")
+        if opts.grounding_prompt not in ("auto", "on", "off"):
+            raise JobError(f"--grounding-prompt {opts.grounding_prompt!r}: choose from auto, on, off")
+        capped = set_max_visual_tokens(self.processor, opts.max_tokens)
+        self.eos = eos_token_ids(self.model, self.processor.tokenizer)
+
+        self.job = self.previous or {"version": JOB_VERSION, "settings": self.settings,
+                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.job.update(family=self.family, num_layers=num_layers, hidden_size=hidden, num_heads=num_heads,
+                        sink_filter=self.sink_method, grounding_prompt_used=self.grounding_prompt,
+                        max_tokens_applied=capped, label_config=label_kwargs(self.label_cfg),
+                        head_selection=None if self.selection is None else self.selection.to_dict(),
+                        auto_candidates=self.candidates)
+        self.write_job(self.job)
+
+    def check_resume(self) -> None:
+        """Output ids at line indices of this dataset whose content changed: the dataset was edited."""
+        ids = {rid for _, rid, _ in self.records}
+        indices = {i for i, _, _ in self.records}
+        stale = [rid for rid in self.out.done if rid not in ids and int(rid.split("-", 1)[0]) in indices]
+        if stale:
+            raise JobError(f"the dataset changed since {self.root} was started (record {stale[0]} is no longer in "
+                           "it): pass --overwrite to start again")
+
+    # ------------------------------------------------------------------------------------------ blocks
+
+    def process_block(self, block: Block) -> None:
+        t0 = time.perf_counter()
+        prepared = [(i, rid, rec, prepare_record(rec, self.dataset.parent, self.grounding_prompt))
+                    for i, rid, rec in block]
+        valid = [(rid, p) for _i, rid, _rec, p in prepared if isinstance(p, Prepared)]
+        self.timing["read_s"] += time.perf_counter() - t0
+        results = self._answer(valid) if valid else {}
+        for i, rid, rec, p in prepared:
+            if self.is_done(rid):
+                continue
+            kind, payload = self._outcome(i, rid, rec, p, results)
+            if self.selection is not None:
+                self._emit(kind, payload)
+                continue
+            if kind == "record":
+                _rid, _rec, _answer, sample, grid = payload
+                self.calibration.append((sample, grid))
+            self.held.append((kind, payload))
+        if self.selection is None and len(self.calibration) >= self.opts.calibration:
+            self._choose_layers()
+            self._flush_held()
+
+    def finish(self) -> None:
+        if self.selection is None:
+            self._choose_layers()
+            self._flush_held()
+
+    def _answer(self, valid: list[tuple[str, Prepared]]) -> dict[str, tuple]:
+        """id -> (answer, attention sample, token grid) of the block's valid records, generated as one batch."""
+        from qzoom_swift.labels.attention import generate_with_attention, image_grids
+
+        processor, model = self.processor, self.model
+        t0 = time.perf_counter()
+        texts = [processor.apply_chat_template(p.messages, add_generation_prompt=True) for _, p in valid]
+        inputs = processor(text=texts, images=[p.image for _, p in valid], return_tensors="pt",
+                           padding=True).to(model.device)
+        grids = image_grids(model, inputs)
+        self.timing["preprocess_s"] += time.perf_counter() - t0
+        sel = self.selection
+        layers = self.candidates if sel is None else sel.layers
+        norm_layers = self.candidates if sel is None else [_norm_layer(sel)]
+        t0 = time.perf_counter()
+        new_ids, samples = generate_with_attention(model, inputs, layers, norm_layers, self.eos,
+                                                   self.opts.max_new_tokens, queries=self.opts.queries)
+        self.timing["generate_s"] += time.perf_counter() - t0
+        results = {}
+        for (rid, _p), ids_row, sample, grid in zip(valid, new_ids, samples, grids):
+            row = ids_row.tolist()
+            cut = next((k for k, t in enumerate(row) if t in self.eos), len(row))
+            answer = processor.tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+            results[rid] = (answer, sample, grid)
+        return results
+
+    @staticmethod
+    def _outcome(i: int, rid: str, rec: Any, p: Prepared | Reject, results: dict[str, tuple]) -> tuple[str, tuple]:
+        """("reject", (id, index, Reject)) or ("record", (id, record, answer, sample, grid))."""
+        if isinstance(p, Reject):
+            return "reject", (rid, i, p)
+        answer, sample, grid = results[rid]
+        if not answer:
+            return "reject", (rid, i, Reject("empty_answer", "the model's answer is empty"))
+        if sample.num_steps == 0:
+            return "reject", (rid, i, Reject("no_decode_step", "the answer has no token after the first to read "
+                                                               "attention from; raise --max-new-tokens"))
+        return "record", (rid, rec, answer, sample, grid)
+
+    # ------------------------------------------------------------------------------------------ output
+
+    def _emit(self, kind: str, payload: tuple) -> None:
+        t0 = time.perf_counter()
+        if kind == "reject":
+            rid, index, reject = payload
+            self.write_reject(rid, index, reject)
+            self.outcome["rejected"] += 1
+        else:
+            data = self._labelled_record(*payload)
+            self.write_record(data)
+            self.outcome["labelled" if data["qzoom_status"] == STATUS_OK else data["qzoom_status"]] += 1
+        self.timing["write_s"] += time.perf_counter() - t0
+
+    def _flush_held(self) -> None:
+        for kind, payload in self.held:
+            self._emit(kind, payload)
+        self.held.clear()
+
+    def _labelled_record(self, rid: str, rec: dict, answer: str, sample: Any, grid: tuple[int, int]) -> dict:
+        """The output line: the input record plus the maps, the sink mask's size and the tri-state labels."""
+        from qzoom_swift.labels.tristate import combine_sink_masks, label_kwargs, tristate_labels
+
+        sel = self.selection
         h, w = grid
-        n = h * w
         att = sample.head_mean(sel.grounding)
-        if att.numel() != n:
+        if att.numel() != h * w:
             raise RuntimeError(f"record {rid}: {att.numel()} visual tokens for a {h}x{w} grid")
         att = att.view(h, w)
         sink_attn = sample.head_mean(sel.sink)
         sink_attn = None if sink_attn is None else sink_attn.view(h, w)
-        norms = sample.norms.get(norm_layer_of(sel))
+        norms = sample.norms.get(_norm_layer(sel))
         norms = None if norms is None else norms.view(h, w)
-        mask = combine_sink_masks(sink_method, (h, w), sink_attn=sink_attn, norms=norms,
-                                  sink_threshold=sel.sink_threshold, tau_norm=opts.tau_norm)
-        res = tristate_labels(att, mask, **label_kwargs(label_cfg))
+        mask = combine_sink_masks(self.sink_method, (h, w), sink_attn=sink_attn, norms=norms,
+                                  sink_threshold=sel.sink_threshold, tau_norm=self.opts.tau_norm)
+        res = tristate_labels(att, mask, **label_kwargs(self.label_cfg))
         data = {"qzoom_id": rid, "qzoom_status": res.status}
         data.update({k: v for k, v in rec.items() if not k.startswith("qzoom_")})
         data.update(qzoom_answer=answer, qzoom_attn=_grid_list(att, grid), qzoom_attn_grid=[h, w],
@@ -346,153 +429,77 @@ def run_pseudo_labels(opts: PseudoLabelOptions) -> dict:
                     qzoom_peak=float(f"{res.peak:.6g}"), qzoom_rpn_labels=res.as_list())
         return data
 
-    def emit(kind, payload):
-        nonlocal processed
-        t0 = time.perf_counter()
-        if kind == "reject":
-            rid, index, reject = payload
-            out.write_reject(rid, index, reject)
-            outcome["rejected"] += 1
-        else:
-            rid, rec, answer, sample, grid = payload
-            data = labelled_record(rid, rec, answer, sample, grid, selection)
-            out.write_record(data)
-            outcome["labelled" if data["qzoom_status"] == STATUS_OK else data["qzoom_status"]] += 1
-        processed += 1
-        timing["write_s"] += time.perf_counter() - t0
-        if bar is not None:
-            bar.update(1)
-
-    def choose_layers():
-        nonlocal selection
+    def _choose_layers(self) -> None:
+        """The auto head choice: the candidate layers whose (norm-filtered) attention is most concentrated."""
+        from qzoom_swift.labels.attention import HeadSelection, rank_layers_by_concentration
         from qzoom_swift.labels.tristate import sink_mask_from_norms
 
         maps = []
-        for sample, grid in calibration:
+        for sample, grid in self.calibration:
             per = {}
-            for layer in candidates:
+            for layer in self.candidates:
                 m = sample.per_layer[layer].mean(dim=0)
                 if layer in sample.norms:
-                    m = m * ~sink_mask_from_norms(sample.norms[layer].view(grid), opts.tau_norm).flatten()
+                    m = m * ~sink_mask_from_norms(sample.norms[layer].view(grid), self.opts.tau_norm).flatten()
                 per[layer] = m
             maps.append(per)
-        ranking = rank_layers_by_concentration(maps) if maps else [(layer, 1.0) for layer in candidates]
-        chosen = sorted(layer for layer, _ in ranking[: max(1, opts.top_k)])
-        selection = HeadSelection({layer: None for layer in chosen}, {}, source="auto")
-        job["head_selection"] = selection.to_dict()
-        job["auto_ranking"] = [[layer, round(score, 6)] for layer, score in ranking]
-        job["auto_calibration_samples"] = len(maps)
-        write_json_atomic(root / JOB_FILE, job)
+        ranking = rank_layers_by_concentration(maps) if maps else [(layer, 1.0) for layer in self.candidates]
+        chosen = sorted(layer for layer, _ in ranking[: max(1, self.opts.top_k)])
+        self.selection = HeadSelection({layer: None for layer in chosen}, {}, source="auto")
+        self.job["head_selection"] = self.selection.to_dict()
+        self.job["auto_ranking"] = [[layer, round(score, 6)] for layer, score in ranking]
+        self.job["auto_calibration_samples"] = len(maps)
+        self.write_job(self.job)
 
-    def flush_held():
-        for kind, payload in held:
-            emit(kind, payload)
-        held.clear()
+    def summarize(self) -> dict:
+        elapsed = self.elapsed()
+        work_s = time.perf_counter() - self.t_loaded
+        records, out = self.records, self.out
+        statuses = Counter(out.done.get(rid) for _, rid, _ in records if rid in out.done)
+        counts = {"labelled": statuses.get(STATUS_OK, 0), **{s: statuses.get(s, 0) for s in IGNORED_STATUSES},
+                  "rejected": statuses.get(STATUS_REJECTED, 0)}
+        processed = self.processed
+        return {
+            "dataset": self.opts.dataset,
+            "output": str(self.root),
+            "model": self.opts.model,
+            "family": self.family,
+            "head_selection": self.job.get("head_selection"),
+            "sink_filter": self.sink_method,
+            "label_config": self.job["label_config"],
+            "records_total": len(records),
+            "records_done": sum(counts.values()),
+            "complete": sum(counts.values()) == len(records),
+            "outcomes": counts,
+            "ignored": sum(counts[s] for s in IGNORED_STATUSES),
+            "rejects_by_reason": dict(sorted(out.reject_reasons.items())),
+            "shards": [p.name for p in out.shards()],
+            "this_run": {
+                "resumed_from": self.done_before,
+                "processed": processed,
+                "outcomes": dict(self.outcome),
+                "seconds": round(elapsed, 3),
+                "model_load_s": round(self.t_loaded - self.t_start, 3),
+                "samples_per_s": round(processed / work_s, 4) if processed and work_s > 0 else None,
+                "timing_s": {k: round(v, 3) for k, v in sorted(self.timing.items())},
+            },
+            "settings": self.settings,
+        }
 
-    bar = None
-    if opts.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=len(records), initial=done_before, desc="pseudo-labels", unit="rec", dynamic_ncols=True)
-    try:
-        bs = opts.batch_size
-        for start in range(0, len(records), bs):
-            block = records[start:start + bs]
-            todo = [r for r in block if r[1] not in out.done]
-            if not todo:
-                continue
-            t0 = time.perf_counter()
-            prepared = [(i, rid, rec, prepare_record(rec, base_dir, grounding_prompt)) for i, rid, rec in block]
-            valid = [(i, rid, rec, p) for i, rid, rec, p in prepared if isinstance(p, Prepared)]
-            timing["read_s"] += time.perf_counter() - t0
-            results: dict[str, tuple] = {}
-            if valid:
-                t0 = time.perf_counter()
-                texts = [processor.apply_chat_template(p.messages, add_generation_prompt=True) for *_, p in valid]
-                inputs = processor(text=texts, images=[p.image for *_, p in valid], return_tensors="pt",
-                                   padding=True).to(model.device)
-                grids = image_grids(model, inputs)
-                timing["preprocess_s"] += time.perf_counter() - t0
-                layers = candidates if selection is None else selection.layers
-                norm_layers = candidates if selection is None else [norm_layer_of(selection)]
-                t0 = time.perf_counter()
-                new_ids, samples = generate_with_attention(model, inputs, layers, norm_layers, eos,
-                                                           opts.max_new_tokens, queries=opts.queries)
-                timing["generate_s"] += time.perf_counter() - t0
-                for (_i, rid, _rec, _p), ids_row, sample, grid in zip(valid, new_ids, samples, grids):
-                    row = ids_row.tolist()
-                    cut = next((k for k, t in enumerate(row) if t in eos), len(row))
-                    answer = processor.tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
-                    results[rid] = (answer, sample, grid)
-            for i, rid, rec, p in prepared:
-                if rid in out.done:
-                    continue
-                if isinstance(p, Reject):
-                    item = ("reject", (rid, i, p))
-                else:
-                    answer, sample, grid = results[rid]
-                    if not answer:
-                        item = ("reject", (rid, i, Reject("empty_answer", "the model's answer is empty")))
-                    elif sample.num_steps == 0:
-                        item = ("reject", (rid, i, Reject(
-                            "no_decode_step", "the answer has no token after the first to read attention from; "
-                                              "raise --max-new-tokens")))
-                    else:
-                        item = ("record", (rid, rec, answer, sample, grid))
-                        if selection is None:
-                            calibration.append((sample, grid))
-                if selection is None:
-                    held.append(item)
-                else:
-                    emit(*item)
-            if selection is None and len(calibration) >= opts.calibration:
-                choose_layers()
-                flush_held()
-        if selection is None:
-            choose_layers()
-            flush_held()
-    finally:
-        out.close()
-        if bar is not None:
-            bar.close()
+def _norm_layer(selection) -> int:
+    """Layer whose input hidden states give the norm sink test: the lowest grounding layer."""
+    return min(selection.grounding)
 
-    elapsed = time.perf_counter() - t_start
-    work_s = time.perf_counter() - t_loaded
-    statuses = Counter(out.done.get(rid) for _, rid, _ in records if rid in out.done)
-    counts = {"labelled": statuses.get(STATUS_OK, 0), **{s: statuses.get(s, 0) for s in IGNORED_STATUSES},
-              "rejected": statuses.get(STATUS_REJECTED, 0)}
-    summary = {
-        "dataset": opts.dataset,
-        "output": str(root),
-        "model": opts.model,
-        "family": family,
-        "head_selection": job.get("head_selection"),
-        "sink_filter": sink_method,
-        "label_config": job["label_config"],
-        "records_total": len(records),
-        "records_done": sum(counts.values()),
-        "complete": sum(counts.values()) == len(records),
-        "outcomes": counts,
-        "ignored": sum(counts[s] for s in IGNORED_STATUSES),
-        "rejects_by_reason": dict(sorted(out.reject_reasons.items())),
-        "shards": [p.name for p in out.shards()],
-        "this_run": {
-            "resumed_from": done_before,
-            "processed": processed,
-            "outcomes": dict(outcome),
-            "seconds": round(elapsed, 3),
-            "model_load_s": round(t_loaded - t_start, 3),
-            "samples_per_s": round(processed / work_s, 4) if processed and work_s > 0 else None,
-            "timing_s": {k: round(v, 3) for k, v in sorted(timing.items())},
-        },
-        "settings": settings,
-    }
-    write_json_atomic(root / SUMMARY_FILE, summary)
-    return summary
+
+def run_pseudo_labels(opts: PseudoLabelOptions) -> dict:
+    """Run (or resume) a pseudo-label job; returns the summary (also written to ``summary.json``)."""
+    return PseudoLabelJob(opts).run()
 
 
 __all__ = [
-    "GROUNDING_INSTRUCTION", "JobError", "OutputDir", "Prepared", "PseudoLabelOptions", "REJECT_REASONS", "Reject",
+    "GROUNDING_INSTRUCTION", "JobError", "OutputDir", "Prepared", "PseudoLabelJob", "PseudoLabelOptions",
+    "REJECT_REASONS", "Reject",
     "load_labelling_model", "prepare_record", "read_dataset", "record_id", "run_pseudo_labels",
     "set_max_visual_tokens",
 ]

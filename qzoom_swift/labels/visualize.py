@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qzoom_swift.fileio import atomic_path
 from qzoom_swift.roi import grid_region
 
 
@@ -65,24 +66,10 @@ def predict_heatmap(model_dir: str, checkpoint: str, record: dict, base_dir: Pat
     return torch.sigmoid(logits).numpy(), box, tau
 
 
-def render_record_png(shard: str | Path, out: str | Path, *, index: int = 0, record_id: str | None = None,
-                      checkpoint: str | None = None, model: str | None = None, tau_roi: float | None = None,
-                      dpi: int = 100) -> tuple[Path, tuple[int, int]]:
-    """Write the PNG of one shard record; returns (path, (width, height) in pixels)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Rectangle
+def _record_image(record: dict, job: dict, shard: Path):
+    """(the record's image, the directory its relative paths start from: the job's dataset, else the shard's)."""
     from PIL import Image
 
-    shard = Path(shard)
-    record = read_shard_record(shard, index, record_id)
-    job = _job_of(shard)
-    model_dir = model or job.get("settings", {}).get("model")
-    if checkpoint is not None and not model_dir:
-        raise ValueError("--checkpoint needs the base model: pass --model (no job.json next to the shard)")
     images = record.get("images") or []
     if not images:
         raise ValueError("the record has no image")
@@ -91,28 +78,40 @@ def render_record_png(shard: str | Path, out: str | Path, *, index: int = 0, rec
     base_dir = Path(dataset).parent if dataset else shard.parent
     if not image_path.is_absolute():
         image_path = base_dir / image_path
-    image = Image.open(image_path).convert("RGB")
-    processor = None
-    if model_dir and Path(model_dir).is_dir():
-        from transformers import AutoProcessor
+    return Image.open(image_path).convert("RGB"), base_dir
 
-        processor = AutoProcessor.from_pretrained(model_dir)
-    left, top, right, bottom = grid_region(image.size, processor)
+
+def _processor_of(model_dir: str | None):
+    """The model's processor when its directory is here (it decides the covered region), else None."""
+    if not (model_dir and Path(model_dir).is_dir()):
+        return None
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_dir)
+
+
+def _grid_rect(region: tuple[float, float, float, float], grid: tuple[int, int], box, color: str):
+    """The outline of a token-grid box [x0, y0, x1, y1] in image pixels."""
+    from matplotlib.patches import Rectangle
+
+    left, top, right, bottom = region
+    h, w = grid
+    cell_w, cell_h = (right - left) / w, (bottom - top) / h
+    x0, y0, x1, y1 = box
+    return Rectangle((left + x0 * cell_w, top + y0 * cell_h), (x1 - x0) * cell_w, (y1 - y0) * cell_h,
+                     fill=False, edgecolor=color, linewidth=2)
+
+
+def _draw_label_panels(axes, image, region, record: dict, attn: np.ndarray) -> None:
+    """The image, attention and pseudo-label panels (every panel gets the image underneath)."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Rectangle
+
+    left, top, right, bottom = region
     extent = (left, right, bottom, top)
-
-    attn = np.asarray(record["qzoom_attn"], dtype=np.float32)
     labels = record.get("qzoom_rpn_labels")
     label_map = (np.full(attn.shape, -100) if labels is None else np.asarray(labels)).astype(np.int64)
-    panels = 4 if checkpoint else 3
-    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 4), dpi=dpi)
     h, w = attn.shape
-    cell_w, cell_h = (right - left) / w, (bottom - top) / h
-
-    def grid_rect(box, color):
-        x0, y0, x1, y1 = box
-        return Rectangle((left + x0 * cell_w, top + y0 * cell_h), (x1 - x0) * cell_w, (y1 - y0) * cell_h,
-                         fill=False, edgecolor=color, linewidth=2)
-
     for ax in axes:
         ax.imshow(image)
         ax.set_axis_off()
@@ -126,23 +125,55 @@ def render_record_png(shard: str | Path, out: str | Path, *, index: int = 0, rec
     cmap = ListedColormap([(0.5, 0.5, 0.5, 0.35), (0.1, 0.3, 0.95, 0.45), (0.1, 0.85, 0.2, 0.7)])
     axes[2].imshow(codes, cmap=cmap, vmin=0, vmax=2, extent=extent, interpolation="nearest")
     if record.get("qzoom_box"):
-        axes[2].add_patch(grid_rect(record["qzoom_box"], "yellow"))
+        axes[2].add_patch(_grid_rect(region, (h, w), record["qzoom_box"], "yellow"))
     axes[2].set_title(f"pseudo label: {record.get('qzoom_status', '?')} "
                       f"(fg {int((label_map == 1).sum())}, bg {int((label_map == 0).sum())})", fontsize=9)
+
+
+def _draw_prediction(ax, region, grid: tuple[int, int], heat: np.ndarray, box, tau: float) -> None:
+    """The RPN heatmap panel, with the box inference would crop (rescaled to the label grid)."""
+    left, top, right, bottom = region
+    h, w = grid
+    ph, pw = heat.shape
+    ax.imshow(heat, cmap="magma", alpha=0.6, vmin=0.0, vmax=1.0, extent=(left, right, bottom, top),
+              interpolation="nearest")
+    if box is not None:
+        sx, sy = w / pw, h / ph
+        ax.add_patch(_grid_rect(region, grid, (box.x0 * sx, box.y0 * sy, box.x1 * sx, box.y1 * sy), "cyan"))
+    ax.set_title(f"predicted heatmap (tau_roi {tau:g}): {'box' if box else 'no box'}", fontsize=9)
+
+
+def render_record_png(shard: str | Path, out: str | Path, *, index: int = 0, record_id: str | None = None,
+                      checkpoint: str | None = None, model: str | None = None, tau_roi: float | None = None,
+                      dpi: int = 100) -> tuple[Path, tuple[int, int]]:
+    """Write the PNG of one shard record; returns (path, (width, height) in pixels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    shard = Path(shard)
+    record = read_shard_record(shard, index, record_id)
+    job = _job_of(shard)
+    model_dir = model or job.get("settings", {}).get("model")
+    if checkpoint is not None and not model_dir:
+        raise ValueError("--checkpoint needs the base model: pass --model (no job.json next to the shard)")
+    image, base_dir = _record_image(record, job, shard)
+    region = grid_region(image.size, _processor_of(model_dir))
+    attn = np.asarray(record["qzoom_attn"], dtype=np.float32)
+    panels = 4 if checkpoint else 3
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 4), dpi=dpi)
+    _draw_label_panels(axes, image, region, record, attn)
     if checkpoint:
         heat, box, tau = predict_heatmap(model_dir, checkpoint, record, base_dir,
                                          int(job.get("settings", {}).get("max_tokens", 576)), tau_roi)
-        ph, pw = heat.shape
-        axes[3].imshow(heat, cmap="magma", alpha=0.6, vmin=0.0, vmax=1.0, extent=extent, interpolation="nearest")
-        if box is not None:
-            sx, sy = w / pw, h / ph
-            axes[3].add_patch(grid_rect((box.x0 * sx, box.y0 * sy, box.x1 * sx, box.y1 * sy), "cyan"))
-        axes[3].set_title(f"predicted heatmap (tau_roi {tau:g}): {'box' if box else 'no box'}", fontsize=9)
+        _draw_prediction(axes[3], region, attn.shape, heat, box, tau)
     fig.suptitle(f"{record.get('qzoom_id', '')}  answer: {str(record.get('qzoom_answer', ''))[:60]!r}", fontsize=9)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     with Image.open(out) as png:
         size = png.size
