@@ -52,6 +52,7 @@ Run ``python benchmarks/bench_zoom.py --help``. A benchmark, not a test: nothing
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import random
@@ -160,10 +161,8 @@ class _PrecomputedEmbedAdapter:
 
 
 def fixed_budget(adapter) -> bool:
-    """True when the family's encoder has a fixed number of visual tokens (LLaVA: resize is the identity)."""
-    from qzoom_swift.families import FamilyAdapter
-
-    return type(adapter).resize_for_budget is FamilyAdapter.resize_for_budget
+    """True when the family's encoder has a fixed number of visual tokens (LLaVA), from the family registry."""
+    return adapter.spec.fixed_resolution
 
 
 def low_inputs(qm, image, tokens: int):
@@ -207,13 +206,15 @@ def setup_reuse(qm, image, tokens: int, percentile: float) -> dict:
     state = prefill_to_branch(model, **{k: v for k, v in inputs.items() if k != "attention_mask"},
                               attention_mask=inputs["attention_mask"], use_cache=True)
     rpn_token_logits(model, state)
-    plan = _plan_zoom(model, adapter, qm.processor, cfg, state, 0, 0, state.image_samples(), state.heatmaps(), image)
+    plan = _plan_zoom(qm.processor, cfg, state, 0, image)
     if plan is None:
         raise RuntimeError(f"no RoI survived tau_roi={tau} at {tokens} tokens")
     frozen = _PrecomputedEmbedAdapter(adapter)
-    cache, hidden, positions, embedded, full_ids = _zoom_prefix_pass(model, frozen, state, 0, 0, plan)
-    out_reuse = _upper_layers(model, frozen, cache, hidden, positions, embedded, b_layer)
-    prefix = adapter.prefix_end(model, state.input_ids[0], int(plan["visual_index"][-1]))
+    frozen_state = dataclasses.replace(state, adapter=frozen)
+    seq = _zoom_prefix_pass(model, frozen_state, plan)
+    out_reuse = _upper_layers(model, frozen_state, seq)
+    positions, embedded, full_ids = seq.positions, seq.embedded, seq.input_ids
+    prefix = adapter.prefix_end(model, state.input_ids[0], int(plan.visual_index[-1]))
     total = int(full_ids.numel())
     new = total - prefix
 
@@ -226,12 +227,10 @@ def setup_reuse(qm, image, tokens: int, percentile: float) -> dict:
     ones = torch.ones(1, total, dtype=torch.long)
 
     def reuse_llm():
-        c, h, pos, emb, _ = _zoom_prefix_pass(model, frozen, state, 0, 0, plan)
-        return _upper_layers(model, frozen, c, h, pos, emb, b_layer)
+        return _upper_layers(model, frozen_state, _zoom_prefix_pass(model, frozen_state, plan))
 
     def reuse_vis():
-        c, h, pos, emb, _ = _zoom_prefix_pass(model, adapter, state, 0, 0, plan)
-        return _upper_layers(model, adapter, c, h, pos, emb, b_layer)
+        return _upper_layers(model, state, _zoom_prefix_pass(model, state, plan))
 
     def full_llm():
         c = DynamicCache(config=text_config)
@@ -239,7 +238,7 @@ def setup_reuse(qm, image, tokens: int, percentile: float) -> dict:
         rope = adapter.rotary(model, full_embeds, positions)
         return adapter.run_layers(model, layers, 0, full_embeds, rope, mask, c, full_embedded)
 
-    encoded = plan["encoded"]
+    encoded = plan.encoded
     stock_kwargs = dict(input_ids=full_ids[None], position_ids=positions, attention_mask=ones,
                         pixel_values=torch.cat([inputs["pixel_values"], encoded["pixel_values"]]))
     if "image_grid_thw" in inputs:
@@ -257,13 +256,13 @@ def setup_reuse(qm, image, tokens: int, percentile: float) -> dict:
         "stock_vs_reuse_last_logits": float((stock_last - adapter.final_logits(model, out_reuse[:, -1:])).abs().max()),
         "hidden_scale_max_abs": float(out_reuse.abs().max()),
     }
-    rows, cols = plan["grid"]
-    x0, y0, x1, y1 = plan["grid_box"]
+    rows, cols = plan.grid
+    x0, y0, x1, y1 = plan.grid_box
     return {
-        "tokens": tokens, "tau_roi": tau, "grid": list(grid), "grid_box": list(plan["grid_box"]),
-        "box_area_fraction": (x1 - x0) * (y1 - y0) / (rows * cols), "box_norm": list(plan["box_norm"]),
+        "tokens": tokens, "tau_roi": tau, "grid": list(grid), "grid_box": list(plan.grid_box),
+        "box_area_fraction": (x1 - x0) * (y1 - y0) / (rows * cols), "box_norm": list(plan.box_norm),
         "roi_grid": list(frozen.embedded.grids[0]), "visual_low": int(state.embedded.visual_mask.sum()),
-        "visual_roi": int(plan["num_roi"]), "S": int(state.input_ids.shape[1]), "P": prefix, "N": new,
+        "visual_roi": int(seq.num_roi), "S": int(state.input_ids.shape[1]), "P": prefix, "N": new,
         "P_plus_N": total, "B": b_layer, "L": num_layers,
         "predicted_ratio": (b_layer * new + (num_layers - b_layer) * total) / (num_layers * total),
         "parity": parity,

@@ -32,6 +32,9 @@ class BranchPrefill:
     query_index: torch.Tensor
     """[B] index of the query token (last prompt token) of each sample."""
     branch_layer: int
+    """B: the first layer not yet run (the branches sit beside it)."""
+    adapter: FamilyAdapter
+    """The model's family adapter, resolved once by ``prefill_to_branch`` for everything that reads the state."""
     cache: object | None = None
     """DynamicCache holding layers [0, B) of the prompt, when requested."""
     gate_logit: torch.Tensor | None = None
@@ -99,10 +102,6 @@ def heatmaps_from_token_logits(token_logits: torch.Tensor, visual_mask: torch.Te
     return [chunk.view(r, c) for chunk, (r, c) in zip(torch.split(flat, sizes), grids)]
 
 
-def _adapter_and_b(model: nn.Module) -> tuple[FamilyAdapter, int]:
-    return get_adapter(model), require_branches(model).first_layer
-
-
 def prefill_to_branch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                       mm_token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -112,7 +111,7 @@ def prefill_to_branch(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 
     Runs without autograd: the base model is frozen in every Q-Zoom stage that uses this path.
     """
-    adapter, b = _adapter_and_b(model)
+    adapter, b = get_adapter(model), require_branches(model).first_layer
     with torch.no_grad():
         embedded = adapter.embed(model, input_ids, pixel_values, image_grid_thw)
         if position_ids is None:
@@ -132,8 +131,8 @@ def prefill_to_branch(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     if query.numel() == 1 and input_ids.shape[0] > 1:
         query = query.expand(input_ids.shape[0])
     return BranchPrefill(hidden=hidden, input_ids=input_ids, embedded=embedded, position_ids=position_ids,
-                         attention_mask=attention_mask, query_index=query, branch_layer=b, cache=cache,
-                         extras={"rope": rope})
+                         attention_mask=attention_mask, query_index=query, branch_layer=b, adapter=adapter,
+                         cache=cache, extras={"rope": rope})
 
 
 def _branch_input(state: BranchPrefill) -> torch.Tensor:
@@ -146,7 +145,7 @@ def _branch_input(state: BranchPrefill) -> torch.Tensor:
 
 
 def _run_branch_layers(model: nn.Module, layers: nn.ModuleList, state: BranchPrefill) -> torch.Tensor:
-    adapter = get_adapter(model)
+    adapter = state.adapter
     hidden = _branch_input(state)
     if len(layers) == 0:
         return hidden
@@ -166,11 +165,10 @@ def gate_logits(model: nn.Module, state: BranchPrefill) -> torch.Tensor:
 
 def rpn_token_logits(model: nn.Module, state: BranchPrefill) -> torch.Tensor:
     """[B, S] RPN scores of every token against the query: mean over heads of q.k / sqrt(d), rotated."""
-    adapter = get_adapter(model)
     rpn = require_branches(model).rpn
     hidden = _run_branch_layers(model, rpn.layers, state)
     cos, sin = state.extras["rope"]
-    q, k = rpn.head.query_key(hidden, cos, sin, adapter)
+    q, k = rpn.head.query_key(hidden, cos, sin, state.adapter)
     rows = torch.arange(q.shape[0], device=q.device)
     q_last = q[rows, :, state.query_index]  # [B, H, d]
     scores = torch.einsum("bhd,bhsd->bhs", q_last, k) * rpn.head.scaling
@@ -194,7 +192,7 @@ def continue_prefill(model: nn.Module, state: BranchPrefill, last_only: bool = F
     Fills the cache of layers [B, L), so ``state.cache`` then holds the whole prompt for decoding.
     ``last_only`` computes the LM head for the last position only ([B, 1, vocab]), as decoding needs.
     """
-    adapter = get_adapter(model)
+    adapter = state.adapter
     with torch.no_grad():
         layers = adapter.decoder_layers(model)
         b = state.branch_layer

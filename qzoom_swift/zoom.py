@@ -27,7 +27,7 @@ from torch import nn
 
 from qzoom_swift.branches import require_branches
 from qzoom_swift.config import QZoomConfig
-from qzoom_swift.families import Embedded, FamilyAdapter, get_adapter
+from qzoom_swift.families import Embedded, FamilyAdapter
 from qzoom_swift.prefill import BranchPrefill, gate_logits, prefill_to_branch, rpn_token_logits
 from qzoom_swift.roi import GridBox, crop_image, grid_region, region_pixel_box, roi_box_from_heatmap
 
@@ -92,13 +92,65 @@ def zoom_decisions(gate_probs: list[float | None], mode: str, tau_gate: float) -
     return out
 
 
-def _sample_cache(cache, b: int, start: int, end: int, num_layers: int, text_config):
-    """A batch-of-one cache with positions [start, end) of sample ``b`` for the first ``num_layers`` layers."""
+@dataclass(frozen=True)
+class ZoomPlan:
+    """Where one sample zooms, decided before pass 2: the box on its source image's grid and the encoded crop."""
+
+    sample: int
+    """Index of the sample in the batch."""
+    start: int
+    """First real (non-padding) token of the sample; the plan's sequence indices are relative to it."""
+    grid: tuple[int, int]
+    """Merged-token grid (rows, cols) of the source (last) image."""
+    box: GridBox
+    """Zoomed cells of ``grid``."""
+    box_norm: tuple[float, float, float, float]
+    """The crop as (left, top, right, bottom) fractions of the original image."""
+    visual_index: torch.Tensor
+    """Indices (relative to ``start``) of the source image's visual tokens."""
+    encoded: dict[str, torch.Tensor]
+    """The crop's processor outputs, on the model's device."""
+    encode_s: float
+    """Seconds spent cropping and encoding (part of the sample's pass-2 cost)."""
+
+    @property
+    def grid_box(self) -> tuple[int, int, int, int]:
+        return (self.box.x0, self.box.y0, self.box.x1, self.box.y1)
+
+
+@dataclass
+class SampleSequence:
+    """One sample's prompt after layers [0, B), as a batch of one: what layers [B, L) and decoding continue from.
+
+    The direct answer takes it straight out of pass 1; the zoomed answer builds it with the crop inserted.
+    """
+
+    input_ids: torch.Tensor
+    """[N] prompt ids, unpadded."""
+    positions: torch.Tensor
+    """[3, 1, N] (MRoPE) or [1, N] positions."""
+    hidden: torch.Tensor
+    """[1, N, d] hidden state after layer B-1."""
+    embedded: Embedded
+    """Visual mask and DeepStack rows of the sequence (what layers [B, L) still read)."""
+    cache: object
+    """DynamicCache holding layers [0, B) of the whole sequence."""
+    num_roi: int = 0
+    """Visual tokens of the inserted crop (0 for the direct answer)."""
+
+
+def _prompt_start(state: BranchPrefill, b: int) -> int:
+    """First real token of sample ``b`` (pass 1 always carries an explicit, left-padded attention mask)."""
+    return int(state.attention_mask[b].nonzero()[0])
+
+
+def _sample_cache(model: nn.Module, state: BranchPrefill, b: int, start: int, end: int):
+    """A batch-of-one copy of pass 1's cache: positions [start, end) of sample ``b``, layers [0, B)."""
     from transformers import DynamicCache
 
-    out = DynamicCache(config=text_config)
-    for i in range(num_layers):
-        layer = cache.layers[i]
+    out = DynamicCache(config=state.adapter.text_config(model))
+    for i in range(state.branch_layer):
+        layer = state.cache.layers[i]
         out.layers[i].update(layer.keys[b:b + 1, :, start:end].clone(), layer.values[b:b + 1, :, start:end].clone())
     return out
 
@@ -116,36 +168,45 @@ def _deepstack_rows(state: BranchPrefill, b: int) -> list[torch.Tensor] | None:
     return [level[offset:offset + int(counts[b])] for level in state.embedded.deepstack]
 
 
+def _direct_sequence(model: nn.Module, state: BranchPrefill, b: int) -> SampleSequence:
+    """Sample ``b``'s own prompt, unpadded: pass 1's layer-B state and cache, nothing recomputed."""
+    start = _prompt_start(state, b)
+    embedded = Embedded(state.embedded.inputs_embeds[b:b + 1, start:], state.embedded.visual_mask[b:b + 1, start:],
+                        [], _deepstack_rows(state, b))
+    return SampleSequence(state.input_ids[b, start:], _slice_positions(state.position_ids, b, start),
+                          state.hidden[b:b + 1, start:], embedded,
+                          _sample_cache(model, state, b, start, state.input_ids.shape[1]))
+
+
 @torch.no_grad()
-def _upper_layers(model: nn.Module, adapter: FamilyAdapter, cache, hidden_b: torch.Tensor, positions: torch.Tensor,
-                  embedded: Embedded | None, branch_layer: int) -> torch.Tensor:
-    """Layers [B, L) over a whole batch-of-one sequence whose layers [0, B) are already in ``cache``."""
-    n = hidden_b.shape[1]
-    mask2d = torch.ones(1, n, dtype=torch.long, device=hidden_b.device)
+def _upper_layers(model: nn.Module, state: BranchPrefill, seq: SampleSequence) -> torch.Tensor:
+    """Layers [B, L) over a whole batch-of-one sequence whose layers [0, B) are already in ``seq.cache``."""
+    adapter, b_layer = state.adapter, state.branch_layer
+    n = seq.hidden.shape[1]
+    mask2d = torch.ones(1, n, dtype=torch.long, device=seq.hidden.device)
     layers = adapter.decoder_layers(model)
-    mask = adapter.causal_mask(model, hidden_b, mask2d, cache, mask_layer_idx=branch_layer)
-    rope = adapter.rotary(model, hidden_b, positions)
-    return adapter.run_layers(model, layers[branch_layer:], branch_layer, hidden_b, rope, mask, cache, embedded)
+    mask = adapter.causal_mask(model, seq.hidden, mask2d, seq.cache, mask_layer_idx=b_layer)
+    rope = adapter.rotary(model, seq.hidden, seq.positions)
+    return adapter.run_layers(model, layers[b_layer:], b_layer, seq.hidden, rope, mask, seq.cache, seq.embedded)
 
 
 @torch.no_grad()
-def _continue_and_generate(model: nn.Module, adapter: FamilyAdapter, cache, hidden_b: torch.Tensor,
-                           positions: torch.Tensor, embedded: Embedded | None, input_ids: torch.Tensor,
-                           branch_layer: int, generate_kwargs: dict) -> tuple[torch.Tensor, float, float]:
-    """Layers [B, L) over ``hidden_b`` (cache already holds [0, B)), then ``generate`` from the cache.
+def _continue_and_generate(model: nn.Module, state: BranchPrefill, seq: SampleSequence,
+                           generate_kwargs: dict) -> tuple[torch.Tensor, float, float]:
+    """Layers [B, L) over ``seq`` (its cache already holds [0, B)), then ``generate`` from the cache.
 
     The last prompt token is left to ``generate`` (its cache entries are cropped), so the first new token
     goes through the model's own sampling, logits processors and stopping criteria.
     """
     t0 = time.perf_counter()
-    n = input_ids.shape[-1]
-    _upper_layers(model, adapter, cache, hidden_b, positions, embedded, branch_layer)
-    for layer in cache.layers:
+    n = seq.input_ids.shape[-1]
+    _upper_layers(model, state, seq)
+    for layer in seq.cache.layers:
         layer.crop(-1)
-    adapter.prepare_decode(model, float(positions.reshape(-1, n)[0, -1]), n)
+    state.adapter.prepare_decode(model, float(seq.positions.reshape(-1, n)[0, -1]), n)
     t1 = time.perf_counter()
-    mask2d = torch.ones(1, n, dtype=torch.long, device=input_ids.device)
-    out = model.generate(input_ids=input_ids.view(1, n), attention_mask=mask2d, past_key_values=cache,
+    mask2d = torch.ones(1, n, dtype=torch.long, device=seq.input_ids.device)
+    out = model.generate(input_ids=seq.input_ids.view(1, n), attention_mask=mask2d, past_key_values=seq.cache,
                          **generate_kwargs)
     sequences = out.sequences if hasattr(out, "sequences") else out
     return sequences[0, n:], t1 - t0, time.perf_counter() - t1
@@ -181,28 +242,32 @@ class ZoomPrefill:
     grid_box: tuple[int, int, int, int]
 
 
+def _attention_mask(inputs: dict) -> torch.Tensor:
+    """The inputs' mask, or all ones: pass 1 always gets an explicit mask, since sample starts are read off it."""
+    mask = inputs.get("attention_mask")
+    return torch.ones_like(inputs["input_ids"]) if mask is None else mask
+
+
+def _pass1(model: nn.Module, inputs: dict, attention_mask: torch.Tensor) -> BranchPrefill:
+    """Layers [0, B) of the whole batch with the cache; the mask is explicit so sample starts can be read off it."""
+    return prefill_to_branch(model, **{k: v for k, v in inputs.items() if k != "attention_mask"},
+                             attention_mask=attention_mask, use_cache=True)
+
+
 @torch.no_grad()
 def zoom_prefill(model: nn.Module, processor, inputs: dict, source_images: list[list[Image.Image]],
                  config: QZoomConfig | None = None, sample: int = 0) -> ZoomPrefill | None:
     """Pass 1 and the prefix-reusing pass 2 of one sample, forced to zoom; None when no region survives."""
-    adapter = get_adapter(model)
     cfg = config or require_branches(model).qzoom_config
-    attention_mask = inputs.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(inputs["input_ids"])
-    state = prefill_to_branch(model, **{k: v for k, v in inputs.items() if k != "attention_mask"},
-                              attention_mask=attention_mask, use_cache=True)
+    state = _pass1(model, inputs, _attention_mask(inputs))
     rpn_token_logits(model, state)
-    start = int(attention_mask[sample].nonzero()[0])
-    plan = _plan_zoom(model, adapter, processor, cfg, state, sample, start, state.image_samples(), state.heatmaps(),
-                      source_images[sample][-1])
+    plan = _plan_zoom(processor, cfg, state, sample, source_images[sample][-1])
     if plan is None:
         return None
-    cache, hidden, positions, embedded, full_ids = _zoom_prefix_pass(model, adapter, state, sample, start, plan)
-    out = _upper_layers(model, adapter, cache, hidden, positions, embedded, state.branch_layer)
-    encoded = plan["encoded"]
-    return ZoomPrefill(adapter.final_logits(model, out), full_ids, positions, encoded["pixel_values"],
-                       encoded.get("image_grid_thw"), plan["grid_box"])
+    seq = _zoom_prefix_pass(model, state, plan)
+    out = _upper_layers(model, state, seq)
+    return ZoomPrefill(state.adapter.final_logits(model, out), seq.input_ids, seq.positions,
+                       plan.encoded["pixel_values"], plan.encoded.get("image_grid_thw"), plan.grid_box)
 
 
 class TorchRouter:
@@ -221,30 +286,13 @@ class TorchRouter:
         return rpn_token_logits(model, state)
 
 
-def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list[list[Image.Image]],
-                  config: QZoomConfig | None = None, router=None, **generate_kwargs) -> ZoomOutput:
-    """Q-Zoom generation for a left-padded batch encoded at the low budget.
+def _route(model: nn.Module, state: BranchPrefill, cfg: QZoomConfig,
+           router) -> tuple[list[float | None], list[tuple[bool, str]]]:
+    """Gate probabilities and (zoom?, reason) per sample; the RPN runs only when some sample zooms.
 
-    ``inputs`` are the processor (or ms-swift template) outputs of pass 1; ``source_images`` the original,
-    full-resolution images of each sample (crops are cut from these). ``config`` defaults to the branches'
-    config. ``router`` computes the gate and RPN outputs (default: ``TorchRouter``). Returns the new tokens
-    and a ``ZoomStats`` per sample.
+    Samples without an image never zoom, whatever the mode.
     """
-    router = router or TorchRouter()
-    generate_kwargs = generation_settings(model, generate_kwargs)
-    adapter = get_adapter(model)
-    cfg = config or require_branches(model).qzoom_config
-    input_ids = inputs["input_ids"]
-    attention_mask = inputs.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if bool((attention_mask[:, -1] == 0).any()):
-        raise ValueError("zoom_generate needs left padding (the prompts' last tokens must be real tokens)")
-    batch = input_ids.shape[0]
-
-    t0 = time.perf_counter()
-    state = prefill_to_branch(model, **{k: v for k, v in inputs.items() if k != "attention_mask"},
-                              attention_mask=attention_mask, use_cache=True)
+    batch = state.input_ids.shape[0]
     owners = state.image_samples()
     has_image = [b in owners for b in range(batch)]
     probs: list[float | None] = [None] * batch
@@ -256,71 +304,88 @@ def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list
                                cfg.mode, cfg.tau_gate)
     decisions = [(z and has_image[b], r if has_image[b] or not z else "no_image") for b, (z, r) in
                  enumerate(decisions)]
-    heatmaps = None
     if any(z for z, _ in decisions):
         state.rpn_token_logits = router.rpn_token_logits(model, state).to(state.hidden.device)
-        heatmaps = state.heatmaps()
-    pass1 = (time.perf_counter() - t0) / batch
+    return probs, decisions
 
-    text_config = adapter.text_config(model)
-    b_layer = state.branch_layer
+
+def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list[list[Image.Image]],
+                  config: QZoomConfig | None = None, router=None, **generate_kwargs) -> ZoomOutput:
+    """Q-Zoom generation for a left-padded batch encoded at the low budget.
+
+    ``inputs`` are the processor (or ms-swift template) outputs of pass 1; ``source_images`` the original,
+    full-resolution images of each sample (crops are cut from these). ``config`` defaults to the branches'
+    config. ``router`` computes the gate and RPN outputs (default: ``TorchRouter``). Returns the new tokens
+    and a ``ZoomStats`` per sample.
+    """
+    router = router or TorchRouter()
+    generate_kwargs = generation_settings(model, generate_kwargs)
+    cfg = config or require_branches(model).qzoom_config
+    attention_mask = _attention_mask(inputs)
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("zoom_generate needs left padding (the prompts' last tokens must be real tokens)")
+
+    t0 = time.perf_counter()
+    state = _pass1(model, inputs, attention_mask)
+    probs, decisions = _route(model, state, cfg, router)
+    pass1 = (time.perf_counter() - t0) / len(decisions)
+
     visual_counts = state.embedded.visual_mask.sum(dim=1).tolist()
-    generated: list[torch.Tensor] = []
-    stats: list[ZoomStats] = []
-    for b in range(batch):
-        zoom, reason = decisions[b]
+    out = ZoomOutput([])
+    for b, (zoom, reason) in enumerate(decisions):
         st = ZoomStats(gate_prob=probs[b], reason=reason, visual_tokens_low=int(visual_counts[b]),
                        time_pass1_s=pass1)
-        start = int(attention_mask[b].nonzero()[0])
-        ids_b = input_ids[b, start:]
-        pos_b = _slice_positions(state.position_ids, b, start)
-        plan = None
-        if zoom:
-            try:
-                plan = _plan_zoom(model, adapter, processor, cfg, state, b, start, owners, heatmaps,
-                                  source_images[b][-1] if source_images[b] else None)
-            except Exception as exc:  # a crop that cannot be encoded is answered from pass 1
-                logger.warning("Q-Zoom: sample %d zoom failed (%s); answering from the low-resolution pass", b, exc)
-                plan, st.reason = None, "error"
-            if plan is None and st.reason != "error":
-                st.reason = "no_roi"
-        if plan is None:
-            cache = _sample_cache(state.cache, b, start, input_ids.shape[1], b_layer, text_config)
-            emb = Embedded(state.embedded.inputs_embeds[b:b + 1, start:], state.embedded.visual_mask[b:b + 1, start:],
-                           [], _deepstack_rows(state, b))
-            new, t_pass2, t_dec = _continue_and_generate(
-                model, adapter, cache, state.hidden[b:b + 1, start:], pos_b, emb, ids_b, b_layer, generate_kwargs)
-            st.prompt_tokens = int(ids_b.numel())
-        else:
-            t1 = time.perf_counter()
-            cache, hidden, positions, embedded, full_ids = _zoom_prefix_pass(model, adapter, state, b, start, plan)
-            prep = time.perf_counter() - t1
-            new, t_pass2, t_dec = _continue_and_generate(model, adapter, cache, hidden, positions, embedded,
-                                                         full_ids, b_layer, generate_kwargs)
-            t_pass2 += prep + plan["encode_s"]
-            st.zoomed = True
-            st.box = plan["box_norm"]
-            st.grid_box = plan["grid_box"]
-            st.grid = tuple(plan["grid"])
-            st.visual_tokens_roi = plan["num_roi"]
-            st.prompt_tokens = int(full_ids.numel())
-        st.time_pass2_s, st.time_decode_s = t_pass2, t_dec
-        generated.append(new)
-        stats.append(st)
-    return ZoomOutput(generated, stats)
+        plan = _plan_sample(processor, cfg, state, b, source_images[b], st) if zoom else None
+        out.generated.append(_answer(model, state, b, plan, st, generate_kwargs))
+        out.stats.append(st)
+    return out
 
 
-def _plan_zoom(model, adapter: FamilyAdapter, processor, cfg: QZoomConfig, state: BranchPrefill, b: int,
-               start: int, owners: list[int], heatmaps: list[torch.Tensor], image: Image.Image | None):
+def _plan_sample(processor, cfg: QZoomConfig, state: BranchPrefill, b: int, images: list[Image.Image],
+                 st: ZoomStats) -> ZoomPlan | None:
+    """The plan of a sample the router zooms; when there is none, ``st.reason`` says why (no_roi, error)."""
+    try:
+        plan = _plan_zoom(processor, cfg, state, b, images[-1] if images else None)
+    except Exception as exc:  # a crop that cannot be encoded is answered from pass 1
+        logger.warning("Q-Zoom: sample %d zoom failed (%s); answering from the low-resolution pass", b, exc)
+        st.reason = "error"
+        return None
+    if plan is None:
+        st.reason = "no_roi"
+    return plan
+
+
+def _answer(model: nn.Module, state: BranchPrefill, b: int, plan: ZoomPlan | None, st: ZoomStats,
+            generate_kwargs: dict) -> torch.Tensor:
+    """Sample ``b``'s new tokens: directly from pass 1, or from its zoomed sequence; fills ``st``'s costs."""
+    if plan is None:
+        seq = _direct_sequence(model, state, b)
+        new, t_pass2, t_dec = _continue_and_generate(model, state, seq, generate_kwargs)
+    else:
+        t1 = time.perf_counter()
+        seq = _zoom_prefix_pass(model, state, plan)
+        prep = time.perf_counter() - t1
+        new, t_pass2, t_dec = _continue_and_generate(model, state, seq, generate_kwargs)
+        t_pass2 += prep + plan.encode_s
+        st.zoomed, st.box, st.grid_box, st.grid = True, plan.box_norm, plan.grid_box, plan.grid
+        st.visual_tokens_roi = seq.num_roi
+    st.prompt_tokens = int(seq.input_ids.numel())
+    st.time_pass2_s, st.time_decode_s = t_pass2, t_dec
+    return new
+
+
+def _plan_zoom(processor, cfg: QZoomConfig, state: BranchPrefill, b: int,
+               image: Image.Image | None) -> ZoomPlan | None:
     """Box, crop and encoded crop of sample ``b``'s last image; None when no region survives."""
     if image is None:
         return None
-    image_index = max(i for i, owner in enumerate(owners) if owner == b)
+    image_index = max(i for i, owner in enumerate(state.image_samples()) if owner == b)
     grid = state.embedded.grids[image_index]
-    box = roi_box_from_heatmap(heatmaps[image_index].float(), cfg.tau_roi, cfg.blur_kernel, cfg.blur_sigma)
+    box = roi_box_from_heatmap(state.heatmaps()[image_index].float(), cfg.tau_roi, cfg.blur_kernel, cfg.blur_sigma)
     if box is None:
         return None
     t0 = time.perf_counter()
+    adapter = state.adapter
     # the grid may cover only part of the image (LLaVA's CLIP center-crops): map cells into that region
     pixel_box = region_pixel_box(box, grid, image.size, grid_region(image.size, processor), cfg.min_box_side)
     crop = adapter.resize_for_budget(crop_image(image.convert("RGB"), pixel_box), cfg.roi_min_tokens,
@@ -330,12 +395,11 @@ def _plan_zoom(model, adapter: FamilyAdapter, processor, cfg: QZoomConfig, state
     if "pixel_values" in encoded:
         encoded["pixel_values"] = encoded["pixel_values"].to(state.hidden.dtype)
     # visual indices of the zoomed (last) image within the sample, in unpadded coordinates
+    start = _prompt_start(state, b)
     visual = state.embedded.visual_mask[b, start:].nonzero().flatten()
     rows, cols = grid
-    visual_index = visual[-rows * cols:]
-    return {"grid": grid, "grid_box": (box.x0, box.y0, box.x1, box.y1), "box": box, "encoded": encoded,
-            "visual_index": visual_index, "box_norm": pixel_box.normalized(*image.size),
-            "encode_s": time.perf_counter() - t0, "num_roi": 0}
+    return ZoomPlan(sample=b, start=start, grid=tuple(grid), box=box, box_norm=pixel_box.normalized(*image.size),
+                    visual_index=visual[-rows * cols:], encoded=encoded, encode_s=time.perf_counter() - t0)
 
 
 def roi_augmented_sequence(model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Tensor,
@@ -347,7 +411,8 @@ def roi_augmented_sequence(model: nn.Module, adapter: FamilyAdapter, input_ids: 
     ``positions`` its positions ([3, 1, S] or [1, S]), ``visual_index`` the indices of the zoomed image's
     visual tokens, ``box`` the grid box the crop covers. Returns (ids [N], positions [..., 1, N], prefix_end):
     everything before ``prefix_end`` is unchanged (its KV cache is reusable). Inference and Post-SFT
-    training both build the zoomed sequence here, so they see exactly the same tokens and positions.
+    training (``qzoom_swift.post_sft``) both build the zoomed sequence here, so they see exactly the same
+    tokens and positions.
     """
     prefix_end = adapter.prefix_end(model, input_ids, int(visual_index[-1]))
     tail = input_ids[prefix_end:]
@@ -363,97 +428,36 @@ def roi_augmented_sequence(model: nn.Module, adapter: FamilyAdapter, input_ids: 
 
 
 @torch.no_grad()
-def _zoom_prefix_pass(model, adapter: FamilyAdapter, state: BranchPrefill, b: int, start: int, plan: dict):
+def _zoom_prefix_pass(model: nn.Module, state: BranchPrefill, plan: ZoomPlan) -> SampleSequence:
     """Insert the crop after the source image and run only the new tokens through layers [0, B)."""
-    encoded = plan["encoded"]
-    roi_grid = adapter.encoded_grid(model, encoded)
-    plan["num_roi"] = roi_grid[0] * roi_grid[1]
+    adapter, b, start = state.adapter, plan.sample, plan.start
+    roi_grid = adapter.encoded_grid(model, plan.encoded)
     full_ids, positions, prefix_end = roi_augmented_sequence(
         model, adapter, state.input_ids[b, start:], _slice_positions(state.position_ids, b, start),
-        plan["visual_index"], plan["grid"], plan["box"], roi_grid)
-    new_ids = full_ids[prefix_end:][None]
-    embedded_new = adapter.embed(model, new_ids, encoded.get("pixel_values"), encoded.get("image_grid_thw"))
-    new_pos = positions[..., prefix_end:]
-
-    text_config = adapter.text_config(model)
-    b_layer = state.branch_layer
-    cache = _sample_cache(state.cache, b, start, start + prefix_end, b_layer, text_config)
+        plan.visual_index, plan.grid, plan.box, roi_grid)
+    embedded_new = adapter.embed(model, full_ids[prefix_end:][None], plan.encoded.get("pixel_values"),
+                                 plan.encoded.get("image_grid_thw"))
+    cache = _sample_cache(model, state, b, start, start + prefix_end)
     h_new = embedded_new.inputs_embeds
-    total = full_ids.numel()
-    mask2d = torch.ones(1, total, dtype=torch.long, device=h_new.device)
+    mask2d = torch.ones(1, full_ids.numel(), dtype=torch.long, device=h_new.device)
     mask = adapter.causal_mask(model, h_new, mask2d, cache)
-    rope = adapter.rotary(model, h_new, new_pos)
+    rope = adapter.rotary(model, h_new, positions[..., prefix_end:])
     layers = adapter.decoder_layers(model)
-    h_new = adapter.run_layers(model, layers[:b_layer], 0, h_new, rope, mask, cache, embedded_new)
-
+    h_new = adapter.run_layers(model, layers[:state.branch_layer], 0, h_new, rope, mask, cache, embedded_new)
     hidden = torch.cat([state.hidden[b:b + 1, start:start + prefix_end], h_new], dim=1)
+    embedded = _zoomed_embedded(state, plan, prefix_end, embedded_new)
+    return SampleSequence(full_ids, positions, hidden, embedded, cache, num_roi=roi_grid[0] * roi_grid[1])
+
+
+def _zoomed_embedded(state: BranchPrefill, plan: ZoomPlan, prefix_end: int, embedded_new: Embedded) -> Embedded:
+    """Visual mask and DeepStack rows of the zoomed sequence: pass 1's prefix, then the new tokens'.
+
+    Layers [B, L) need no input embeddings, only where the visual tokens are (and their DeepStack rows).
+    """
+    b, start = plan.sample, plan.start
     src_rows = _deepstack_rows(state, b)
     deepstack = None
     if src_rows is not None and embedded_new.deepstack is not None:
         deepstack = [torch.cat([s, r]) for s, r in zip(src_rows, embedded_new.deepstack)]
-    visual_mask = torch.cat([state.embedded.visual_mask[b:b + 1, start:start + prefix_end], embedded_new.visual_mask],
-                            dim=1)
-    embedded = Embedded(torch.empty(0), visual_mask, [], deepstack)
-    return cache, hidden, positions, embedded, full_ids
-
-
-def roi_grid_box(roi: dict, src_grid: tuple[int, int]) -> GridBox:
-    """The grid cells of a stored RoI: the exact cells when the grid is unchanged, else those the box covers."""
-    if roi.get("grid_box") is not None and tuple(roi.get("grid") or ()) == tuple(src_grid):
-        return GridBox(*[int(v) for v in roi["grid_box"]])
-    rows, cols = src_grid
-    left, top, right, bottom = roi["box"]
-    x0, y0 = min(int(math.floor(left * cols)), cols - 1), min(int(math.floor(top * rows)), rows - 1)
-    x1, y1 = max(int(math.ceil(right * cols)), x0 + 1), max(int(math.ceil(bottom * rows)), y0 + 1)
-    return GridBox(x0, y0, min(x1, cols), min(y1, rows))
-
-
-def random_roi(rng, min_side: float = 0.1, max_side: float = 0.6) -> dict:
-    """A random box (sides U(min_side, max_side) of the image) for Post-SFT's RoI noise."""
-    w, h = rng.uniform(min_side, max_side), rng.uniform(min_side, max_side)
-    left, top = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
-    return {"box": [left, top, left + w, top + h]}
-
-
-@torch.no_grad()
-def roi_training_sequence(model: nn.Module, processor, family: str, encoded: dict, image: Image.Image, roi: dict,
-                          config: QZoomConfig) -> dict:
-    """Training tensors of a sample with its stored RoI inserted, exactly as inference inserts it.
-
-    ``encoded`` is the template's encoding of the plain sample (prompt + answer, labels on the answer);
-    ``image`` the original image of its (last) source image. Returns input ids, labels (crop tokens -100),
-    pixel values / grids for source + crop, and the positions (Qwen: continuous MRoPE; LLaVA: None, the
-    model's sequential positions already are the zoomed ones).
-    """
-    from qzoom_swift.families import get_adapter
-    from qzoom_swift.roi import PixelBox
-
-    adapter = get_adapter(family)
-    ids = torch.as_tensor(encoded["input_ids"], dtype=torch.long)
-    grid_thw = encoded.get("image_grid_thw")
-    mm = encoded.get("mm_token_type_ids")
-    positions = adapter.position_ids(model, ids[None], None, None if mm is None else torch.as_tensor(mm).view(1, -1),
-                                     grid_thw)
-    src_grid = adapter.encoded_grid(model, {"image_grid_thw": grid_thw[-1:]} if grid_thw is not None else {})
-    visual = (ids == adapter.image_token_id(model)).nonzero().flatten()
-    visual_index = visual[-src_grid[0] * src_grid[1]:]
-    box = roi_grid_box(roi, src_grid)
-    pixel_box = PixelBox.from_normalized(tuple(roi["box"]), *image.size)
-    crop = adapter.resize_for_budget(crop_image(image.convert("RGB"), pixel_box), config.roi_min_tokens,
-                                     config.roi_max_tokens)
-    enc = adapter.encode_images(processor, [crop])
-    roi_grid = adapter.encoded_grid(model, enc)
-    full_ids, full_pos, prefix_end = roi_augmented_sequence(model, adapter, ids, positions.to(ids.device),
-                                                            visual_index, src_grid, box, roi_grid)
-    inserted = full_ids.numel() - ids.numel()
-    out = {"input_ids": full_ids.tolist(), "image_token_id": adapter.image_token_id(model),
-           "labels": list(encoded["labels"][:prefix_end]) + [-100] * inserted + list(encoded["labels"][prefix_end:])}
-    if encoded.get("loss_scale") is not None:
-        scale = list(encoded["loss_scale"])
-        out["loss_scale"] = scale[:prefix_end] + [0.0] * inserted + scale[prefix_end:]
-    pixel_values = torch.as_tensor(encoded["pixel_values"])
-    out["pixel_values"] = torch.cat([pixel_values, enc["pixel_values"].to(pixel_values.dtype)])
-    if grid_thw is not None:
-        out["image_grid_thw"] = torch.cat([grid_thw, enc["image_grid_thw"]])
-        out["position_ids"] = full_pos[:, 0]
-    return out
+    visual_mask = torch.cat([state.embedded.visual_mask[b:b + 1, start:start + prefix_end], embedded_new.visual_mask], dim=1)
+    return Embedded(torch.empty(0), visual_mask, [], deepstack)

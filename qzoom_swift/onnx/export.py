@@ -165,6 +165,7 @@ def torch_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[s
                           embedded=Embedded(hidden, torch.zeros(hidden.shape[:2], dtype=torch.bool), []),
                           position_ids=None, attention_mask=inputs["attention_mask"].to(device),
                           query_index=inputs["query_index"].to(device), branch_layer=require_branches(model).first_layer,
+                          adapter=get_adapter(model),
                           extras={"rope": (inputs["cos"].to(device, dtype), inputs["sin"].to(device, dtype))})
     with torch.no_grad():
         logit = gate_logits(model, state).float().cpu()

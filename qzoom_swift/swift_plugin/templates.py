@@ -112,7 +112,7 @@ class QZoomTemplateMixin:
         import random
 
         from qzoom_swift.config import read_env
-        from qzoom_swift.zoom import random_roi, roi_training_sequence
+        from qzoom_swift.post_sft import random_roi, roi_training_sequence
 
         if not originals:
             raise ValueError("a qzoom_roi record needs its image")
