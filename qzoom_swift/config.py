@@ -192,7 +192,7 @@ def parse_bool(name: str, raw: str) -> bool:
         return True
     if word in FALSE_WORDS:
         return False
-    raise ValueError(f"environment variable {name}={raw!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+    raise ValueError(f"{name}={raw!r}: expected true or false ({', '.join(TRUE_WORDS + FALSE_WORDS)})")
 
 
 @dataclass(frozen=True)

@@ -224,8 +224,7 @@ def test_full_size_recipes_carry_the_papers_setting(name):
     assert float(recipe["warmup_ratio"]) == 0.03 and recipe["num_train_epochs"] == 1
     global_batch = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] * env["NPROC_PER_NODE"]
     assert global_batch == 128
-    from qzoom_swift.config import KNOWN_BRANCH_LAYERS
+    from qzoom_swift.families.registry import FAMILIES
 
-    family = {"qzoom_qwen2_5_vl": "qwen2_5_vl", "qzoom_qwen3_vl": "qwen3_vl", "qzoom_llava1_5_hf": "llava"}[
-        recipe["model_type"]]
-    assert env["QZOOM_BRANCH_LAYER"] in {b for (f, _, _), b in KNOWN_BRANCH_LAYERS.items() if f == family}
+    spec = next(s for s in FAMILIES.values() if s.qzoom_model_type == recipe["model_type"])
+    assert env["QZOOM_BRANCH_LAYER"] in set(spec.known_branch_layers.values())

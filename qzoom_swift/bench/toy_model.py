@@ -148,7 +148,7 @@ def build_toy_base(out_dir: str | Path, spec: BenchSpec = DEFAULT_SPEC, *, seed:
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_qwen_tokenizer(None, family="qwen2_5_vl")
+    tokenizer = build_qwen_tokenizer(None)  # Qwen2.5-VL chat template
     processor = _processor(tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(toy_config(), dtype=torch.float32)

@@ -21,9 +21,6 @@ from qzoom_swift.families.registry import (
 if TYPE_CHECKING:
     from qzoom_swift.families.base import Embedded, FamilyAdapter
 
-_ADAPTER_CLASSES = {"qwen2_5_vl": ("qzoom_swift.families.qwen", "Qwen2_5VLAdapter"),
-                    "qwen3_vl": ("qzoom_swift.families.qwen", "Qwen3VLAdapter"),
-                    "llava": ("qzoom_swift.families.llava", "LlavaAdapter")}
 _adapters: dict[str, FamilyAdapter] = {}
 
 
@@ -41,9 +38,9 @@ def family_of(model_or_config: Any) -> str:
 def get_adapter(model_or_family: Any) -> FamilyAdapter:
     """The adapter of a family name or of a loaded model (one shared, stateless instance per family)."""
     name = model_or_family if isinstance(model_or_family, str) else family_of(model_or_family)
-    get_spec(name)  # unknown names fail here with the supported list
+    spec = get_spec(name)  # unknown names fail here with the supported list
     if name not in _adapters:
-        module, cls = _ADAPTER_CLASSES[name]
+        module, cls = spec.adapter.split(":")
         _adapters[name] = getattr(importlib.import_module(module), cls)()
     return _adapters[name]
 

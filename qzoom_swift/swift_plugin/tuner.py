@@ -11,6 +11,7 @@ from swift.tuner_plugin import Tuner, tuners_map
 from qzoom_swift.branches import BRANCH_NAMES, branch_parameters, require_branches
 from qzoom_swift.checkpoint import load_branch_checkpoint, save_branch_checkpoint
 from qzoom_swift.config import read_env
+from qzoom_swift.families.registry import FAMILIES
 from qzoom_swift.training import install_branch_training_forward, set_trained_branches, trained_branches
 
 TUNER_NAME = "qzoom"
@@ -44,10 +45,9 @@ class QZoomTuner(Tuner):
     @staticmethod
     def prepare_model(args, model):
         if getattr(model, "qzoom_branch", None) is None:
-            from qzoom_swift.swift_plugin import MODEL_TYPES
-
+            model_types = ", ".join(spec.qzoom_model_type for spec in FAMILIES.values())
             raise ValueError(
-                f"--tuner_type qzoom needs a Q-Zoom model type (one of {', '.join(MODEL_TYPES.values())}), "
+                f"--tuner_type qzoom needs a Q-Zoom model type (one of {model_types}), "
                 f"got model_type {getattr(args, 'model_type', None)!r}"
             )
         return prepare_branch_training(model, branches_to_train())

@@ -18,6 +18,9 @@ from __future__ import annotations
 import copy
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -133,18 +136,103 @@ FULL_SIZE_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def _llava_tiny_config(size: str) -> dict[str, Any]:
+    tok = build_llava_tokenizer(None)
+    vocab = ((len(tok) + 63) // 64) * 64
+    return _llava_config(size, tok.convert_tokens_to_ids("<image>"), vocab)
+
+
+def _llava_processor(tokenizer):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                         do_center_crop=True)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=LLAVA_CHAT_TEMPLATE)
+
+
+def _qwen_image_processor(patch: int, **extra: Any):
+    from transformers import Qwen2VLImageProcessor
+
+    unit = (patch * 2) ** 2  # pixels of one merged visual token
+    image_kwargs: dict[str, Any] = dict(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                        size={"shortest_edge": 4 * unit, "longest_edge": 4096 * unit})
+    return Qwen2VLImageProcessor(**image_kwargs, **extra)
+
+
+def _qwen2_5_vl_processor(tokenizer):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+
+    return Qwen2_5_VLProcessor(image_processor=_qwen_image_processor(14), tokenizer=tokenizer,
+                               video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2_VL_CHAT_TEMPLATE)
+
+
+def _qwen3_vl_processor(tokenizer):
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    image_processor = _qwen_image_processor(16, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                            video_processor=Qwen3VLVideoProcessor(patch_size=16), chat_template=QWEN3_VL_CHAT_TEMPLATE)
+
+
+def _llava_generation(tokenizer) -> dict[str, Any]:
+    return dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+def _qwen_generation(tokenizer) -> dict[str, Any]:
+    return dict(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643)
+
+
+@dataclass(frozen=True)
+class _FamilyBuilder:
+    """How to build one family's synthetic model.
+
+    Each family names itself once here, like ``FamilySpec`` in the registry, so the builders dispatch on a
+    table instead of testing family names.
+    """
+
+    family: str
+    config_class: str
+    """transformers config class (looked up on first use: importing transformers is slow)."""
+    local_config: Callable[[str], dict[str, Any]]
+    """size (``tiny``/``bench``) -> config kwargs of a locally built model."""
+    tokenizer: Callable[[], Any]
+    processor: Callable[[Any], Any]
+    """tokenizer -> processor."""
+    generation: Callable[[Any], dict[str, Any]]
+    """tokenizer -> ``GenerationConfig`` kwargs."""
+
+
+_BUILDERS: dict[str, _FamilyBuilder] = {
+    builder.family: builder
+    for builder in (
+        _FamilyBuilder("qwen2_5_vl", "Qwen2_5_VLConfig", _qwen2_5_vl_config,
+                       partial(build_qwen_tokenizer, None, chat_template=QWEN2_VL_CHAT_TEMPLATE),
+                       _qwen2_5_vl_processor, _qwen_generation),
+        _FamilyBuilder("qwen3_vl", "Qwen3VLConfig", _qwen3_vl_config,
+                       partial(build_qwen_tokenizer, None, chat_template=QWEN3_VL_CHAT_TEMPLATE),
+                       _qwen3_vl_processor, _qwen_generation),
+        _FamilyBuilder("llava", "LlavaConfig", _llava_tiny_config, partial(build_llava_tokenizer, None),
+                       _llava_processor, _llava_generation),
+    )
+}
+
+
+def _builder(family: str) -> _FamilyBuilder:
+    builder = _BUILDERS.get(family)
+    if builder is None:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILY_NAMES}")
+    return builder
+
+
 def make_config(family: str, config_kwargs: dict[str, Any]):
     """A transformers config object of ``family`` from plain dict kwargs."""
-    from transformers import LlavaConfig, Qwen2_5_VLConfig, Qwen3VLConfig
+    import transformers
 
-    kwargs = copy.deepcopy(config_kwargs)
-    if family == "qwen2_5_vl":
-        return Qwen2_5_VLConfig(**kwargs)
-    if family == "qwen3_vl":
-        return Qwen3VLConfig(**kwargs)
-    if family == "llava":
-        return LlavaConfig(**kwargs)
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILY_NAMES}")
+    config_class = getattr(transformers, _builder(family).config_class)
+    return config_class(**copy.deepcopy(config_kwargs))
 
 
 def full_size_config(name: str):
@@ -155,53 +243,17 @@ def full_size_config(name: str):
     return family, make_config(family, kwargs)
 
 
-def _make_processor(family: str, tokenizer):
-    if family == "llava":
-        from transformers import CLIPImageProcessor, LlavaProcessor
-
-        image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                             do_center_crop=True)
-        return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                              chat_template=LLAVA_CHAT_TEMPLATE)
-    from transformers import Qwen2VLImageProcessor
-
-    patch = 14 if family == "qwen2_5_vl" else 16
-    unit = (patch * 2) ** 2  # pixels of one merged visual token
-    image_kwargs: dict[str, Any] = dict(patch_size=patch, merge_size=2, temporal_patch_size=2,
-                                        size={"shortest_edge": 4 * unit, "longest_edge": 4096 * unit})
-    if family == "qwen3_vl":
-        image_kwargs.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    image_processor = Qwen2VLImageProcessor(**image_kwargs)
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
-
-        return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                   video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
-
-    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                            video_processor=Qwen3VLVideoProcessor(patch_size=16), chat_template=QWEN3_VL_CHAT_TEMPLATE)
-
-
 def _write_model_dir(family: str, config, out_dir: Path, seed: int) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    if family == "llava":
-        tokenizer = build_llava_tokenizer(None)
-    else:
-        tokenizer = build_qwen_tokenizer(None, family=family)
-    processor = _make_processor(family, tokenizer)
+    builder = _builder(family)
+    tokenizer = builder.tokenizer()
+    processor = builder.processor(tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.eval()
-    if family == "llava":
-        gen = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id)
-    else:
-        gen = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643)
-    model.generation_config = gen
+    model.generation_config = GenerationConfig(**builder.generation(tokenizer))
     model.save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
 
@@ -210,15 +262,7 @@ def tiny_config(family: str, size: str = "tiny"):
     """The config of a locally built model (``tiny`` or ``bench``)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
-    if family == "qwen2_5_vl":
-        return make_config(family, _qwen2_5_vl_config(size))
-    if family == "qwen3_vl":
-        return make_config(family, _qwen3_vl_config(size))
-    if family == "llava":
-        tok = build_llava_tokenizer(None)
-        vocab = ((len(tok) + 63) // 64) * 64
-        return make_config(family, _llava_config(size, tok.convert_tokens_to_ids("<image>"), vocab))
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILY_NAMES}")
+    return make_config(family, _builder(family).local_config(size))
 
 
 def build_model_dir(family: str, size: str = "tiny", *, cache_dir: str | Path | None = None, seed: int = 0,

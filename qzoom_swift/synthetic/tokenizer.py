@@ -132,8 +132,12 @@ def _train_bpe(vocab_size: int, seed: int) -> tuple[dict[str, int], list[tuple[s
     return vocab, merges
 
 
-def build_qwen_tokenizer(out_dir: str | Path, *, family: str = "qwen2_5_vl", bpe_size: int = 4000, seed: int = 0):
-    """Train the BPE and save a ``Qwen2Tokenizer`` whose special tokens sit at the real Qwen ids."""
+def build_qwen_tokenizer(out_dir: str | Path | None, *, chat_template: str = QWEN2_VL_CHAT_TEMPLATE,
+                         bpe_size: int = 4000, seed: int = 0):
+    """Train the BPE and save a ``Qwen2Tokenizer`` whose special tokens sit at the real Qwen ids.
+
+    The caller passes the family's ``chat_template`` (Qwen2.5-VL's by default), so no family name is tested here.
+    """
     from transformers import AddedToken, Qwen2Tokenizer
 
     vocab, merges = _train_bpe(bpe_size, seed)
@@ -156,8 +160,7 @@ def build_qwen_tokenizer(out_dir: str | Path, *, family: str = "qwen2_5_vl", bpe
     )
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
-    template = QWEN3_VL_CHAT_TEMPLATE if family == "qwen3_vl" else QWEN2_VL_CHAT_TEMPLATE
-    tokenizer.chat_template = template
+    tokenizer.chat_template = chat_template
     check = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|image_pad|>", "</think>"])
     expected = [QWEN_FIRST_SPECIAL_ID, 151655, QWEN_FIRST_SPECIAL_ID + len(QWEN_SPECIAL_TOKENS) - 1]
     if check != expected:
