@@ -94,8 +94,7 @@ def load_branch_checkpoint(model: nn.Module, directory: str | os.PathLike,
         raise BranchCheckpointError(f"{ckpt_desc} was trained for another model family than {model_desc}")
     if (cfg.num_hidden_layers and cfg.num_hidden_layers != len(layers)) or (cfg.hidden_size and cfg.hidden_size != hidden):
         raise BranchCheckpointError(f"{ckpt_desc} does not fit {model_desc}")
-    if config_overrides:
-        cfg = QZoomConfig.from_dict({**cfg.to_dict(), **config_overrides})
+    cfg = cfg.with_overrides(config_overrides)
     branches = attach_branches(model, cfg, replace=True)
     own = branches.state_dict()
     loaded: dict[str, torch.Tensor] = {}

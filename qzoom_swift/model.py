@@ -15,7 +15,7 @@ from torch import nn
 
 from qzoom_swift.branches import attach_branches, require_branches
 from qzoom_swift.checkpoint import is_branch_checkpoint, load_branch_checkpoint, save_branch_checkpoint
-from qzoom_swift.config import BRANCH_WEIGHTS_NAME, QZoomConfig
+from qzoom_swift.config import BRANCH_WEIGHTS_NAME, QZoomConfig, effective_config
 from qzoom_swift.families import FamilyAdapter, get_adapter
 from qzoom_swift.prefill import BranchPrefill, continue_prefill, prefill
 from qzoom_swift.zoom import ZoomStats
@@ -76,7 +76,7 @@ class QZoomModel:
             load_branch_checkpoint(model, checkpoint, config_overrides)
             return cls(model, processor)
         if config_overrides:
-            config = QZoomConfig.from_dict({**(config or QZoomConfig()).to_dict(), **config_overrides})
+            config = (config or QZoomConfig()).with_overrides(config_overrides)
         return cls(model, processor, config)
 
     @property
@@ -110,9 +110,7 @@ class QZoomModel:
 
         if isinstance(questions, str):
             questions, images = [questions], [images]
-        cfg = self.config
-        if config_overrides:
-            cfg = QZoomConfig.from_dict({**cfg.to_dict(), **config_overrides})
+        cfg = effective_config(self.config, config_overrides)  # checkpoint < QZOOM_* environment < this call
         low = [[self.adapter.resize_for_budget(img.convert("RGB"), cfg.low_min_tokens, cfg.low_max_tokens)
                 for img in sample] for sample in images]
         inputs = chat_inputs(self.processor, low, questions)

@@ -94,3 +94,20 @@ def test_configs_saved_before_the_split_still_load(tmp_path):
     assert loaded.labelling == LabelThresholds(tau_fg=0.3, tau_bg=0.1)
     with pytest.raises(ValueError, match="LabelThresholds.tau_fg"):
         LabelThresholds(tau_fg=1.5)
+
+
+def test_python_api_applies_the_environment_between_checkpoint_and_call(tiny_dir, monkeypatch):
+    """``QZoomModel.generate`` builds its settings with ``effective_config``: env over checkpoint, call over env."""
+    from PIL import Image
+
+    from qzoom_swift import QZoomModel
+
+    qz = QZoomModel.from_pretrained(tiny_dir("qwen2_5_vl"), config_overrides={"mode": "always", "tau_roi": 0.0,
+                                                                            "roi_min_tokens": 16, "roi_max_tokens": 32})
+    image = Image.new("RGB", (448, 336), (200, 40, 40))
+    assert qz.generate([image], "Colour?", max_new_tokens=1)[0].stats.reason == "forced"  # the checkpoint's mode
+    monkeypatch.setenv("QZOOM_MODE", "never")
+    assert qz.generate([image], "Colour?", max_new_tokens=1)[0].stats.reason == "never"  # env over checkpoint
+    call = qz.generate([image], "Colour?", max_new_tokens=1, config_overrides={"mode": "always"})
+    assert call[0].stats.reason == "forced"  # the call over env
+    assert qz.config.mode == "always"  # the attached branches' config is not changed by either

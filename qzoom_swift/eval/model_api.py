@@ -46,7 +46,7 @@ from evalscope.api.tool import ToolChoice, ToolInfo
 from PIL import Image
 
 import qzoom_swift.eval.benchmarks  # noqa: F401  (registers textvqa, hr_bench_*, mme_realworld_lite)
-from qzoom_swift.config import QZoomConfig
+from qzoom_swift.config import effective_config
 
 MODEL_API_NAME = "qzoom"
 # QZoomConfig fields that may be set per evalscope task (inference knobs).
@@ -186,7 +186,8 @@ class QZoomAPI(ModelAPI):
                              f"device, attn_implementation, {', '.join(CONFIG_KEYS)}")
         self.qz, self._lock = load_qzoom_model(model_name, checkpoint, dtype, device, attn_implementation)
         self.overrides = dict(model_args)
-        self.effective_config = QZoomConfig.from_dict({**self.qz.config.to_dict(), **self.overrides})
+        # what QZoomModel.generate will use: checkpoint < QZOOM_* environment < this task's model_args
+        self.effective_config = effective_config(self.qz.config, self.overrides)
         self.default_max_new_tokens = int(max_new_tokens)
         self.checkpoint = checkpoint
 
