@@ -159,12 +159,36 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+EXIT_CODES = "exit codes: 0 done; 1 the job failed (the error says why); 2 usage error (a flag or value is wrong)"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _accept_snake_case(parser: argparse.ArgumentParser) -> None:
+    """Let every ``--kebab-case`` option also answer to ``--snake_case``, the spelling ms-swift users type.
+
+    The alias is registered for parsing only, so ``--help`` stays one name per option.
+    """
+    for action in parser._actions:
+        for option in list(action.option_strings):
+            alias = "--" + option[2:].replace("-", "_") if option.startswith("--") else option
+            if alias != option and alias not in parser._option_string_actions:
+                parser._option_string_actions[alias] = action
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                        help="how much the library logs to stderr (default: info)")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qzoom",
         description="Q-Zoom for vision-language models, as an ms-swift plugin: a gate and a self-distilled "
                     "region proposal head on a middle decoder layer decide when and where to zoom.",
-        epilog="Run `qzoom <command> --help` for a command's options.",
+        epilog="Run `qzoom <command> --help` for a command's options. Every --kebab-case flag also accepts its "
+               f"--snake_case spelling (--max-new-tokens = --max_new_tokens). {EXIT_CODES}.",
     )
     from importlib.metadata import PackageNotFoundError, version
 
@@ -174,20 +198,37 @@ def build_parser() -> argparse.ArgumentParser:
         ver = "unknown"
     parser.add_argument("--version", action="version", version=f"%(prog)s {ver}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    common = _common_options()
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help, parents=[common],
+                           epilog=EXIT_CODES)
         if cmd.add_arguments is not None:
             cmd.add_arguments(p)
+        _accept_snake_case(p)
         p.set_defaults(_run=cmd.run)
     return parser
 
 
+def _configure_logging(level: str) -> None:
+    """One logging set-up for every command: the library's log lines reach stderr at ``--log-level``.
+
+    Other libraries stay at warnings (their info chatter would drown ours) unless ``debug`` is asked for.
+    """
+    import logging
+
+    logging.basicConfig(level="DEBUG" if level == "debug" else "WARNING", stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("qzoom_swift").setLevel(level.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code (0 done, 1 job failed, 2 usage error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    _configure_logging(args.log_level)
     return int(args._run(args) or 0)
 
 

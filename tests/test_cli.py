@@ -63,3 +63,54 @@ def test_build_tiny_llava(tmp_path, capsys):
     # a second call reuses the dir
     assert main(["build-tiny", "--family", "llava", "--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(d)
+
+
+def _subparsers():
+    import argparse
+
+    from qzoom_swift.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_flag_has_help_and_a_snake_case_spelling(name):
+    sub = _subparsers()[name]
+    for action in sub._actions:
+        assert action.help and action.help.strip(), f"qzoom {name} {action.option_strings or action.dest}: no help"
+        for option in action.option_strings:
+            if option.startswith("--") and "-" in option[2:]:
+                snake = "--" + option[2:].replace("-", "_")
+                assert sub._option_string_actions.get(snake) is action, f"qzoom {name}: {snake} not accepted"
+    assert "--log-level" in sub._option_string_actions
+
+
+def test_snake_case_flags_parse_like_kebab_case(tmp_path, capsys):
+    assert main(["build-tiny", "--family", "llava", "--cache_dir", str(tmp_path), "--log_level", "warning"]) == 0
+    assert Path(capsys.readouterr().out.strip()).parent == tmp_path / "models"
+
+
+def test_exit_codes_usage_2_job_failure_1(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["build-tiny", "--family", "blip"])  # a value argparse refuses
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["plugin-path", "--no-such-flag"])
+    assert exc.value.code == 2
+    capsys.readouterr()
+    code = main(["gate-labels", "--model", str(tmp_path), "--dataset", str(tmp_path / "missing.jsonl"),
+                 "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 1 and "missing.jsonl" in capsys.readouterr().err
+    res = subprocess.run([str(QZOOM), "--help"], capture_output=True, text=True, timeout=60)
+    assert "exit codes: 0 done; 1 the job failed" in " ".join(res.stdout.split())
+
+
+def test_log_level_configures_the_library_logger(capsys):
+    import logging
+
+    assert main(["plugin-path", "--log-level", "debug"]) == 0
+    assert logging.getLogger("qzoom_swift").level == logging.DEBUG
+    assert main(["plugin-path", "--log-level", "warning"]) == 0
+    assert logging.getLogger("qzoom_swift").level == logging.WARNING

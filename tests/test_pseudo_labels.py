@@ -214,10 +214,10 @@ def test_non_empty_foreign_output_dir_needs_overwrite(mixed_job, tiny_dir, tmp_p
     (out / "notes.txt").write_text("mine")
     argv = ["pseudo-labels", "--model", str(tiny_dir("qwen2_5_vl")), "--dataset", str(dataset), "--out", str(out),
             "--limit", "2", "--max-new-tokens", "3", "--no-progress"]
-    assert main(argv) == 2
+    assert main(argv) == 1  # the job failed (2 is for usage errors)
     err = capsys.readouterr().err
     assert "not empty" in err and "--overwrite" in err
-    assert main(argv + ["--overwrite"]) == 2  # --overwrite never deletes files that are not the job's
+    assert main(argv + ["--overwrite"]) == 1  # --overwrite never deletes files that are not the job's
     assert "notes.txt" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
     assert main(argv) == 0
@@ -237,7 +237,7 @@ def test_unsupported_model_family_is_a_whole_job_error(tmp_path, images, capsys)
     code = main(["pseudo-labels", "--model", str(model), "--dataset", str(dataset), "--out", str(tmp_path / "o"),
                  "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and "unsupported model" in err and "gpt2" in err and "qwen2_5_vl" in err
+    assert code == 1 and "unsupported model" in err and "gpt2" in err and "qwen2_5_vl" in err
     assert not list((tmp_path / "o").glob("shard-*"))
 
 

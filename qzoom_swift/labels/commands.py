@@ -84,7 +84,7 @@ def pseudo_labels_run(args: argparse.Namespace) -> int:
         summary = run_pseudo_labels(opts)
     except JobError as exc:
         print(f"qzoom pseudo-labels: error: {exc}", file=sys.stderr)
-        return 2
+        return 1  # the job failed (usage errors exit 2 from argparse)
     o = summary["outcomes"]
     run = summary["this_run"]
     print(f"{summary['records_done']}/{summary['records_total']} records done: {o['labelled']} labelled, "
@@ -110,7 +110,7 @@ def visualize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model dir (default: the job's, from job.json next to the shard)")
     p.add_argument("--tau-roi", type=float, default=None, help="box threshold on the predicted heatmap "
                                                                "(default: the checkpoint's)")
-    p.add_argument("--dpi", type=int, default=100)
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default 100)")
 
 
 def visualize_run(args: argparse.Namespace) -> int:
@@ -126,7 +126,7 @@ def visualize_run(args: argparse.Namespace) -> int:
                                        dpi=args.dpi)
     except (ValueError, FileNotFoundError) as exc:
         print(f"qzoom visualize: error: {exc}", file=sys.stderr)
-        return 2
+        return 1  # the job failed (usage errors exit 2 from argparse)
     print(f"wrote {path} ({size[0]}x{size[1]})")
     return 0
 
@@ -191,7 +191,7 @@ def gate_labels_run(args: argparse.Namespace) -> int:
         summary = run_gate_labels(opts)
     except (JobError, ValueError) as exc:
         print(f"qzoom gate-labels: error: {exc}", file=sys.stderr)
-        return 2
+        return 1  # the job failed (usage errors exit 2 from argparse)
     print(f"{summary['answered']} trajectories: {summary['kinds']}; kept {summary['kept']} "
           f"({summary['labels']}), rejects {summary['rejects']}; {summary['seconds']} s")
     print(f"wrote {summary['gate_train']}")
@@ -231,7 +231,7 @@ def calibrate_gate_run(args: argparse.Namespace) -> int:
                              target_skip_ratio=args.target_skip, png=args.png)
     except (JobError, FileNotFoundError, ValueError) as exc:
         print(f"qzoom calibrate-gate: error: {exc}", file=sys.stderr)
-        return 2
+        return 1  # the job failed (usage errors exit 2 from argparse)
     print(f"tau_gate={res.tau_gate:.4g}: estimated accuracy {res.accuracy:.3f}, no-RoI ratio {res.skip_ratio:.3f} "
           f"on {res.samples} samples; wrote {res.config} and {res.curve_png}")
     return 0
@@ -259,16 +259,18 @@ def mine_hard_args(p: argparse.ArgumentParser) -> None:
                    help="rule matcher when no judge model is given (default exact)")
     p.add_argument("--mixing-ratio", type=float, default=0.0,
                    help="improvements mixed in per regression (default 0, as released)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="questions answered together (fixed blocks: a resume batches identically; default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="answer length limit of the base and RoI answers (default 32)")
     p.add_argument("--tau-roi", type=float, default=None, help="override the checkpoint's tau_roi")
     p.add_argument("--low-max-tokens", type=int, default=None, help="override the low-resolution budget")
     p.add_argument("--roi-max-tokens", type=int, default=None, help="override the RoI budget")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="seed of the improvements mixed into the Post-SFT rows")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--shard-size", type=int, default=1000, help="records per output shard (default 1000)")
     p.add_argument("--overwrite", action="store_true", help="delete this job's earlier output and start again")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def mine_hard_run(args: argparse.Namespace) -> int:
@@ -291,7 +293,7 @@ def mine_hard_run(args: argparse.Namespace) -> int:
         summary = run_mine_hard(opts)
     except (JobError, ValueError, FileNotFoundError) as exc:
         print(f"qzoom mine-hard: error: {exc}", file=sys.stderr)
-        return 2
+        return 1  # the job failed (usage errors exit 2 from argparse)
     print(f"{summary['answered']} questions judged ({summary['judge']}): {summary['categories']}; "
           f"{summary['post_sft_rows']} Post-SFT rows; rejects {summary['rejects']}; {summary['seconds']} s")
     print(f"wrote {summary['post_sft']}")
