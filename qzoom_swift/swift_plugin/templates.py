@@ -17,6 +17,9 @@ from qzoom_swift.families.registry import FAMILIES
 from qzoom_swift.losses import IGNORE_INDEX
 from qzoom_swift.training import is_branch_batch
 
+UNSUPPORTED_BACKENDS = ("vllm", "lmdeploy", "sglang")
+"""ms-swift inference engines that encode with the template but generate without it."""
+
 
 def _nesting_depth(value) -> int:
     if isinstance(value, torch.Tensor):
@@ -51,6 +54,21 @@ class QZoomTemplateMixin:
     """
 
     qzoom_family: str = ""
+
+    def set_mode(self, mode):
+        """Refuse the engines that never call ``generate``: zoom would be silently off there.
+
+        ms-swift's vLLM engine sets the mode before it builds the engine, so vLLM is stopped before any weights
+        load; LMDeploy and SGLang set it per request, so they are stopped at the first request with this message
+        instead of answering without Q-Zoom. Training and transformers inference pass through.
+        """
+        if mode in UNSUPPORTED_BACKENDS:
+            raise ValueError(
+                f"the Q-Zoom template {self.template_meta.template_type!r} needs --infer_backend transformers "
+                f"(got {mode}): Q-Zoom decides and zooms inside the transformers engine's generate, which the {mode} "
+                "engine never calls. Use --infer_backend transformers, or the stock model type and template "
+                "without Q-Zoom.")
+        return super().set_mode(mode)
 
     def _qzoom_config(self, model=None):
         from qzoom_swift.branches import get_branches
