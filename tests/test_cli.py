@@ -114,3 +114,12 @@ def test_log_level_configures_the_library_logger(capsys):
     assert logging.getLogger("qzoom_swift").level == logging.DEBUG
     assert main(["plugin-path", "--log-level", "warning"]) == 0
     assert logging.getLogger("qzoom_swift").level == logging.WARNING
+
+
+def test_export_onnx_takes_the_checkpoint_as_a_flag_like_every_command(tmp_path, capsys):
+    base = ["export-onnx", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")]
+    assert main(base) == 2 and "--checkpoint CKPT" in capsys.readouterr().err  # none given
+    assert main([*base, "--checkpoint", str(tmp_path / "a"), str(tmp_path / "b")]) == 2  # given twice
+    with pytest.raises(OSError):  # the old positional form still reaches the export (which fails: no model)
+        main([*base, str(tmp_path / "ckpt")])
+    assert "positional CKPT is deprecated" in capsys.readouterr().err

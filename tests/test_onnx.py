@@ -91,7 +91,7 @@ def exported(tiny_dir, tmp_path_factory):
         attach_branches(model, QZoomConfig(branch_depth=DEPTH))
         ckpt = save_branch_checkpoint(model, work / family / "ckpt")
         loaded[family] = (model, AutoProcessor.from_pretrained(path), ckpt)
-        cmd = [sys.executable, "-m", "qzoom_swift.cli", "export-onnx", str(ckpt), "--model", str(path), "--out",
+        cmd = [sys.executable, "-m", "qzoom_swift.cli", "export-onnx", "--checkpoint", str(ckpt), "--model", str(path), "--out",
                str(work / family / "onnx"), *([] if family == "llava" else ["--precision", "fp32"])]
         log = open(work / f"{family}.log", "wb")  # noqa: SIM115 - closed below
         procs[family] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

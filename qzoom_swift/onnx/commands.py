@@ -8,7 +8,7 @@ from pathlib import Path
 
 EXPORT_ONNX_HELP = "export a checkpoint's gate and RPN as ONNX graphs (fp32/fp16) with a parity report"
 EXPORT_ONNX_DESCRIPTION = (
-    "Load BASE_MODEL (CPU, float32) with the Q-Zoom branch checkpoint CKPT, export the gate and the RPN with the "
+    "Load BASE_MODEL (CPU, float32) with the Q-Zoom branch checkpoint --checkpoint CKPT, export the gate and the RPN with the "
     "torch dynamo exporter (dynamic batch and sequence axes), check them with onnx.checker and write to OUT: "
     "gate.onnx, rpn.onnx (and gate.fp16.onnx, rpn.fp16.onnx), qzoom_config.json and parity_report.json "
     "(onnxruntime vs torch on random and real inputs). Inputs of both graphs: hidden_states [B,S,d] after layer B, "
@@ -20,8 +20,10 @@ EXPORT_ONNX_DESCRIPTION = (
 
 
 def export_onnx_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", type=Path,
+    p.add_argument("--checkpoint", metavar="CKPT", type=Path, default=None,
                    help="Q-Zoom branch checkpoint dir (qzoom_branch.safetensors + qzoom_config.json)")
+    p.add_argument("positional_checkpoint", nargs="?", metavar="CKPT_DEPRECATED", type=Path, default=None,
+                   help="deprecated: the checkpoint as a positional argument (use --checkpoint, as every command does)")
     p.add_argument("--model", required=True, metavar="BASE_MODEL",
                    help="the base model the checkpoint was trained on (local dir or hub id)")
     p.add_argument("--out", required=True, type=Path, help="output dir for the graphs and the report")
@@ -36,6 +38,12 @@ def export_onnx_run(args: argparse.Namespace) -> int:
     from qzoom_swift.fileio import quiet_transformers
     from qzoom_swift.onnx.export import DEFAULT_OPSET, REPORT_NAME, export_checkpoint
 
+    if (args.checkpoint is None) == (args.positional_checkpoint is None):
+        print("qzoom export-onnx: error: pass the branch checkpoint once, as --checkpoint CKPT", file=sys.stderr)
+        return 2
+    if args.checkpoint is None:
+        print("qzoom export-onnx: warning: a positional CKPT is deprecated; pass --checkpoint CKPT", file=sys.stderr)
+        args.checkpoint = args.positional_checkpoint
     quiet_transformers()
     precisions = tuple(dict.fromkeys(args.precisions or ("fp32", "fp16")))
     result = export_checkpoint(args.checkpoint, args.model, args.out, precisions=precisions,
