@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Each command module imports only the standard library at module level (``qzoom --help`` stays fast).
+from qzoom_swift import recipes_command as _recipes
 from qzoom_swift.bench import demo as _demo_command
 from qzoom_swift.eval import command as _eval
 from qzoom_swift.families.registry import FAMILY_NAMES
@@ -155,6 +156,13 @@ COMMANDS: dict[str, Command] = {
         description=_onnx.EXPORT_ONNX_DESCRIPTION,
         add_arguments=_onnx.export_onnx_args,
         run=_onnx.export_onnx_run,
+    ),
+    # The shipped swift sft recipes (qzoom_swift/recipes_command.py; the files are in qzoom_swift/recipes/).
+    "recipes": Command(
+        help=_recipes.HELP,
+        description=_recipes.DESCRIPTION,
+        add_arguments=_recipes.add_arguments,
+        run=_recipes.run,
     ),
 }
 

@@ -33,6 +33,7 @@ from qzoom_swift.bench.render import (
     token_cell,
 )
 from qzoom_swift.fileio import write_json_atomic, write_jsonl_atomic
+from qzoom_swift.recipes_command import RECIPES_DIR
 
 PATCH_UNIT = 28  # Qwen2.5-VL: patch 14 x merge 2
 TOY_VERSION = 3
@@ -271,7 +272,7 @@ def toy_sft_rows(records, crops_dir: str | Path, *, steps: int, batch: int, seed
 
 # ------------------------------------------------------------------------------------------ cached toy base
 
-TOY_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toy" / "base_sft.yaml"
+TOY_RECIPE = RECIPES_DIR / "toy" / "base_sft.yaml"  # shipped in the package
 
 
 def toy_base_key(bench_meta: dict[str, Any], *, seed: int, warmup_steps: int, steps: int, batch: int,

@@ -42,8 +42,11 @@ def vqa_soft_accuracy(answer: str, gt: str | Sequence[str]) -> float:
 
 
 def _levenshtein(a: str, b: str) -> int:
-    import Levenshtein
-
+    try:
+        import Levenshtein  # optional: the `eval` extra brings it (levenshtein / python-Levenshtein)
+    except ImportError as exc:
+        raise ImportError("the ANLS matcher needs the Levenshtein module: pip install 'qzoom_swift[eval]' "
+                          "(or just `pip install levenshtein`)") from exc
     return Levenshtein.distance(a, b)
 
 
