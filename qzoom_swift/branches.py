@@ -114,6 +114,20 @@ def attach_branches(model: nn.Module, config: QZoomConfig | None = None, *, repl
     return branches
 
 
+@torch.no_grad()
+def copy_gate_layers(model: nn.Module) -> None:
+    """Copy the model's own layers B..B+R-1 into the gate layers again (in place; the head is kept).
+
+    A gate must start from the model it runs on: a checkpoint's untrained gate holds copies of the layers of
+    the model that checkpoint was made on (stage 1, before Post-SFT changed them).
+    """
+    branches = require_branches(model)
+    layers = get_adapter(model).decoder_layers(model)
+    b = branches.first_layer
+    for i, gate_layer in enumerate(branches.gate.layers):
+        gate_layer.load_state_dict(layers[b + i].state_dict())
+
+
 def detach_branches(model: nn.Module) -> QZoomBranches | None:
     branches = get_branches(model)
     if branches is not None:
@@ -149,5 +163,6 @@ def branch_parameters(model: nn.Module, which: str | tuple[str, ...] = BRANCH_NA
 
 __all__ = [
     "BRANCH_ATTR", "BRANCH_NAMES", "QZoomBranches", "QZoomGate", "QZoomQKHead", "QZoomRPN", "attach_branches",
-    "branch_parameters", "build_branches", "detach_branches", "family_of", "get_branches", "require_branches",
+    "branch_parameters", "build_branches", "copy_gate_layers", "detach_branches", "family_of", "get_branches",
+    "require_branches",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qzoom_swift.branches import BRANCH_NAMES, attach_branches, get_branches
+from qzoom_swift.branches import BRANCH_ATTR, BRANCH_NAMES, build_branches, get_branches
 from qzoom_swift.config import BRANCH_WEIGHTS_NAME, CONFIG_NAME, QZoomConfig
 from qzoom_swift.families import get_adapter
 from qzoom_swift.fileio import atomic_path
@@ -61,22 +61,61 @@ def save_branch_checkpoint(model: nn.Module, directory: str | os.PathLike, which
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in branch_state_dict(model, which, state_dict).items()}
     cfg = branches.qzoom_config
-    meta = {"format": "pt", "family": cfg.family, "branches": ",".join(which)}
+    meta = {"format": "pt", "family": cfg.family, "branches": ",".join(which), **_layout_meta(cfg)}
     with atomic_path(out / BRANCH_WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     cfg.save(out)
     return out
 
 
+LAYOUT_KEYS = ("branch_layer", "branch_depth", "num_hidden_layers", "hidden_size")
+"""Config fields that decide the tensors' meaning: saved in the file's metadata, checked against the json."""
+
+
+def _layout_meta(cfg: QZoomConfig) -> dict[str, str]:
+    return {k: str(getattr(cfg, k)) for k in LAYOUT_KEYS if getattr(cfg, k) is not None}
+
+
+def read_branch_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a branch file; a corrupt file or a non-finite tensor names itself."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types (and OSError) for damaged files
+        raise BranchCheckpointError(f"cannot read {weights}: {type(exc).__name__}: {exc}") from exc
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BranchCheckpointError(f"{weights}: tensor {key!r} holds {bad} non-finite value(s) (NaN/inf); "
+                                        "the checkpoint is damaged or its training diverged")
+    return tensors, meta
+
+
+def _check_layout(cfg: QZoomConfig, meta: dict[str, str], ckpt_desc: str) -> None:
+    """The json's B, R and shape against what the tensors were saved for (files written since 0.2 record it)."""
+    for key in LAYOUT_KEYS:
+        saved, now = meta.get(key), getattr(cfg, key)
+        if saved is not None and str(now) != saved:
+            raise BranchCheckpointError(
+                f"{ckpt_desc}: {CONFIG_NAME} says {key}={now} but {BRANCH_WEIGHTS_NAME} was saved with "
+                f"{key}={saved}; the config was edited after saving: restore {key}={saved}")
+
+
 def load_branch_checkpoint(model: nn.Module, directory: str | os.PathLike,
                            config_overrides: dict | None = None) -> QZoomConfig:
     """Attach branches to ``model`` as saved in ``directory`` and load their weights.
 
-    Branches absent from the file (e.g. the gate of a stage-1 checkpoint) keep their copy-of-base-layer
-    initialisation. ``config_overrides`` changes inference knobs (thresholds, budgets), not shapes.
+    Everything (config, family, depth, width, tensor names, shapes, finiteness) is checked on branches
+    built aside; they replace the model's only when all checks pass, so on any error the model is exactly
+    as before. Branches absent from the file keep their copy-of-base-layer initialisation; but the ``qzoom``
+    tuner saves both branches in every checkpoint, so a stage-1 checkpoint does hold a gate: untrained copies
+    of the layers of the model stage 1 ran on. Loading restores those; stage-3 training re-copies the gate from
+    the model it trains on (``swift_plugin.tuner``, ``branches.copy_gate_layers``), since that model (after
+    Post-SFT) has other layers. ``config_overrides`` changes inference knobs, not shapes.
     """
-    from safetensors import safe_open
-
     ckpt = Path(directory)
     weights = ckpt / BRANCH_WEIGHTS_NAME
     if not weights.is_file():
@@ -84,7 +123,10 @@ def load_branch_checkpoint(model: nn.Module, directory: str | os.PathLike,
             f"{ckpt} has no {BRANCH_WEIGHTS_NAME}: pass the directory of a Q-Zoom checkpoint (written by "
             "`swift sft --tuner_type qzoom` or qzoom_swift.save_branch_checkpoint)"
         )
-    cfg = QZoomConfig.load(ckpt)
+    try:
+        cfg = QZoomConfig.load(ckpt)
+    except ValueError as exc:
+        raise BranchCheckpointError(str(exc)) from exc
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     hidden = int(adapter.text_config(model).hidden_size)
@@ -94,37 +136,48 @@ def load_branch_checkpoint(model: nn.Module, directory: str | os.PathLike,
         raise BranchCheckpointError(f"{ckpt_desc} was trained for another model family than {model_desc}")
     if (cfg.num_hidden_layers and cfg.num_hidden_layers != len(layers)) or (cfg.hidden_size and cfg.hidden_size != hidden):
         raise BranchCheckpointError(f"{ckpt_desc} does not fit {model_desc}")
-    cfg = cfg.with_overrides(config_overrides)
-    branches = attach_branches(model, cfg, replace=True)
+    tensors, meta = read_branch_tensors(weights)
+    _check_layout(cfg, meta, ckpt_desc)
+    shape_keys = sorted(k for k in (config_overrides or {}) if k in ("family", *LAYOUT_KEYS)
+                        and config_overrides[k] != getattr(cfg, k))
+    if shape_keys:
+        raise BranchCheckpointError(f"{ckpt_desc}: config_overrides may change inference knobs, not {shape_keys}")
+    try:
+        cfg = cfg.with_overrides(config_overrides)
+        branches = build_branches(model, cfg)  # aside: the model keeps its branches until every check passed
+    except ValueError as exc:
+        raise BranchCheckpointError(f"{ckpt_desc}: {exc}") from exc
     own = branches.state_dict()
-    loaded: dict[str, torch.Tensor] = {}
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            if key not in own:
-                raise BranchCheckpointError(f"{ckpt_desc}: tensor {key!r} has no place in the branches of {model_desc}")
-            tensor = f.get_tensor(key)
-            if tuple(tensor.shape) != tuple(own[key].shape):
-                raise BranchCheckpointError(
-                    f"{ckpt_desc}: tensor {key!r} has shape {tuple(tensor.shape)}, the branches of {model_desc} "
-                    f"need {tuple(own[key].shape)}"
-                )
-            loaded[key] = tensor
+    for key, tensor in tensors.items():
+        if key not in own:
+            raise BranchCheckpointError(f"{ckpt_desc}: tensor {key!r} has no place in the branches of {model_desc} "
+                                        f"(branch_depth {cfg.branch_depth})")
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise BranchCheckpointError(
+                f"{ckpt_desc}: tensor {key!r} has shape {tuple(tensor.shape)}, the branches of {model_desc} "
+                f"need {tuple(own[key].shape)}"
+            )
     for name in BRANCH_NAMES:
         present = [k for k in own if k.startswith(f"{name}.")]
-        got = [k for k in present if k in loaded]
+        got = [k for k in present if k in tensors]
         if got and len(got) != len(present):
             missing = sorted(set(present) - set(got))[:5]
             raise BranchCheckpointError(f"{ckpt_desc}: branch {name!r} is incomplete, missing e.g. {missing}")
-    branches.load_state_dict(loaded, strict=False)
-    return cfg
+    branches.load_state_dict(tensors, strict=False)
+    setattr(model, BRANCH_ATTR, branches)
+    return branches.qzoom_config
 
 
 def saved_branches(directory: str | os.PathLike) -> tuple[str, ...]:
     """Which branches a checkpoint file holds (from its metadata)."""
     from safetensors import safe_open
 
-    with safe_open(str(Path(directory) / BRANCH_WEIGHTS_NAME), framework="pt") as f:
-        meta = f.metadata() or {}
+    path = Path(directory) / BRANCH_WEIGHTS_NAME
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors' own error types carry no file name
+        raise BranchCheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
     return tuple(x for x in meta.get("branches", "").split(",") if x)
 
 

@@ -53,6 +53,44 @@ def default_branch_layer(family: str, num_layers: int, hidden_size: int, depth: 
     return max(1, min(b, num_layers - depth))
 
 
+Rule = tuple[str, float | None, float | None, str]
+"""(kind: int | odd | float | positive, lowest allowed, highest allowed, what the value means)."""
+
+
+def check_field(owner: str, name: str, value: Any, rule: Rule) -> Any:
+    """``value`` checked against ``rule`` (type, range, finiteness); the error names the field and the range.
+
+    Integral floats (``576.0`` from a hand-edited json) become ints; bools and strings are refused.
+    """
+    kind, low, high, note = rule
+    integer = kind in ("int", "odd")
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if integer:
+        expected = f"an odd integer >= {low}" if kind == "odd" else f"an integer >= {low}"
+    elif kind == "positive":
+        expected = "a finite number > 0"
+    else:
+        expected = f"a finite number in [{low:g}, {high:g}]" if high is not None else f"a finite number >= {low:g}"
+    expected += f" ({note})" if note else ""
+    bad = isinstance(value, bool) or not ok_type
+    if not bad:
+        bad = (not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
+               or (kind == "positive" and value <= 0) or (kind == "odd" and value % 2 == 0))
+    if bad:
+        raise ValueError(f"{owner}.{name}={value!r}: expected {expected}")
+    return value
+
+
+_LABEL_RULES: dict[str, Rule] = {
+    "tau_fg": ("float", 0.0, 1.0, ""),
+    "tau_bg": ("float", 0.0, 1.0, ""),
+    "max_box_fraction": ("positive", None, 1.0, "a fraction of the grid, at most 1"),
+    "min_peak": ("float", 0.0, None, ""),
+}
+
+
 @dataclass
 class LabelThresholds:
     """Stage-1 tri-state pseudo-label thresholds (``qzoom pseudo-labels``); inference never reads them."""
@@ -67,10 +105,50 @@ class LabelThresholds:
     """Ignore a sample whose attention peak is below this (nothing to distil)."""
 
     def __post_init__(self) -> None:
-        for name in ("tau_fg", "tau_bg"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise ValueError(f"LabelThresholds.{name}={value}: expected a number in [0, 1]")
+        for name in ("tau_fg", "tau_bg", "max_box_fraction", "min_peak"):
+            setattr(self, name, check_field("LabelThresholds", name, getattr(self, name), _LABEL_RULES[name]))
+
+
+GATE_SCORINGS = ("consensus", "exact", "vqa", "anls", "relaxed", "stored", "auto")
+"""How a stage-3 trajectory's answers become right/wrong. ``consensus`` is the released rule (reference §4.2):
+answers normalised, matched by containment either way, each compared with the consensus of the top two
+budgets, which must itself match the ground truth. ``exact``/``vqa``/``anls``/``relaxed`` compare each answer
+with the ground truth (``labels.matchers``); ``stored`` uses the ``qzoom_correct`` a job wrote (an LLM judge);
+``auto`` (the ms-swift preprocessor's default) follows each trajectory's ``qzoom_scoring``, else ``consensus``."""
+
+_GATE_RULES: dict[str, Rule] = {
+    "correct_threshold": ("float", 0.0, 1.0, "a matcher score counted as right"),
+    "stable_top": ("int", 1, None, "top budgets that must agree"),
+    "positive_prob": ("float", 0.0, 1.0, "a probability"),
+    "seed": ("int", 0, None, ""),
+}
+
+
+@dataclass(frozen=True)
+class GateSampling:
+    """Stage-3 trajectories -> gate training rows: the one rule ``qzoom gate-labels`` (its ``gate_train.jsonl``
+    export) and the ms-swift preprocessor (``swift sft`` on trajectory records) share. Defaults are the
+    released ones; the preprocessor reads them from ``QZOOM_GATE_<FIELD>`` (``read_env``)."""
+
+    scoring: str = "auto"
+    correct_threshold: float = 0.5
+    stable_top: int = 2
+    """The top budgets whose answers form the reference (released: 2); the top two are never training inputs."""
+    positive_prob: float = 0.9
+    """Transition samples: chance of a zoom (1) example at one of the last two wrong budgets."""
+    easy_per_transition: float = 1.0
+    """Easy samples kept per transition sample (released 1:1); negative keeps all."""
+    seed: int = 0
+    """Seeds the per-sample draws and the easy subset: every rank and rerun draws the same rows."""
+
+    def __post_init__(self) -> None:
+        if self.scoring not in GATE_SCORINGS:
+            raise ValueError(f"GateSampling.scoring={self.scoring!r}; choose from {', '.join(GATE_SCORINGS)}")
+        for name, rule in _GATE_RULES.items():
+            object.__setattr__(self, name, check_field("GateSampling", name, getattr(self, name), rule))
+        value = self.easy_per_transition
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"GateSampling.easy_per_transition={value!r}: expected a finite number")
 
 
 @dataclass
@@ -97,6 +175,10 @@ class QZoomConfig:
     blur_kernel: int = 3
     blur_sigma: float = 1.0
     """Gaussian blur of the sigmoid heatmap before thresholding (kernel size, sigma in cells)."""
+    sink_mask: bool = True
+    """Zero the family's attention-sink cells of the heatmap before the blur, as released (reference §5.2 C.2,
+    §5.5): Qwen2.5-VL the top-left corner strips of grids above 256 cells, Qwen3-VL the cells the first token
+    scores at sigmoid >= 0.75. LLaVA has no released rule (nothing is masked). False keeps every cell."""
     min_box_side: int = 28
     """Minimum side of the crop, in pixels of the original image."""
     low_max_tokens: int = 576
@@ -113,18 +195,25 @@ class QZoomConfig:
     """Free-form values (e.g. per-task overrides) that travel with the checkpoint."""
 
     def __post_init__(self) -> None:
-        if self.family and self.family not in FAMILY_NAMES:
+        """Every field is checked here, so a bad value fails when it is set, naming the field and its range."""
+        if not isinstance(self.family, str) or (self.family and self.family not in FAMILY_NAMES):
             raise ValueError(f"QZoomConfig.family={self.family!r}; supported: {', '.join(FAMILY_NAMES)}")
         if isinstance(self.labelling, Mapping):
             self.labelling = LabelThresholds(**self.labelling)
+        if not isinstance(self.labelling, LabelThresholds):
+            raise ValueError(f"QZoomConfig.labelling={self.labelling!r}: expected LabelThresholds or a mapping")
         if self.mode not in ZOOM_MODES:
             raise ValueError(f"QZoomConfig.mode={self.mode!r}; choose from {', '.join(ZOOM_MODES)}")
-        if self.branch_depth < 2:
-            raise ValueError(f"QZoomConfig.branch_depth={self.branch_depth}: R must be >= 2 (RPN uses R-1 layers)")
-        for name in ("tau_roi",):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise ValueError(f"QZoomConfig.{name}={value}: expected a number in [0, 1]")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"QZoomConfig.extra={self.extra!r}: expected a mapping")
+        if self.branch_layer is not None:
+            self.branch_layer = check_field("QZoomConfig", "branch_layer", self.branch_layer, ("int", 1, None, ""))
+        for name, rule in _CONFIG_RULES.items():
+            setattr(self, name, check_field("QZoomConfig", name, getattr(self, name), rule))
+        for low, high in (("low_min_tokens", "low_max_tokens"), ("roi_min_tokens", "roi_max_tokens")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"QZoomConfig.{low}={getattr(self, low)} > {high}={getattr(self, high)}: the "
+                                 f"minimum visual-token budget must be <= the maximum (set both)")
 
     def resolved_for(self, family: str, num_layers: int, hidden_size: int) -> QZoomConfig:
         """A copy with family, shape and B filled in for a concrete base model; validates B + R <= L."""
@@ -173,10 +262,34 @@ class QZoomConfig:
             raise FileNotFoundError(
                 f"{path} not found: a Q-Zoom checkpoint directory holds {CONFIG_NAME} and {BRANCH_WEIGHTS_NAME}"
             )
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a valid Q-Zoom config json ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a json object of QZoomConfig fields, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
 
 
 _LABEL_FIELDS = tuple(f.name for f in dataclasses.fields(LabelThresholds))
+_CONFIG_RULES: dict[str, Rule] = {
+    "branch_depth": ("int", 2, None, "R must be >= 2, the RPN uses R-1 layers"),
+    "num_hidden_layers": ("int", 0, None, "0 = not yet attached"),
+    "hidden_size": ("int", 0, None, "0 = not yet attached"),
+    "tau_gate": ("float", 0.0, None, "0 = always zoom, > 1 = never"),
+    "tau_roi": ("float", 0.0, 1.0, ""),
+    "blur_kernel": ("odd", 1, None, "1 = no blur"),
+    "blur_sigma": ("positive", None, None, ""),
+    "min_box_side": ("int", 1, None, "pixels"),
+    "low_max_tokens": ("int", 1, None, ""),
+    "low_min_tokens": ("int", 1, None, ""),
+    "roi_max_tokens": ("int", 1, None, ""),
+    "roi_min_tokens": ("int", 1, None, ""),
+}
+"""The range of every numeric ``QZoomConfig`` field (checked by ``__post_init__``)."""
 
 # ------------------------------------------------------------------------------------------ environment
 
@@ -215,6 +328,8 @@ class EnvSettings:
     """``QZOOM_ONNX_DIR`` / ``_PROVIDER`` / ``_PRECISION``: the exported heads the onnx router runs."""
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "qzoom_swift")
     """``QZOOM_CACHE``: locally built model dirs and the demo's trained toy models."""
+    gate_sampling: GateSampling = field(default_factory=GateSampling)
+    """``QZOOM_GATE_<FIELD>`` (e.g. ``QZOOM_GATE_SEED``): the stage-3 preprocessor's sampling of gate rows."""
 
 
 _ENV_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(QZoomConfig) if f.name not in ("extra", "labelling")}
@@ -230,6 +345,24 @@ def _config_value(name: str, raw: str, current: Any) -> Any:
     if isinstance(current, float):
         return float(raw)
     return raw
+
+
+def _gate_sampling(env: Mapping[str, str]) -> GateSampling:
+    """``GateSampling`` from ``QZOOM_GATE_<FIELD>`` variables (unset fields keep the released defaults)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(GateSampling):
+        name = f"{ENV_PREFIX}GATE_{f.name.upper()}"
+        raw = env.get(name)
+        if raw is None or not raw.strip():
+            continue
+        try:
+            values[f.name] = raw.strip().lower() if f.name == "scoring" else type(f.default)(raw.strip())
+        except ValueError as exc:
+            raise ValueError(f"environment variable {name}={raw!r}: expected a {type(f.default).__name__}") from exc
+    try:
+        return GateSampling(**values)
+    except ValueError as exc:
+        raise ValueError(f"environment variables QZOOM_GATE_*: {exc}") from exc
 
 
 def read_env(environ: Mapping[str, str] | None = None) -> EnvSettings:
@@ -270,6 +403,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvSettings:
         onnx_provider=env.get("QZOOM_ONNX_PROVIDER", "auto").strip() or "auto",
         onnx_precision=env.get("QZOOM_ONNX_PRECISION", "fp32").strip() or "fp32",
         **({"cache_dir": Path(cache)} if cache else {}),
+        gate_sampling=_gate_sampling(env),
     )
 
 
@@ -277,7 +411,11 @@ def effective_config(base: QZoomConfig | None = None, overrides: Mapping[str, An
                      environ: Mapping[str, str] | None = None) -> QZoomConfig:
     """The inference config a run uses: ``base`` (checkpoint) < ``QZOOM_<FIELD>`` environment < ``overrides``."""
     env = read_env(environ).config_overrides
-    return (base or QZoomConfig()).with_overrides({**env, **(overrides or {})})
+    try:
+        return (base or QZoomConfig()).with_overrides({**env, **(overrides or {})})
+    except ValueError as exc:
+        from_env = [f"{ENV_PREFIX}{k.upper()}={env[k]!r}" for k in env if k not in (overrides or {})]
+        raise ValueError(f"{exc}" + (f" (environment: {', '.join(from_env)})" if from_env else "")) from exc
 
 
 def config_from_env(base: QZoomConfig | None = None, environ: Mapping[str, str] | None = None) -> QZoomConfig:

@@ -20,6 +20,37 @@ from qzoom_swift.families import FamilyAdapter, get_adapter
 from qzoom_swift.prefill import BranchPrefill, continue_prefill, prefill
 from qzoom_swift.zoom import ZoomStats
 
+SWIFT_ARGS_NAME = "args.json"
+PLUGIN_FILE = Path(__file__).resolve().parent / "swift_plugin" / "plugin.py"
+"""``qzoom plugin-path`` (located here without importing the plugin package, which imports the jobs)."""
+
+
+def write_swift_adapter_args(directory: str | os.PathLike, family: str, base_model: str | None = None) -> Path | None:
+    """ms-swift's ``args.json`` for a branch checkpoint written outside ``swift sft`` (kept if one exists).
+
+    ``swift infer/deploy --adapters DIR`` takes a folder as an adapter only for its own tuners or when the
+    folder's ``args.json`` names the tuner; this one names ``qzoom``, the Q-Zoom model type and template,
+    the plugin file and the base model (each used only when not given on the command line).
+    """
+    from importlib import metadata
+
+    from qzoom_swift.families.registry import get_spec
+    from qzoom_swift.fileio import write_json_atomic
+
+    path = Path(directory) / SWIFT_ARGS_NAME
+    if path.exists():
+        return None
+    try:
+        version = metadata.version("ms-swift")
+    except metadata.PackageNotFoundError:
+        version = None
+    qzoom_type = get_spec(family).qzoom_model_type
+    args = {"tuner_type": "qzoom", "model_type": qzoom_type, "template": qzoom_type,
+            "external_plugins": [str(PLUGIN_FILE)], "swift_version": version}
+    if base_model:
+        args["model"] = str(base_model)
+    return write_json_atomic(path, args)
+
 
 @dataclass
 class ZoomAnswer:
@@ -100,19 +131,18 @@ class QZoomModel:
                  max_new_tokens: int = 64, **generate_kwargs) -> list[ZoomAnswer]:
         """Answer image questions with Q-Zoom (gated zoom by default; ``config_overrides={"mode": ...}``).
 
-        ``images`` is a list of PIL images for one question, or one list per question. Images are encoded
-        at the config's low budget for pass 1; crops come from these full-resolution originals.
+        ``images`` is the image(s) of one question, or one entry per question; an image is a PIL image or
+        the path of an image file. Images are encoded at the config's low budget for pass 1; crops come from
+        these full-resolution originals. Errors name the sample (and the file) they come from.
         """
         if self.processor is None:
             raise ValueError("QZoomModel.generate needs a processor: pass processor=... to from_pretrained")
-        from qzoom_swift.inputs import chat_inputs
+        from qzoom_swift.inputs import chat_inputs, sample_images
         from qzoom_swift.zoom import zoom_generate
 
-        if isinstance(questions, str):
-            questions, images = [questions], [images]
+        images, questions = sample_images(images, questions)
         cfg = effective_config(self.config, config_overrides)  # checkpoint < QZOOM_* environment < this call
-        low = [[self.adapter.resize_for_budget(img.convert("RGB"), cfg.low_min_tokens, cfg.low_max_tokens)
-                for img in sample] for sample in images]
+        low = [[self._low_image(img, cfg, i, j) for j, img in enumerate(sample)] for i, sample in enumerate(images)]
         inputs = chat_inputs(self.processor, low, questions)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         generate_kwargs.setdefault("do_sample", False)
@@ -121,8 +151,21 @@ class QZoomModel:
         texts = self.processor.batch_decode([g.tolist() for g in out.generated], skip_special_tokens=True)
         return [ZoomAnswer(text, st, g.tolist()) for text, st, g in zip(texts, out.stats, out.generated)]
 
+    def _low_image(self, image, cfg: QZoomConfig, sample: int, index: int):
+        """``image`` resized to the first pass's budget; an image the family cannot encode names its sample."""
+        try:
+            return self.adapter.resize_for_budget(image, cfg.low_min_tokens, cfg.low_max_tokens, what="input image")
+        except ValueError as exc:
+            from qzoom_swift.inputs import SOURCE_KEY
+
+            name = image.info.get(SOURCE_KEY) or "(in memory)"
+            raise ValueError(f"sample {sample} image {index} {name}: {exc}") from exc
+
     def save_branches(self, directory: str | os.PathLike) -> Path:
-        return save_branch_checkpoint(self.model, directory)
+        """The branch checkpoint, plus the ``args.json`` by which ``swift infer --adapters DIR`` recognises it."""
+        out = save_branch_checkpoint(self.model, directory)
+        write_swift_adapter_args(out, self.config.family, getattr(self.model.config, "_name_or_path", None))
+        return out
 
     def load_branches(self, directory: str | os.PathLike, config_overrides: dict | None = None) -> QZoomConfig:
         return load_branch_checkpoint(self.model, directory, config_overrides)

@@ -59,8 +59,8 @@ def roi_training_sequence(model: nn.Module, processor, family: str, encoded: dic
     visual_index = visual[-src_grid[0] * src_grid[1]:]
     box = roi_grid_box(roi, src_grid)
     pixel_box = PixelBox.from_normalized(tuple(roi["box"]), *image.size)
-    crop = adapter.resize_for_budget(crop_image(image.convert("RGB"), pixel_box), config.roi_min_tokens,
-                                     config.roi_max_tokens)
+    crop = adapter.prepare_crop(crop_image(image.convert("RGB"), pixel_box), processor, config.roi_min_tokens,
+                                config.roi_max_tokens)
     enc = adapter.encode_images(processor, [crop])
     roi_grid = adapter.encoded_grid(model, enc)
     full_ids, full_pos, prefix_end = roi_augmented_sequence(model, adapter, ids, positions.to(ids.device),

@@ -39,6 +39,8 @@ class BranchPrefill:
     """DynamicCache holding layers [0, B) of the prompt, when requested."""
     gate_logit: torch.Tensor | None = None
     rpn_token_logits: torch.Tensor | None = None
+    rpn_sink_logits: torch.Tensor | None = None
+    """[B, S] the first token's head-0 query scored against every token (Qwen3-VL's released sink test)."""
     extras: dict = field(default_factory=dict)
 
     @property
@@ -54,6 +56,12 @@ class BranchPrefill:
         if self.rpn_token_logits is None:
             raise ValueError("run rpn_token_logits(...) (or prefill with branches including 'rpn') first")
         return heatmaps_from_token_logits(self.rpn_token_logits, self.embedded.visual_mask, self.embedded.grids)
+
+    def sink_maps(self) -> list[torch.Tensor] | None:
+        """First-token sink logits [rows, cols] of every image (None when the router gave none)."""
+        if self.rpn_sink_logits is None:
+            return None
+        return heatmaps_from_token_logits(self.rpn_sink_logits, self.embedded.visual_mask, self.embedded.grids)
 
 
 def query_token_index(attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
@@ -173,7 +181,30 @@ def rpn_token_logits(model: nn.Module, state: BranchPrefill) -> torch.Tensor:
     q_last = q[rows, :, state.query_index]  # [B, H, d]
     scores = torch.einsum("bhd,bhsd->bhs", q_last, k) * rpn.head.scaling
     state.rpn_token_logits = scores.mean(dim=1)
+    with torch.no_grad():  # inference reads it to mask sinks; training never back-propagates through it
+        state.rpn_sink_logits = first_token_sink_logits(q, k, state.attention_mask, rpn.head.scaling)
     return state.rpn_token_logits
+
+
+def first_token_index(attention_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    """[B] index of each sample's first real token (left or right padding); 0 without a mask."""
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return (attention_mask > 0).int().argmax(dim=1)
+
+
+def first_token_sink_logits(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor | None,
+                            scaling: float) -> torch.Tensor:
+    """[B, S] the released Qwen3-VL sink score: the first token's head-0 query against every head's keys.
+
+    ``q`` [B, H, S, d] and ``k`` [B, H, S, d] are the RPN head's rotated queries and (expanded) keys; the
+    score is q_first[head 0] . k[h] * scale, averaged over heads h (reference §5.5). Computed for every
+    family (one query row); only a family whose rule uses it reads it.
+    """
+    rows = torch.arange(q.shape[0], device=q.device)
+    first = first_token_index(attention_mask, q.shape[0], q.device)
+    q0 = q[rows, 0, first]  # [B, d]
+    return (torch.einsum("bd,bhsd->bhs", q0, k) * scaling).mean(dim=1).float()
 
 
 def prefill(model: nn.Module, branches: tuple[str, ...] = ("gate", "rpn"), **inputs) -> BranchPrefill:

@@ -282,3 +282,40 @@ def region_pixel_box(box: GridBox, grid_hw: tuple[int, int], image_wh: tuple[int
     w, h = image_wh
     return PixelBox(min(sub.left + dx, w - 1), min(sub.top + dy, h - 1), min(sub.right + dx, w),
                     min(sub.bottom + dy, h))
+
+
+def square_padding(width: int, height: int) -> tuple[int, int, int]:
+    """(side, left, top) of an image centred on a square canvas, as LLaVA's ``expand2square`` pastes it."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image of {width}x{height} (w x h) px is empty")
+    side = max(width, height)
+    return side, (side - width) // 2, (side - height) // 2
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The image centred on a ``fill``-coloured square, so a square-input encoder sees all of it.
+
+    The released stage-1 labelling pads with grey (127, 127, 127); LLaVA-1.5 (``image_aspect_ratio: pad``)
+    pads with the processor's mean colour. Square images are returned unchanged.
+    """
+    side, left, top = square_padding(*image.size)
+    if image.width == image.height:
+        return image
+    canvas = Image.new(image.mode, (side, side), fill if image.mode == "RGB" else fill[0])
+    canvas.paste(image, (left, top))
+    return canvas
+
+
+def padding_cells(image_wh: tuple[int, int], grid_side: int) -> Tensor:
+    """Bool ``[grid_side, grid_side]``: True at the cells of the square-padded image whose centre is padding.
+
+    The released labelling marks these as known background (``mask_known_bg``, reference §2.2): nothing of
+    the image is there. A cell counts as padding when its centre lies outside the pasted image.
+    """
+    if grid_side < 1:
+        raise ValueError(f"grid_side={grid_side}: expected >= 1")
+    side, left, top = square_padding(*image_wh)
+    centres = (torch.arange(grid_side, dtype=torch.float64) + 0.5) * side / grid_side
+    outside_x = (centres < left) | (centres >= left + image_wh[0])
+    outside_y = (centres < top) | (centres >= top + image_wh[1])
+    return outside_y[:, None] | outside_x[None, :]

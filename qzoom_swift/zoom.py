@@ -32,6 +32,7 @@ from qzoom_swift.prefill import BranchPrefill, gate_logits, prefill_to_branch, r
 from qzoom_swift.roi import GridBox, crop_image, grid_region, region_pixel_box, roi_box_from_heatmap
 
 logger = logging.getLogger(__name__)
+_WARNED = {"no_sink_map": False}
 
 
 @dataclass
@@ -41,13 +42,16 @@ class ZoomStats:
     zoomed: bool = False
     reason: str = ""
     """gate (zoomed by the gate), forced (mode=always), below_gate, never (mode=never), no_roi,
-    no_image or error (the crop failed; answered from the low-resolution pass)."""
+    no_image, gate_nan (the gate probability is not finite) or error (the crop failed); all but the first two
+    are answered from the low-resolution pass."""
     gate_prob: float | None = None
     box: tuple[float, float, float, float] | None = None
     """Zoomed region as (left, top, right, bottom) fractions of the original image."""
     grid_box: tuple[int, int, int, int] | None = None
     """Zoomed cells (x0, y0, x1, y1) of the source image's merged-token grid ``grid`` (rows, cols)."""
     grid: tuple[int, int] | None = None
+    sink_cells: int = 0
+    """Heatmap cells masked as attention sinks before the blur (the family's released rule; 0 when off)."""
     visual_tokens_low: int = 0
     visual_tokens_roi: int = 0
     prompt_tokens: int = 0
@@ -83,8 +87,10 @@ def zoom_decisions(gate_probs: list[float | None], mode: str, tau_gate: float) -
             out.append((False, "never"))
         elif mode == "always":
             out.append((True, "forced"))
-        elif p is None or not math.isfinite(p):
+        elif p is None:
             out.append((False, "no_image"))
+        elif not math.isfinite(p):  # a diverged gate: never zoom silently, say so (the caller warns)
+            out.append((False, "gate_nan"))
         elif p >= tau_gate:
             out.append((True, "gate"))
         else:
@@ -304,6 +310,10 @@ def _route(model: nn.Module, state: BranchPrefill, cfg: QZoomConfig,
                                cfg.mode, cfg.tau_gate)
     decisions = [(z and has_image[b], r if has_image[b] or not z else "no_image") for b, (z, r) in
                  enumerate(decisions)]
+    nan = [b for b, (_, r) in enumerate(decisions) if r == "gate_nan"]
+    if nan:
+        logger.warning("Q-Zoom: non-finite gate probability for sample(s) %s (damaged branch weights or a diverged "
+                       "gate?); answering them from the low-resolution pass", nan)
     if any(z for z, _ in decisions):
         state.rpn_token_logits = router.rpn_token_logits(model, state).to(state.hidden.device)
     return probs, decisions
@@ -345,7 +355,7 @@ def _plan_sample(processor, cfg: QZoomConfig, state: BranchPrefill, b: int, imag
                  st: ZoomStats) -> ZoomPlan | None:
     """The plan of a sample the router zooms; when there is none, ``st.reason`` says why (no_roi, error)."""
     try:
-        plan = _plan_zoom(processor, cfg, state, b, images[-1] if images else None)
+        plan = _plan_zoom(processor, cfg, state, b, images[-1] if images else None, st)
     except Exception as exc:  # a crop that cannot be encoded is answered from pass 1
         logger.warning("Q-Zoom: sample %d zoom failed (%s); answering from the low-resolution pass", b, exc)
         st.reason = "error"
@@ -374,22 +384,44 @@ def _answer(model: nn.Module, state: BranchPrefill, b: int, plan: ZoomPlan | Non
     return new
 
 
+def sink_keep_mask(cfg: QZoomConfig, state: BranchPrefill, image_index: int) -> torch.Tensor | None:
+    """The family's released sink mask of one image's heatmap (False = sink), or None (off, or no rule).
+
+    Without it one attention sink in a corner stretches the box (which encloses every cell above tau_roi)
+    to that corner.
+    """
+    if not cfg.sink_mask:
+        return None
+    heat = state.heatmaps()[image_index]
+    sinks = state.sink_maps()
+    sink = None if sinks is None else sinks[image_index]
+    if sink is None and state.adapter.needs_sink_logits and not _WARNED["no_sink_map"]:
+        _WARNED["no_sink_map"] = True
+        logger.warning("Q-Zoom: the router gave no first-token sink map (ONNX graphs exported before it?); the "
+                       "%s sink mask is skipped: re-export with `qzoom export-onnx`", state.adapter.name)
+    return state.adapter.sink_keep_mask(heat, sink)
+
+
 def _plan_zoom(processor, cfg: QZoomConfig, state: BranchPrefill, b: int,
-               image: Image.Image | None) -> ZoomPlan | None:
+               image: Image.Image | None, stats: ZoomStats | None = None) -> ZoomPlan | None:
     """Box, crop and encoded crop of sample ``b``'s last image; None when no region survives."""
     if image is None:
         return None
     image_index = max(i for i, owner in enumerate(state.image_samples()) if owner == b)
     grid = state.embedded.grids[image_index]
-    box = roi_box_from_heatmap(state.heatmaps()[image_index].float(), cfg.tau_roi, cfg.blur_kernel, cfg.blur_sigma)
+    keep = sink_keep_mask(cfg, state, image_index)
+    if stats is not None:
+        stats.sink_cells = 0 if keep is None else int((~keep).sum())
+    box = roi_box_from_heatmap(state.heatmaps()[image_index].float(), cfg.tau_roi, cfg.blur_kernel, cfg.blur_sigma,
+                               keep)
     if box is None:
         return None
     t0 = time.perf_counter()
     adapter = state.adapter
     # the grid may cover only part of the image (LLaVA's CLIP center-crops): map cells into that region
     pixel_box = region_pixel_box(box, grid, image.size, grid_region(image.size, processor), cfg.min_box_side)
-    crop = adapter.resize_for_budget(crop_image(image.convert("RGB"), pixel_box), cfg.roi_min_tokens,
-                                     cfg.roi_max_tokens)
+    crop = adapter.prepare_crop(crop_image(image.convert("RGB"), pixel_box), processor, cfg.roi_min_tokens,
+                                cfg.roi_max_tokens)
     encoded = adapter.encode_images(processor, [crop])
     encoded = {k: v.to(state.hidden.device) for k, v in encoded.items()}
     if "pixel_values" in encoded:

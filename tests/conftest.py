@@ -46,3 +46,21 @@ def shape_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qzoom_swift.synthetic.images import write_shape_dataset
 
     return write_shape_dataset(tmp_path_factory.mktemp("shape_data"), n=4, size=(392, 280), seed=0)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite leaves no process (hence no port) behind: a child of pytest still running fails the run."""
+    import psutil
+
+    names = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                names.append(f"{p.pid}: {' '.join(p.cmdline()[:4])}")
+                p.kill()
+        except psutil.Error:  # it ended meanwhile
+            continue
+    if not names:
+        return
+    print("\nprocesses left running by the tests (killed now):\n  " + "\n  ".join(names))
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -208,13 +208,15 @@ def test_missing_dataset_is_a_clear_error_before_anything_runs(tmp_path, capsys,
     assert rc == 2 and "pass --data-root DIR (with DIR/docvqa/)" in capsys.readouterr().err
 
 
-def test_tiny_datasets_load_through_each_evalscope_adapter(tmp_path, monkeypatch):
-    """Every benchmark's tiny copy has the files/configs/columns its evalscope adapter reads."""
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
-    from evalscope import TaskConfig
-    from evalscope.api.messages import ContentImage, ContentText
-    from evalscope.api.registry import get_benchmark
+def test_tiny_datasets_load_through_each_evalscope_adapter(tmp_path):
+    """Every benchmark's tiny copy has the files/configs/columns its evalscope adapter reads.
 
+    Loaded as ``qzoom eval`` loads them (a datasets cache keyed by the folder's files), so entries of the same
+    names in this machine's global Hugging Face cache cannot stand in for them.
+    """
+    from evalscope.api.messages import ContentImage, ContentText
+
+    from qzoom_swift.eval.local_data import load_benchmark_samples
     from qzoom_swift.eval.model_api import decode_image
     from qzoom_swift.testing.eval_data import write_eval_datasets
 
@@ -224,10 +226,7 @@ def test_tiny_datasets_load_through_each_evalscope_adapter(tmp_path, monkeypatch
                         "hr_bench_4k": "A", "hr_bench_8k": "A", "mme_realworld_lite": "A"}
     assert set(folders) == set(BENCHMARKS) - {"qzoom_bench"}  # the zoom bench writes its own copy (below)
     for name, folder in folders.items():
-        cfg = TaskConfig(datasets=[name], dataset_args={name: {"dataset_id": str(folder)}}, eval_type="mock_llm",
-                         model="mock")
-        data = get_benchmark(name, cfg).load_dataset()
-        samples = [s for subset in data.keys() for s in data[subset]]
+        samples = load_benchmark_samples(name, folder, tmp_path / "hf")
         assert len(samples) == 2, name
         first = min(samples, key=lambda s: s.target != expected_targets[name])
         assert first.target == expected_targets[name], name
@@ -242,10 +241,7 @@ def test_tiny_datasets_load_through_each_evalscope_adapter(tmp_path, monkeypatch
 
     write_bench(tmp_path / "bench", {"test": 2}, seed=5)
     bench_root = write_evalscope_split(tmp_path / "bench", "test")
-    cfg = TaskConfig(datasets=["qzoom_bench"], dataset_args={"qzoom_bench": {"dataset_id": str(
-        bench_root / "qzoom_bench")}}, eval_type="mock_llm", model="mock")
-    data = get_benchmark("qzoom_bench", cfg).load_dataset()
-    samples = [s for subset in data.keys() for s in data[subset]]
+    samples = load_benchmark_samples("qzoom_bench", bench_root / "qzoom_bench", tmp_path / "hf")
     records = read_split(tmp_path / "bench", "test")
     assert [json.loads(s.target) for s in samples] == [[r.answer] for r in records]
     for sample, rec in zip(samples, records):
@@ -253,10 +249,8 @@ def test_tiny_datasets_load_through_each_evalscope_adapter(tmp_path, monkeypatch
         assert isinstance(parts[0], ContentImage) and parts[1].text == rec.question  # the bare question, image first
         assert decode_image(parts[0].image).size == (448, 448)
         assert sample.metadata["kind"] == rec.kind and sample.metadata["box"] == list(rec.box)
-    assert [s.target for s in get_benchmark("mme_realworld_lite", TaskConfig(
-        datasets=["mme_realworld_lite"], dataset_args={"mme_realworld_lite": {"dataset_id": str(
-            folders["mme_realworld_lite"])}}, eval_type="mock_llm", model="mock")).load_dataset()["default"]] == \
-        ["A", "B"]
+    assert [s.target for s in load_benchmark_samples("mme_realworld_lite", folders["mme_realworld_lite"],
+                                                     tmp_path / "hf")] == ["A", "B"]
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -313,6 +307,11 @@ def test_qzoom_eval_summary_table_and_plot(e2e):
     assert float(zoom["mean_visual_tokens"]) > float(base["mean_visual_tokens"]) > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reference"] == "baseline@64" and summary["benchmarks"] == list(E2E_BENCHMARKS)
+    # what the numbers come from: each benchmark's resolved folder and the samples each run read there
+    data = out.parent / "data"
+    assert {n: d["path"] for n, d in summary["datasets"].items()} == {n: str((data / n).resolve())
+                                                                       for n in E2E_BENCHMARKS}
+    assert summary["datasets"]["chartqa"]["samples"] == {"baseline@64": 2, "zoom@64": 2}  # two subsets, limit 1
     md = (out / "summary.md").read_text()
     assert "| baseline@64 | baseline | 64 |" in md and "| zoom@64 | zoom | 64 |" in md and "1.00x" in md
     with Image.open(out / "pareto.png") as im:

@@ -32,7 +32,10 @@ def test_gate_labels_kill_and_resume_equals_an_uninterrupted_run(tiny_dir, tmp_p
     model = str(tiny_dir("qwen2_5_vl"))
     opts = dict(model=model, dataset=str(data), budgets=(16, 36), max_new_tokens=2, batch_size=2, progress=False)
     whole = run_gate_labels(GateLabelOptions(out=str(tmp_path / "whole"), **opts))
-    assert whole["answered"] == 24 and whole["kinds"] == {"always_wrong": 24}  # random weights answer noise
+    # random weights answer noise: under the released scoring no trajectory survives (top answers disagree, or
+    # their consensus misses the ground truth)
+    assert whole["answered"] == 24 and sum(whole["kinds"].values()) == 24 and whole["kept"] == 0
+    assert set(whole["kinds"]) <= {"unstable_top", "hallucinated"}
 
     out = tmp_path / "cut"
     cmd = [sys.executable, "-m", "qzoom_swift.cli", "gate-labels", "--model", model, "--dataset", str(data),
@@ -77,7 +80,8 @@ def test_gate_dataset_rows_carry_label_and_budget(tmp_path):
     data = write_shape_dataset(tmp_path / "data", n=8, size=(392, 280), seed=1)
     root = tmp_path / "labels"
     _trajectory_shard(root, data, PATTERNS)
-    opts = GateLabelOptions(model="-", dataset=str(data), out=str(root), easy_per_transition=1.0)
+    opts = GateLabelOptions(model="-", dataset=str(data), out=str(root), easy_per_transition=1.0,
+                            matcher="exact")  # the rows' stored right/wrong (the released rule is in test_fidelity)
     summary = build_gate_dataset(root, opts, patch_unit=28)
     assert summary["kinds"] == {"transition": 3, "easy": 3, "always_wrong": 1, "unstable": 1}
     rows = [json.loads(line) for line in (root / "gate_train.jsonl").read_text().splitlines()]

@@ -121,7 +121,7 @@ def test_export_writes_checked_graphs_with_metadata_and_dynamic_axes(exported, f
     ex = exported(family)
     precisions = ("fp32", "fp16") if family == "llava" else ("fp32",)
     for precision in precisions:
-        for branch, outputs in (("gate", ["gate_logit", "gate_prob"]), ("rpn", ["token_logits"])):
+        for branch, outputs in (("gate", ["gate_logit", "gate_prob"]), ("rpn", ["token_logits", "sink_logits"])):
             path = ex.out / onnx_filename(branch, precision)
             onnx.checker.check_model(str(path), full_check=True)
             meta = read_metadata(path)
@@ -151,7 +151,7 @@ def test_parity_report_passes(exported, family):
     kinds = [r["kind"] for r in fp32["rows"]]
     assert kinds.count("real") == 1 and kinds.count("random") >= 4
     assert {r["seq"] for r in fp32["rows"]} - {EXPORT_SEQ}, "no sequence length unseen at export"
-    assert all(r[k] <= TOL for r in fp32["rows"] for k in ("gate_prob", "gate_logit", "token_logits"))
+    assert all(r[k] <= TOL for r in fp32["rows"] for k in ("gate_prob", "gate_logit", "token_logits", "sink_logits"))
     assert next(r for r in fp32["rows"] if r["kind"] == "real")["heatmap"] <= TOL
     if family == "llava":  # fp16: a looser tolerance, reported
         fp16 = report["precisions"]["fp16"]
@@ -177,13 +177,14 @@ def test_onnx_matches_torch_on_unseen_shapes(exported, family, case):
     ref = torch_reference(model, inputs)
     logit, prob = ex.router().run("gate", *(inputs[k] for k in ("hidden_states", "attention_mask", "cos", "sin",
                                                                  "query_index")))
-    (tokens,) = ex.router().run("rpn", *(inputs[k] for k in ("hidden_states", "attention_mask", "cos", "sin",
-                                                              "query_index")))
-    assert logit.shape == (batch,) and tokens.shape == (batch, seq)
+    tokens, sink = ex.router().run("rpn", *(inputs[k] for k in ("hidden_states", "attention_mask", "cos", "sin",
+                                                                 "query_index")))
+    assert logit.shape == (batch,) and tokens.shape == (batch, seq) and sink.shape == (batch, seq)
     assert (prob - ref["gate_prob"]).abs().max() <= TOL
     assert (logit - ref["gate_logit"]).abs().max() <= TOL
     valid = inputs["attention_mask"].bool()
     assert (tokens - ref["token_logits"])[valid].abs().max() <= TOL
+    assert (sink - ref["sink_logits"])[valid].abs().max() <= TOL  # first real token found under left padding
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -252,6 +253,47 @@ def test_zoom_generate_decisions_and_boxes_equal_the_torch_router(exported, fami
     assert [s.grid_box for s in a.stats] == [s.grid_box for s in b.stats]
     assert any(s.zoomed for s in a.stats)
     assert [g.tolist() for g in a.generated] == [g.tolist() for g in b.generated]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_sink_masks_and_boxes_equal_the_torch_router(exported, family, monkeypatch):
+    """The released sink masks from the ONNX router's outputs equal the torch router's, and so do the boxes.
+
+    Qwen2.5-VL's corner rule needs only the grid (> 256 cells here); Qwen3-VL's reads the graph's sink_logits.
+    Its cut-off is lowered into the middle of the first-token probabilities so that the random tiny model has sinks.
+    """
+    from qzoom_swift.families.qwen import Qwen3VLAdapter
+    from qzoom_swift.zoom import ZoomStats, _plan_zoom, sink_keep_mask
+
+    ex = exported(family)
+    model = ex.reset()
+    imgs = [_image(seed=6), _image((480, 640), seed=7)]
+    batch = chat_inputs(ex.processor, [[imgs[0]], [imgs[1]]], ["What colour is the box on the left?", "Colour?"])
+    with torch.no_grad():
+        state = prefill(model, **batch)
+    assert all(r * c > 256 for r, c in state.embedded.grids)
+    if family == "qwen3_vl":
+        probs = torch.sigmoid(torch.cat([m.flatten() for m in state.sink_maps()])).sort().values
+        middle = probs[len(probs) // 4: 3 * len(probs) // 4]
+        gap = int((middle[1:] - middle[:-1]).argmax())  # a cut-off far from every value: no flip by rounding
+        assert float(middle[gap + 1] - middle[gap]) > 10 * TOL
+        monkeypatch.setattr(Qwen3VLAdapter, "sink_prob", float(middle[gap] + middle[gap + 1]) / 2)
+    heat = torch.sigmoid(torch.cat([h.flatten() for h in state.heatmaps()]))
+    cfg = QZoomConfig(mode="always", tau_roi=float(heat.quantile(0.8)), roi_min_tokens=16, roi_max_tokens=64,
+                      branch_depth=DEPTH).resolved_for(family, 8, 128)
+    by = {}
+    for name, router in (("torch", None), ("onnx", ex.router())):
+        if router is not None:
+            router.rpn_token_logits(model, state)
+        keeps = [sink_keep_mask(cfg, state, i) for i in range(2)]
+        stats = [ZoomStats(), ZoomStats()]
+        boxes = [_plan_zoom(ex.processor, cfg, state, b, imgs[b], stats[b]) for b in range(2)]
+        by[name] = (keeps, [None if p is None else p.grid_box for p in boxes], [s.sink_cells for s in stats],
+                    [m.clone() for m in state.sink_maps()])
+    (tk, tb, tc, tm), (ok, ob, oc, om) = by["torch"], by["onnx"]
+    assert all((a - b).abs().max() <= TOL for a, b in zip(tm, om))  # the graph's first-token scores
+    assert all(torch.equal(a, b) for a, b in zip(tk, ok)) and tc == oc and all(c > 0 for c in tc)
+    assert tb == ob and any(box is not None for box in tb)
 
 
 # ------------------------------------------------------------------------------------------------- errors

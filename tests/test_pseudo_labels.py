@@ -201,7 +201,7 @@ def test_rerun_of_a_finished_job_does_nothing_and_settings_must_match(mixed_job,
     assert again["this_run"]["processed"] == 0 and again["this_run"]["resumed_from"] == 12
     assert again["outcomes"] == summary["outcomes"]
     assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before
-    with pytest.raises(JobError, match=r"different settings \(tau_fg: 0.9 -> 0.5\).*--overwrite"):
+    with pytest.raises(JobError, match=r"different settings \(tau_fg: earlier 0.9, now 0.5\).*--overwrite"):
         run_pseudo_labels(_options(tiny_dir("qwen2_5_vl"), dataset, out, batch_size=3, tau_fg=0.5))
 
 

@@ -74,7 +74,7 @@ def test_zoom_decisions_rule():
     assert zoom_decisions([0.1], "zoom", 0.1) == [(True, "gate")]  # >= tau zooms
     assert zoom_decisions([0.0, 0.9], "always", 0.5) == [(True, "forced"), (True, "forced")]
     assert zoom_decisions([0.99], "never", 0.0) == [(False, "never")]
-    assert zoom_decisions([float("nan")], "zoom", 0.1) == [(False, "no_image")]
+    assert zoom_decisions([float("nan")], "zoom", 0.1) == [(False, "gate_nan")]  # its own reason (issue #21)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -46,8 +46,9 @@ from typing import Any
 from qzoom_swift.bench.report import RUN_LABELS, acceptance, render_report
 from qzoom_swift.bench.settings import PRESETS, DemoConfig, demo_config
 from qzoom_swift.fileio import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from qzoom_swift.recipes_command import RECIPES_DIR
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "toy"
+RECIPES = RECIPES_DIR / "toy"  # shipped in the package, so an installed wheel has them too
 STAGE1_RECIPE = RECIPES / "stage1_sdrpn.yaml"
 STAGE3_RECIPE = RECIPES / "stage3_gate.yaml"
 
@@ -280,7 +281,9 @@ def _stage_gate_labels(ctx: Context) -> StageResult:
     def job(dataset_path: str, out: Path) -> dict:
         return _label_job(run_gate_labels, lambda: GateLabelOptions(
             model=_model_dir(ctx), dataset=dataset_path, out=str(out), budgets=c.budgets, max_new_tokens=4,
-            batch_size=8, stable_top=c.gate_stable_top, seed=c.seed, progress=True), out, ctx.fresh)
+            batch_size=8, stable_top=c.gate_stable_top, seed=c.seed, progress=True,
+            # the toy answers one word to its own prompts: no suffix it never saw, exact match on that word
+            matcher="exact", short_answer=False), out, ctx.fresh)
 
     train = job(str(dataset), ctx.path("stage3", "labels"))
     heldout = job(str(questions_path(root, "val")), ctx.path("stage3", "heldout"))

@@ -16,12 +16,14 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.eval.local_data import folder_fingerprint
 from qzoom_swift.eval.suite import (
     BENCHMARKS,
     DEFAULT_BENCHMARKS,
@@ -37,6 +39,7 @@ from qzoom_swift.eval.suite import (
     preset_for,
     resolve_run,
 )
+from qzoom_swift.procs import die_with_parent, run_child
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 BENCH_GROUPS = {"doc": ("docvqa", "infovqa", "chartqa", "ocr_bench", "textvqa"),
@@ -167,24 +170,43 @@ def build_run_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
                   "eval_batch_size": args.eval_batch_size, "prompts": args.prompts}
         benches = {}
         for name in names:
-            settings = {"overrides": resolve_run(run, name, table), "dataset": str(paths[name]),
+            settings = {"overrides": resolve_run(run, name, table), "dataset": str(Path(paths[name]).resolve()),
                         "prompt_template": SHORT_PROMPTS.get(name) if args.prompts == "short" else None}
-            benches[name] = {**settings, "fingerprint": _fingerprint({**common, **settings, "benchmark": name})}
+            data = folder_fingerprint(paths[name]) if Path(paths[name]).exists() else None  # None: --summary-only
+            benches[name] = {**settings, "data_fingerprint": data,
+                             "fingerprint": _fingerprint({**common, **settings, "benchmark": name})}
         specs.append({**common, "run": run.to_dict(), "run_dir": str(out / "runs" / run.name), "benchmarks": benches})
     return specs, names
 
 
-def _stored(run_dir: Path, name: str, fingerprint: str) -> dict[str, Any] | None:
+def _stored(run_dir: Path, name: str, bench: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored result of ``bench`` when its settings and its data files are unchanged.
+
+    A folder whose files changed (or another folder at the same path) never reuses a result; without the
+    folder (``--summary-only`` elsewhere) the settings alone decide.
+    """
     path = run_dir / "bench" / f"{name}.json"
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    return data if data.get("fingerprint") == fingerprint else None
+    if data.get("fingerprint") != bench["fingerprint"]:
+        return None
+    data_now = bench.get("data_fingerprint")
+    return data if data_now is None or data.get("settings", {}).get("data_fingerprint") == data_now else None
 
 
 def _pending(spec: dict[str, Any]) -> list[str]:
     run_dir = Path(spec["run_dir"])
-    return [n for n, b in spec["benchmarks"].items() if _stored(run_dir, n, b["fingerprint"]) is None]
+    return [n for n, b in spec["benchmarks"].items() if _stored(run_dir, n, b) is None]
+
+
+def _dataset_record(specs: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each benchmark's resolved folder and the samples each run evaluated there (what the numbers come from)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, bench in specs[0]["benchmarks"].items():
+        samples = {r["name"]: r["benchmarks"][name].get("samples") for r in results if name in r["benchmarks"]}
+        out[name] = {"path": str(Path(bench["dataset"]).resolve()), "samples": samples}
+    return out
 
 
 def _child_env(online: bool) -> dict[str, str]:
@@ -245,13 +267,14 @@ def run(args: argparse.Namespace) -> int:
             log = run_dir / "log.txt"
             print(f"[qzoom eval] {name}: {', '.join(pending)} (log: {log})", flush=True)
             t0 = time.perf_counter()
-            with open(log, "a", encoding="utf-8") as f:
-                proc = subprocess.run([sys.executable, "-m", "qzoom_swift.eval.command", "worker", str(spec_path)],
-                                      stdout=f, stderr=subprocess.STDOUT, env=_child_env(args.online))
+            with open(log, "a", encoding="utf-8") as f:  # stopping qzoom eval stops the worker (procs.run_child)
+                returncode = run_child([sys.executable, "-m", "qzoom_swift.eval.command", "worker", str(spec_path),
+                                        str(os.getpid())], stdout=f, stderr=subprocess.STDOUT,
+                                       env=_child_env(args.online))
             dt = time.perf_counter() - t0
-            if proc.returncode != 0:
+            if returncode != 0:
                 failures.append(name)
-                print(f"[qzoom eval] {name}: FAILED (exit {proc.returncode}) after {dt:.0f} s; last lines of {log}:\n"
+                print(f"[qzoom eval] {name}: FAILED (exit {returncode}) after {dt:.0f} s; last lines of {log}:\n"
                       f"{_tail(log)}", file=sys.stderr)
             else:
                 print(f"[qzoom eval] {name}: done in {dt:.0f} s", flush=True)
@@ -261,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(spec["run_dir"])
         per = {}
         for n, b in spec["benchmarks"].items():
-            stored = _stored(run_dir, n, b["fingerprint"])
+            stored = _stored(run_dir, n, b)
             if stored is not None:
                 per[n] = stored["result"]
         if per:
@@ -278,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(results, names, reference)
     summary["settings"] = {"model": str(args.model), "checkpoint": args.checkpoint, "limit": args.limit,
                            "max_new_tokens": args.max_new_tokens, "preset": preset, "prompts": args.prompts}
+    summary["datasets"] = _dataset_record(specs, results)
     paths = write_summary(summary, out)
     print(paths["markdown"].read_text())
     print(f"[qzoom eval] wrote {', '.join(str(p) for p in paths.values())}")
@@ -287,14 +311,21 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ worker
 
 
-def worker(spec_path: str | Path) -> int:
-    """Run the pending benchmarks of one run spec (in this process: the model is loaded once)."""
+def worker(spec_path: str | Path, parent_pid: int | None = None) -> int:
+    """Run the pending benchmarks of one run spec (in this process: the model is loaded once).
+
+    With ``parent_pid`` (``qzoom eval`` passes its own) the worker exits when that parent dies, even by SIGKILL.
+    """
     import logging
+
+    if parent_pid is not None:
+        die_with_parent(signal.SIGTERM, parent_pid)
 
     spec = json.loads(Path(spec_path).read_text())
     from evalscope import TaskConfig, run_task
 
     import qzoom_swift.eval.model_api  # noqa: F401  (registers the model API and the plugin benchmarks)
+    from qzoom_swift.eval.local_data import HF_CACHE_DIR, local_datasets_cache
     from qzoom_swift.eval.report import collect_benchmark
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -319,7 +350,8 @@ def worker(spec_path: str | Path) -> int:
                           generation_config={"max_tokens": spec["max_new_tokens"], "do_sample": False},
                           limit=spec["limit"], eval_batch_size=spec["eval_batch_size"], work_dir=str(work),
                           no_timestamp=True, dataset_dir=str(run_dir / "evalscope" / ".datasets"))
-        run_task(task)
+        with local_datasets_cache(bench["dataset"], run_dir / "evalscope" / ".datasets" / HF_CACHE_DIR):
+            run_task(task)  # the folder as it is now, never a cache entry of another folder of the same name
         result = collect_benchmark(work, model_id, name)
         record = {"benchmark": name, "run": run_spec, "fingerprint": bench["fingerprint"], "settings": bench,
                   "elapsed_s": time.perf_counter() - t0, "result": result}
@@ -333,8 +365,8 @@ def worker(spec_path: str | Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 2 and argv[0] == "worker":
-        return worker(argv[1])
+    if len(argv) in (2, 3) and argv[0] == "worker":
+        return worker(argv[1], int(argv[2]) if len(argv) == 3 else None)
     print("usage: python -m qzoom_swift.eval.command worker SPEC.json (use `qzoom eval` instead)", file=sys.stderr)
     return 2
 

@@ -140,9 +140,17 @@ class FamilyAdapter:
         raise NotImplementedError
 
     # ---- the zoom pass: how a re-encoded crop enters the sequence ----
-    def resize_for_budget(self, image, min_tokens: int, max_tokens: int):
-        """The image resized so the processor encodes it within the token budget (identity if fixed-size)."""
+    def resize_for_budget(self, image, min_tokens: int, max_tokens: int, what: str = "image"):
+        """The image resized so the processor encodes it within the token budget (identity if fixed-size).
+
+        ``what`` names the image in errors: ``image`` for an input, ``crop`` for a zoomed region.
+        """
         return image
+
+    def prepare_crop(self, crop, processor, min_tokens: int, max_tokens: int):
+        """The RoI crop as the processor should get it: resized into the RoI token budget (Qwen), or padded
+        to a square (LLaVA), so that the encoded pixels cover the whole crop."""
+        return self.resize_for_budget(crop, min_tokens, max_tokens, what="crop")
 
     def budget_template_kwargs(self, min_tokens: int, max_tokens: int) -> dict[str, int]:
         """ms-swift template kwargs that encode images within a token budget (none for fixed-size families).
@@ -180,6 +188,18 @@ class FamilyAdapter:
         sequence indices of the source image's visual tokens.
         """
         raise NotImplementedError
+
+    needs_sink_logits: bool = False
+    """Whether ``sink_keep_mask`` reads the first-token sink map (the router must provide it)."""
+
+    def sink_keep_mask(self, heatmap: torch.Tensor, sink_logits: torch.Tensor | None) -> torch.Tensor | None:
+        """Bool ``[h, w]`` (False = attention sink) to zero before the RoI blur, or None (nothing masked).
+
+        The released inference masks sinks per family (reference §5.2 C.2, §5.5); ``sink_logits`` is the
+        image's first-token sink map (``BranchPrefill.sink_maps``), None when the router did not give one.
+        No rule by default: the released code has none for LLaVA (its Q-Zoom release covers Qwen only).
+        """
+        return None
 
     def prepare_decode(self, model: nn.Module, last_position: float, num_tokens: int) -> None:
         """Make ``generate`` continue positions after ``last_position`` for a sequence of ``num_tokens``."""

@@ -21,6 +21,12 @@ def sequential_position_ids(last_prefix_pos: int, num_new: int) -> Tensor:
     return torch.arange(last_prefix_pos + 1, last_prefix_pos + 1 + num_new, dtype=torch.long)
 
 
+def mean_colour(processor) -> tuple[int, int, int]:
+    """The processor's mean colour in 0-255, LLaVA-1.5's square-padding fill (``expand2square``)."""
+    mean = getattr(getattr(processor, "image_processor", processor), "image_mean", None) or (0.5, 0.5, 0.5)
+    return tuple(int(m * 255) for m in mean[:3])
+
+
 class LlavaAdapter(FamilyAdapter):
     name = "llava"
 
@@ -57,6 +63,14 @@ class LlavaAdapter(FamilyAdapter):
             return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.masked_fill(attention_mask == 0, 0)
+
+    def prepare_crop(self, crop, processor, min_tokens, max_tokens):
+        """LLaVA-1.5 pads to a square (``image_aspect_ratio: pad``): llava-hf's CLIP processor would otherwise
+        centre-crop an elongated RoI and drop both ends. The padded square is encoded whole, so every cell of
+        the crop's grid maps into the square (``roi.grid_region`` of it is the whole square)."""
+        from qzoom_swift.roi import pad_to_square
+
+        return pad_to_square(crop.convert("RGB"), mean_colour(processor))
 
     def encode_images(self, processor, images):
         return {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"]}

@@ -19,7 +19,7 @@ MAX_RATIO: float = float(_QWEN_MAX_RATIO)
 
 
 def resized_hw_for_budget(
-    height: int, width: int, *, patch_unit: int, min_tokens: int, max_tokens: int
+    height: int, width: int, *, patch_unit: int, min_tokens: int, max_tokens: int, what: str = "crop"
 ) -> tuple[int, int]:
     """``(height, width)`` in pixels that Qwen's resize rule gives an image under a visual-token budget.
 
@@ -31,9 +31,10 @@ def resized_hw_for_budget(
     Uses ``qwen_vl_utils.smart_resize``, with each side floored at ``patch_unit`` like transformers'
     own rule (qwen_vl_utils can return a side of 0 for thin crops on a small budget). Aspect ratios
     above 200 raise a ValueError naming the crop size; :func:`grid_box_to_pixel_box` prevents them.
+    ``what`` names the image in errors (``crop``, or ``image`` for an input image).
     """
     if height < 1 or width < 1:
-        raise ValueError(f"crop of {width}x{height} (w x h) px is empty")
+        raise ValueError(f"{what} of {width}x{height} (w x h) px is empty")
     if patch_unit < 1:
         raise ValueError(f"patch_unit={patch_unit}: expected >= 1")
     if not 1 <= min_tokens <= max_tokens:
@@ -41,8 +42,10 @@ def resized_hw_for_budget(
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_RATIO:
         raise ValueError(
-            f"crop of {width}x{height} (w x h) px has aspect ratio {ratio:.1f} > {MAX_RATIO:g}, "
-            "which Qwen's resize rule cannot encode; grow its short side first (grid_box_to_pixel_box does)"
+            f"{what} of {width}x{height} (w x h) px has aspect ratio {ratio:.1f} > {MAX_RATIO:g}, "
+            "which Qwen's resize rule cannot encode; "
+            + ("grow its short side first (grid_box_to_pixel_box does)" if what == "crop"
+               else "pad it to a less extreme shape first")
         )
     unit_pixels = patch_unit * patch_unit
     new_h, new_w = smart_resize(
@@ -121,6 +124,34 @@ def roi_position_ids(
     return positions.to(device=src_visual_positions.device, dtype=torch.float32)
 
 
+CORNER_SINK_MIN_CELLS = 256
+"""Qwen2.5-VL's released corner-sink rule applies to maps with more than this many cells."""
+FIRST_TOKEN_SINK_PROB = 0.75
+"""Qwen3-VL's released sink cut-off on the sigmoid of the first token's score."""
+
+
+def corner_sink_keep_mask(height: int, width: int, min_cells: int = CORNER_SINK_MIN_CELLS) -> Tensor:
+    """Qwen2.5-VL's released sink mask (reference §5.2 C.2): keep everything but the top-left strips.
+
+    On maps of more than ``min_cells`` cells, the first column over the top ``height // 4`` rows and the first
+    row over the left ``width // 4`` columns are attention sinks (False); smaller maps keep every cell.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"grid {height}x{width} (h x w) is empty")
+    keep = torch.ones(height, width, dtype=torch.bool)
+    if height * width > min_cells:
+        keep[: height // 4, 0] = False
+        keep[0, : width // 4] = False
+    return keep
+
+
+def first_token_sink_keep_mask(sink_logits: Tensor, threshold: float = FIRST_TOKEN_SINK_PROB) -> Tensor:
+    """Qwen3-VL's released sink mask (reference §5.5): False where sigmoid(first-token score) >= ``threshold``."""
+    if sink_logits.ndim != 2:
+        raise ValueError(f"expected an [h, w] sink map, got shape {tuple(sink_logits.shape)}")
+    return torch.sigmoid(sink_logits.detach().float()) < threshold
+
+
 class _QwenVLAdapter(FamilyAdapter):
     modeling_module: str = ""
 
@@ -156,9 +187,9 @@ class _QwenVLAdapter(FamilyAdapter):
 
         return importlib.import_module(self.modeling_module).apply_rotary_pos_emb(q, k, cos, sin)
 
-    def resize_for_budget(self, image, min_tokens, max_tokens):
+    def resize_for_budget(self, image, min_tokens, max_tokens, what="image"):
         height, width = resized_hw_for_budget(image.height, image.width, patch_unit=self.patch_unit,
-                                              min_tokens=min_tokens, max_tokens=max_tokens)
+                                              min_tokens=min_tokens, max_tokens=max_tokens, what=what)
         if (width, height) == image.size:
             return image
         return image.resize((width, height), resample=3)  # bicubic, as qwen_vl_utils.fetch_image
@@ -199,6 +230,10 @@ class Qwen2_5VLAdapter(_QwenVLAdapter):
     name = "qwen2_5_vl"
     modeling_module = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
 
+    def sink_keep_mask(self, heatmap, sink_logits):
+        """The released corner rule (reference §5.2 C.2): it needs only the map's shape."""
+        return corner_sink_keep_mask(*heatmap.shape).to(heatmap.device)
+
     def causal_mask(self, model, hidden, attention_mask, cache=None, mask_layer_idx=None):
         """Qwen2.5's text model keys masks by layer type (sliding windows are optional per layer)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -218,6 +253,14 @@ class Qwen2_5VLAdapter(_QwenVLAdapter):
 class Qwen3VLAdapter(_QwenVLAdapter):
     name = "qwen3_vl"
     modeling_module = "transformers.models.qwen3_vl.modeling_qwen3_vl"
+    sink_prob: float = FIRST_TOKEN_SINK_PROB
+    needs_sink_logits = True
+
+    def sink_keep_mask(self, heatmap, sink_logits):
+        """The released first-token rule (reference §5.5); None when the router gave no first-token map."""
+        if sink_logits is None:
+            return None
+        return first_token_sink_keep_mask(sink_logits, self.sink_prob).to(heatmap.device)
 
     def after_layer(self, model, index, hidden, embedded, visual_mask):
         """DeepStack: add level ``index``'s visual features at the visual tokens after layer ``index``."""

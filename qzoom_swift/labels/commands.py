@@ -50,6 +50,10 @@ def pseudo_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=576,
                    help="visual tokens per image while labelling, Qwen families (default 576 as released; 0 = "
                         "the processor's setting). Labels are resampled to the training grid (pooled when coarser)")
+    p.add_argument("--grid", choices=("auto", "square", "native"), default="auto",
+                   help="square: the released grid (image padded to a grey square, exactly 24x24 tokens, padding "
+                        "cells labelled background; training pads the same way); native: the image's aspect ratio "
+                        "at up to --max-tokens; auto (default): square for the paper's checkpoints, else native")
     p.add_argument("--calibration", type=int, default=16, help="records used by --heads auto (default 16)")
     p.add_argument("--top-k", type=int, default=2, help="layers kept by --heads auto (default 2)")
     p.add_argument("--tau-fg", type=float, default=None, help="foreground: attention > tau_fg x peak (default 0.2)")
@@ -62,6 +66,10 @@ def pseudo_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="reject a record whose prompt (text + visual budget) is longer, before the model runs "
+                        "(default: the visual budget + 4096, within the model's context); a record that fails "
+                        "inside the model (out of memory included) is rejected too, and the job goes on")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -76,10 +84,12 @@ def pseudo_labels_run(args: argparse.Namespace) -> int:
         model=str(args.model), dataset=str(args.dataset), out=str(args.out), batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, mode=args.mode, queries=args.queries, heads=args.heads,
         sink_heads=args.sink_heads, sink=args.sink, sink_threshold=args.sink_threshold, tau_norm=args.tau_norm,
-        grounding_prompt=args.grounding_prompt, max_tokens=args.max_tokens, calibration=args.calibration,
+        grounding_prompt=args.grounding_prompt, max_tokens=args.max_tokens, grid=args.grid,
+        calibration=args.calibration,
         top_k=args.top_k, tau_fg=args.tau_fg, tau_bg=args.tau_bg, max_box_fraction=args.max_box_fraction,
         min_peak=args.min_peak, shard_size=args.shard_size, overwrite=args.overwrite, limit=args.limit,
-        device=args.device, dtype=args.dtype, progress=not args.no_progress)
+        device=args.device, dtype=args.dtype, progress=not args.no_progress,
+        max_prompt_tokens=args.max_prompt_tokens)
     try:
         summary = run_pseudo_labels(opts)
     except JobError as exc:
@@ -133,12 +143,14 @@ def visualize_run(args: argparse.Namespace) -> int:
 
 GATE_LABELS_DESCRIPTION = (
     "Stage 3: the base model answers every question of an ms-swift dataset (with ground-truth answers) at each "
-    "visual-token budget of a resolution trajectory; answers are scored with a matcher and written to "
-    "OUT/shard-*.jsonl as they come (rerun to resume; --overwrite to restart). Samples whose right/wrong "
-    "pattern is a clean step (wrong ... right) are kept, one budget per sample is labelled 1 (zoom: still "
-    "wrong there) or 0 (already right), easy samples are balanced against transitions, and "
-    "OUT/gate_train.jsonl (for `swift sft`, QZOOM_TRAIN=gate; each row carries its budget in "
-    "chat_template_kwargs) and OUT/summary.json are written."
+    "visual-token budget of a resolution trajectory (prompts without a short-answer instruction get the "
+    "released one); answers are scored (default: the released rule, each budget against the ground-truth-checked "
+    "consensus of the top two, by containment) and written to OUT/shard-*.jsonl as they come (rerun to resume; "
+    "--overwrite to restart). OUT/gate_trajectories.jsonl collects them for `swift sft` with the stage-3 recipe, "
+    "whose registered preprocessor keeps clean steps (wrong ... right), labels one budget per sample 1 (zoom: "
+    "still wrong there) or 0 (already right) and balances easy samples 1:1 against transitions at load time; "
+    "the same seeded draw is exported as OUT/gate_train.jsonl (each row carries its budget in "
+    "chat_template_kwargs). OUT/summary.json counts the outcomes."
 )
 
 
@@ -149,9 +161,14 @@ def gate_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", default="64,144,256,576,1024,2048",
                    help="ascending visual-token budgets of the trajectory (default: 64,144,256,576,1024,2048; "
                         "budgets above the processor's maximum are dropped)")
-    p.add_argument("--matcher", default="exact", choices=["exact", "vqa", "anls", "relaxed"],
-                   help="how an answer is scored against the ground truth (default: exact after normalisation)")
-    p.add_argument("--correct-threshold", type=float, default=0.5, help="score counted as right (default 0.5)")
+    p.add_argument("--matcher", default="consensus", choices=["consensus", "exact", "vqa", "anls", "relaxed"],
+                   help="how answers become right/wrong (default consensus, the released rule: normalised answers, "
+                        "containment either way, each budget against the consensus of the top two, which must "
+                        "match the ground truth); the others compare each answer with the ground truth")
+    p.add_argument("--correct-threshold", type=float, default=0.5, help="matcher score counted as right (default 0.5)")
+    p.add_argument("--no-short-answer", action="store_true",
+                   help="send prompts as they are (default: append the released short-answer instruction to "
+                        "prompts that lack one, so answers at every budget are comparable)")
     p.add_argument("--judge-model", default=None,
                    help="local model judging the answers (the paper's judge prompt, through ms-swift) instead of "
                         "--matcher; trajectories with an unreadable verdict are kept out of training")
@@ -168,6 +185,10 @@ def gate_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--shard-size", type=int, default=1000, help="records per output shard")
     p.add_argument("--overwrite", action="store_true", help="delete this job's earlier output and start again")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="reject a record whose prompt (text + visual budget) is longer, before the model runs "
+                        "(default: the visual budget + 4096, within the model's context); a record that fails "
+                        "inside the model (out of memory included) is rejected too, and the job goes on")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -186,15 +207,17 @@ def gate_labels_run(args: argparse.Namespace) -> int:
             matcher=args.matcher, correct_threshold=args.correct_threshold, judge_model=args.judge_model,
             judge_model_type=args.judge_model_type, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, stable_top=args.stable_top, positive_prob=args.positive_prob,
-            easy_per_transition=args.easy_per_transition, seed=args.seed, limit=args.limit,
-            shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress)
+            easy_per_transition=args.easy_per_transition, seed=args.seed, short_answer=not args.no_short_answer,
+            limit=args.limit,
+            shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress,
+            max_prompt_tokens=args.max_prompt_tokens)
         summary = run_gate_labels(opts)
     except (JobError, ValueError) as exc:
         print(f"qzoom gate-labels: error: {exc}", file=sys.stderr)
         return 1  # the job failed (usage errors exit 2 from argparse)
     print(f"{summary['answered']} trajectories: {summary['kinds']}; kept {summary['kept']} "
           f"({summary['labels']}), rejects {summary['rejects']}; {summary['seconds']} s")
-    print(f"wrote {summary['gate_train']}")
+    print(f"wrote {summary['trajectories']} (swift sft, stage-3 recipe) and {summary['gate_train']} (export)")
     return 0
 
 
@@ -259,17 +282,28 @@ def mine_hard_args(p: argparse.ArgumentParser) -> None:
                    help="rule matcher when no judge model is given (default exact)")
     p.add_argument("--mixing-ratio", type=float, default=0.0,
                    help="improvements mixed in per regression (default 0, as released)")
+    p.add_argument("--post-sft-tokens", type=int, default=576,
+                   help="visual tokens of the global image in the Post-SFT rows (default 576, fixed as released; "
+                        "0 = the low budget the mining ran at)")
     p.add_argument("--batch-size", type=int, default=4,
                    help="questions answered together (fixed blocks: a resume batches identically; default 4)")
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="answer length limit of the base and RoI answers (default 32)")
     p.add_argument("--tau-roi", type=float, default=None, help="override the checkpoint's tau_roi")
+    p.add_argument("--low-min-tokens", type=int, default=None,
+                   help="override the low-resolution budget's minimum (must be <= --low-max-tokens)")
     p.add_argument("--low-max-tokens", type=int, default=None, help="override the low-resolution budget")
+    p.add_argument("--roi-min-tokens", type=int, default=None,
+                   help="override the RoI budget's minimum (must be <= --roi-max-tokens)")
     p.add_argument("--roi-max-tokens", type=int, default=None, help="override the RoI budget")
     p.add_argument("--seed", type=int, default=0, help="seed of the improvements mixed into the Post-SFT rows")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--shard-size", type=int, default=1000, help="records per output shard (default 1000)")
     p.add_argument("--overwrite", action="store_true", help="delete this job's earlier output and start again")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="reject a record whose prompt (text + visual budget) is longer, before the model runs "
+                        "(default: the visual budget + 4096, within the model's context); a record that fails "
+                        "inside the model (out of memory included) is rejected too, and the job goes on")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -281,14 +315,15 @@ def mine_hard_run(args: argparse.Namespace) -> int:
     from qzoom_swift.labels.jobs import JobError
     from qzoom_swift.labels.mining import MineOptions, run_mine_hard
 
-    overrides = {k: v for k, v in (("tau_roi", args.tau_roi), ("low_max_tokens", args.low_max_tokens),
-                                   ("roi_max_tokens", args.roi_max_tokens)) if v is not None}
+    overrides = {k: getattr(args, k) for k in ("tau_roi", "low_min_tokens", "low_max_tokens", "roi_min_tokens",
+                                               "roi_max_tokens") if getattr(args, k) is not None}
     opts = MineOptions(model=str(args.model), checkpoint=args.checkpoint, dataset=str(args.dataset),
                        out=str(args.out), judge_model=args.judge_model, judge_model_type=args.judge_model_type,
-                       matcher=args.matcher, mixing_ratio=args.mixing_ratio, batch_size=args.batch_size,
+                       matcher=args.matcher, mixing_ratio=args.mixing_ratio, post_sft_tokens=args.post_sft_tokens,
+                       batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, seed=args.seed, config_overrides=overrides,
                        limit=args.limit, shard_size=args.shard_size, overwrite=args.overwrite,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, max_prompt_tokens=args.max_prompt_tokens)
     try:
         summary = run_mine_hard(opts)
     except (JobError, ValueError, FileNotFoundError) as exc:

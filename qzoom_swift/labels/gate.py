@@ -9,12 +9,91 @@ and 0 at a budget where it is already right. Everything here is pure and seeded.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import string
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from qzoom_swift.config import GateSampling
 
 DEFAULT_TRAJECTORY = (64, 144, 256, 576, 1024, 2048)
-KINDS = ("easy", "transition", "always_wrong", "unstable")
+KINDS = ("easy", "transition", "always_wrong", "unstable", "unstable_top", "hallucinated", "unknown")
+"""easy / transition are kept; the rest are discarded: always_wrong, unstable (not a clean step), unstable_top
+(the top budgets' answers disagree), hallucinated (their consensus misses the ground truth), unknown (a judge
+verdict is missing)."""
+DROP_KINDS = ("always_wrong", "unstable", "unstable_top", "hallucinated", "unknown")
+
+SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+"""The short-answer suffix the released inference appends to every question (reference §5.1)."""
+SHORT_ANSWER_MARKERS = ("single word or phrase", "one word", "a word or a phrase", "short answer", "briefly",
+                        "option's letter", "letter of the", "yes or no")
+"""Phrases that already ask for a short answer (case-insensitive); such prompts are left alone."""
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def asks_short_answer(text: str) -> bool:
+    """Whether ``text`` already asks for a short answer (one of ``SHORT_ANSWER_MARKERS``)."""
+    low = text.lower()
+    return any(marker in low for marker in SHORT_ANSWER_MARKERS)
+
+
+def ensure_short_answer(text: str) -> str:
+    """``text`` with the short-answer instruction on a new line, unless it already asks for a short answer.
+
+    Stage-3 labels compare short answers: a prompt without such an instruction makes the model answer in
+    sentences, which no matcher (nor the released containment test) scores reliably.
+    """
+    return text if asks_short_answer(text) else f"{text.rstrip()}\n{SHORT_ANSWER_INSTRUCTION}"
+
+
+def released_normalize(text: Any) -> str:
+    """The released stage-3 normalisation: lower case, punctuation removed (spaces collapsed; articles kept)."""
+    return " ".join(str(text).lower().translate(_PUNCT).split())
+
+
+def contains_either(a: Any, b: Any) -> bool:
+    """The released match: one normalised answer contains the other.
+
+    An empty answer never matches (the released substring test matched it with everything, reference §7.2).
+    """
+    x, y = released_normalize(a), released_normalize(b)
+    return bool(x and y) and (x in y or y in x)
+
+
+@dataclass(frozen=True)
+class ConsensusScore:
+    """Right/wrong of one trajectory under the released rule (reference §4.2)."""
+
+    correct: tuple[bool, ...]
+    """Each answer against the consensus (or, when the consensus is dropped, against the ground truth)."""
+    target: str
+    """The consensus: the most common normalised answer of the top budgets (ties: the lower budget's)."""
+    drop: str | None = None
+    """None, ``unstable_top`` (the top answers disagree) or ``hallucinated`` (the consensus misses the truth)."""
+
+
+def consensus_score(answers: Sequence[str], gt: str | Sequence[str], top: int = 2) -> ConsensusScore:
+    """Released stage-3 scoring: compare every budget's answer with the consensus of the top ``top`` budgets.
+
+    The top answers must agree with the consensus (containment either way) and the consensus must match the
+    ground truth (any of several); otherwise the sample is dropped. ``Counter.most_common`` breaks ties by
+    first occurrence, so with two disagreeing-by-string but matching top answers the lower budget's wins.
+    """
+    if not answers:
+        raise ValueError("empty trajectory")
+    gts = [gt] if isinstance(gt, str) else [str(g) for g in gt]
+    group = [released_normalize(a) for a in answers[-max(1, min(top, len(answers))):]]
+    target = Counter(group).most_common(1)[0][0]
+    if not all(contains_either(a, target) for a in group):
+        drop: str | None = "unstable_top"
+    elif not any(contains_either(target, g) for g in gts):
+        drop = "hallucinated"
+    else:
+        return ConsensusScore(tuple(contains_either(a, target) for a in answers), target)
+    return ConsensusScore(tuple(any(contains_either(a, g) for g in gts) for a in answers), target, drop)
 
 
 @dataclass(frozen=True)
@@ -51,18 +130,19 @@ def choose_gate_example(cls: TrajectoryClass, num_budgets: int, rng: random.Rand
     """(label, budget index) for a kept sample, following the released recipe.
 
     Transition: with ``positive_prob`` label 1 at one of the last two wrong budgets (next to the step),
-    else label 0 at a right budget below the top ``exclude_top``. Easy: label 0 at a budget below the top.
-    The top budgets are never used as inputs: they define the reference answer.
+    else label 0 at a right budget below the top ``exclude_top`` (None when there is none: the released
+    label is -100). Easy: label 0 at a budget below the top. The top budgets are never used as inputs: they
+    define the reference answer.
     """
     if cls.kind not in ("easy", "transition"):
         return None
     usable_right = list(range(cls.step, max(num_budgets - exclude_top, 0)))
     if cls.kind == "easy":
         return (0, rng.choice(usable_right)) if usable_right else None
-    if rng.random() < positive_prob or not usable_right:
+    if rng.random() < positive_prob:
         wrong = list(range(max(cls.step - 2, 0), cls.step))
         return 1, rng.choice(wrong)
-    return 0, rng.choice(usable_right)
+    return (0, rng.choice(usable_right)) if usable_right else None  # released: -100, no example
 
 
 def balance_easy(ids_by_kind: dict[str, list[str]], easy_per_transition: float, seed: int) -> set[str]:
@@ -74,6 +154,123 @@ def balance_easy(ids_by_kind: dict[str, list[str]], easy_per_transition: float, 
     want = min(len(easy), int(round(easy_per_transition * len(transitions))))
     rng = random.Random(seed)
     return set(transitions) | set(rng.sample(easy, want))
+
+
+def trajectory_reference(row: dict) -> str | list[str] | None:
+    """The ground truth of a trajectory record: its last assistant turn, else an ``answer``/``answers`` field."""
+    for message in reversed(row.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            return message.get("content")
+    return row.get("answer") or row.get("answers")
+
+
+def trajectory_class(row: dict, sampling: GateSampling) -> tuple[TrajectoryClass, list[bool] | None]:
+    """(class, right/wrong per budget) of one trajectory record under ``sampling.scoring``.
+
+    ``auto`` follows the record's ``qzoom_scoring`` (what ``qzoom gate-labels`` used), else ``consensus``;
+    a judge's verdicts are ``stored`` in ``qzoom_correct``. A matcher reuses the stored ``qzoom_correct`` of a
+    record it scored (or that does not say how it was scored) and recomputes the others from the answers.
+    """
+    scoring = sampling.scoring if sampling.scoring != "auto" else (row.get("qzoom_scoring") or "consensus")
+    answers = [str(a) for a in row["qzoom_answers"]]
+    if scoring == "consensus":
+        gt = trajectory_reference(row)
+        if not gt:
+            return TrajectoryClass("unknown"), None
+        score = consensus_score(answers, gt, sampling.stable_top)
+        if score.drop is not None:
+            return TrajectoryClass(score.drop), list(score.correct)
+        correct = list(score.correct)
+    elif scoring in ("stored", "judge") or (row.get("qzoom_correct") is not None and
+                                             row.get("qzoom_scoring") in (None, scoring)):
+        correct = row.get("qzoom_correct")  # a judge's verdicts, or this matcher's scores as the job stored them
+        if correct is None or any(c is None for c in correct):
+            return TrajectoryClass("unknown"), None
+        correct = [bool(c) for c in correct]
+    else:
+        from qzoom_swift.labels.matchers import get_matcher, is_correct
+
+        gt = trajectory_reference(row)
+        if not gt:
+            return TrajectoryClass("unknown"), None
+        matcher = get_matcher(scoring)
+        correct = [is_correct(matcher(a, gt), sampling.correct_threshold) for a in answers]
+    return classify_trajectory(correct, sampling.stable_top), correct
+
+
+def _row_id(index: int, row: dict) -> str:
+    """The record's ``qzoom_id``, else ``<index>-<hash>`` (trajectories written by another tool)."""
+    if row.get("qzoom_id"):
+        return str(row["qzoom_id"])
+    text = json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return f"{index}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:12]}"
+
+
+def gate_training_row(row: dict, rid: str, label: int, index: int, kind: str, patch_unit: int | None) -> dict:
+    """One ``swift sft`` row: the record (``qzoom_*`` fields dropped) at its drawn budget, with its gate label.
+
+    The budget becomes ``chat_template_kwargs`` min = max pixels, so the template encodes exactly it; the
+    prompt gets the short-answer instruction when the answers were produced with it (``qzoom_short_answer``);
+    a record without an assistant turn gets its ground truth as the response (the gate reads the token before it).
+    """
+    unit = row.get("qzoom_patch_unit") or patch_unit
+    if not unit:
+        raise ValueError(f"trajectory {rid} has no qzoom_patch_unit (pixels per visual token side; 28 for "
+                         "Qwen2.5-VL, 32 for Qwen3-VL): written by `qzoom gate-labels`, or set it in the records")
+    budget = int(row["qzoom_budgets"][index])
+    pixels = budget * int(unit) * int(unit)
+    record = {k: v for k, v in row.items() if not k.startswith("qzoom_")}
+    messages = [dict(m) if isinstance(m, dict) else m for m in record.get("messages") or []]
+    if row.get("qzoom_short_answer"):
+        user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+        if user is not None and isinstance(user.get("content"), str):
+            user["content"] = ensure_short_answer(user["content"])
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        gt = trajectory_reference(row)
+        messages.append({"role": "assistant", "content": gt if isinstance(gt, str) else str((gt or [""])[0])})
+    record["messages"] = messages
+    record["chat_template_kwargs"] = dict(record.get("chat_template_kwargs") or {}, min_pixels=pixels,
+                                          max_pixels=pixels)
+    record.update(qzoom_gate=int(label), qzoom_gate_meta={"id": rid, "kind": kind, "budget": budget})
+    return record
+
+
+def gate_training_rows(trajectories: Sequence[dict], sampling: GateSampling,
+                       patch_unit: int | None = None) -> tuple[list[dict], dict[str, Any]]:
+    """The released stage-3 draw (reference §4.2), seeded: filter, 1:1 easy/transition balance, one budget each.
+
+    The one rule behind ``qzoom gate-labels``' ``gate_train.jsonl`` and the ms-swift preprocessor, so both give
+    the same rows for the same trajectories and ``sampling``. Every easy and transition sample counts in the
+    balance; a drawn sample without a usable budget (the released label -100) then gives no row. Returns the
+    rows (in input order) and a summary.
+    """
+    kinds: Counter = Counter()
+    by_kind: dict[str, list[str]] = {}
+    found: dict[str, tuple[int, dict, TrajectoryClass]] = {}
+    for i, row in enumerate(trajectories):
+        rid = _row_id(i, row)
+        cls, _ = trajectory_class(row, sampling)
+        kinds[cls.kind] += 1
+        if cls.kind in ("easy", "transition"):
+            by_kind.setdefault(cls.kind, []).append(rid)
+            found[rid] = (i, row, cls)
+    keep = balance_easy(by_kind, sampling.easy_per_transition, sampling.seed)
+    rows, labels = [], Counter()
+    for rid in sorted(keep, key=lambda r: found[r][0]):
+        _, row, cls = found[rid]
+        choice = choose_gate_example(cls, len(row["qzoom_budgets"]), sample_rng(rid, sampling.seed),
+                                     sampling.positive_prob)  # the top two budgets are never inputs (released)
+        if choice is None:
+            kinds["no_example"] += 1
+            continue
+        rows.append(gate_training_row(row, rid, choice[0], choice[1], cls.kind, patch_unit))
+        labels[choice[0]] += 1
+    easy_kept = sum(1 for r in keep if found[r][2].kind == "easy")
+    summary = {"answered": len(trajectories), "kinds": {k: v for k, v in kinds.items() if k != "no_example"},
+               "kept": len(rows), "discarded": {k: kinds[k] for k in DROP_KINDS if kinds[k]},
+               "no_example": kinds["no_example"], "easy_dropped_for_balance": len(by_kind.get("easy", [])) - easy_kept,
+               "labels": {"zoom(1)": labels[1], "no_zoom(0)": labels[0]}}
+    return rows, summary
 
 
 @dataclass(frozen=True)

@@ -1,34 +1,43 @@
 """``qzoom gate-labels`` and ``qzoom calibrate-gate``: stage-3 data and the gate threshold.
 
 gate-labels, phase 1 (expensive, resumable): the base model answers every question at each budget of a
-monotone resolution trajectory; answers, scores and right/wrong are written to shards as they come.
-Phase 2 (cheap, rerun at the end of every run): trajectories are filtered for a clean step
-(:mod:`qzoom_swift.labels.gate`), one budget is drawn per kept sample and labelled, easy samples are
-balanced against transitions, and ``gate_train.jsonl`` is written for ``swift sft`` (QZOOM_TRAIN=gate).
-Each training row carries ``chat_template_kwargs`` with min = max pixels of its budget, so ms-swift's
-Qwen templates encode that sample at exactly that resolution.
+monotone resolution trajectory (by default with the released short-answer instruction appended to prompts
+that lack one); answers, scores and right/wrong are written to shards as they come. The default scoring is
+the released rule (``consensus``: normalised answers, containment either way, each budget against the
+consensus of the top two, which must match the ground truth); the matchers and an LLM judge are options.
+Phase 2 (cheap, rerun at the end of every run): the trajectories are collected into
+``gate_trajectories.jsonl``, which ``swift sft`` reads through the registered preprocessor
+(``swift_plugin.datasets``: the released filter, 1:1 balance and positive-budget draw at load time), and
+the same draw (:func:`qzoom_swift.labels.gate.gate_training_rows`, the one home of the rule) is exported as
+``gate_train.jsonl``. Each training row carries ``chat_template_kwargs`` with min = max pixels of its
+budget, so ms-swift's Qwen templates encode that sample at exactly that resolution.
 
 calibrate-gate: gate probabilities at the inference low budget on held-out trajectories give the
-accuracy / no-RoI curve; the chosen tau_gate is written into the checkpoint's ``qzoom_config.json``.
+accuracy / no-RoI curve; the chosen tau_gate is written into the checkpoint's ``qzoom_config.json``. It is
+an estimate: a sample's zoomed answer is not run, its correctness is taken to be the top budget's (see
+:func:`calibrate_gate`).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.config import GateSampling
 from qzoom_swift.fileio import atomic_path, write_json_atomic, write_text_atomic
 from qzoom_swift.labels.gate import (
     DEFAULT_TRAJECTORY,
-    balance_easy,
+    SHORT_ANSWER_INSTRUCTION,
+    asks_short_answer,
     calibration_curve,
-    choose_gate_example,
     choose_threshold,
-    classify_trajectory,
-    sample_rng,
+    consensus_score,
+    contains_either,
+    ensure_short_answer,
+    gate_training_rows,
+    trajectory_reference,
 )
 from qzoom_swift.labels.jobs import (
     Block,
@@ -36,14 +45,18 @@ from qzoom_swift.labels.jobs import (
     Prepared,
     ReferenceJob,
     Reject,
-    assistant_answer,
+    model_context,
     prepare_record,
     question_text,
+    text_tokens,
 )
 from qzoom_swift.labels.matchers import get_matcher, is_correct
 
 GATE_TRAIN_FILE = "gate_train.jsonl"
+TRAJECTORIES_FILE = "gate_trajectories.jsonl"
+"""Every answered trajectory in one file: what ``swift sft`` reads through the registered preprocessor."""
 STATUS_OK = "ok"
+SCORINGS = ("consensus", "exact", "vqa", "anls", "relaxed")
 
 
 @dataclass
@@ -53,7 +66,8 @@ class GateLabelOptions:
     out: str
     budgets: tuple[int, ...] = DEFAULT_TRAJECTORY
     """Visual-token budgets of the trajectory, ascending; budgets above the processor's maximum are dropped."""
-    matcher: str = "exact"
+    matcher: str = "consensus"
+    """consensus (the released rule) or a matcher against the ground truth: exact, vqa, anls, relaxed."""
     correct_threshold: float = 0.5
     judge_model: str | None = None
     """A local model judging right/wrong through ms-swift (the paper's judge prompt); None = ``matcher``."""
@@ -64,13 +78,24 @@ class GateLabelOptions:
     positive_prob: float = 0.9
     easy_per_transition: float = 1.0
     seed: int = 0
+    short_answer: bool = True
+    """Append the released short-answer instruction to prompts that lack one (answers become comparable)."""
     shard_size: int = 1000
     overwrite: bool = False
     limit: int | None = None
     progress: bool = True
+    max_prompt_tokens: int | None = None
+    """Longer prompts (text + top budget) are rejected before the model runs; None = top budget + 4096 text."""
 
     RESUME_KEYS = ("model", "dataset", "budgets", "matcher", "correct_threshold", "max_new_tokens", "limit",
-                   "batch_size", "judge_model")
+                   "batch_size", "judge_model", "short_answer")
+
+    def sampling(self) -> GateSampling:
+        """The draw of the training rows (``labels.gate.gate_training_rows``) these options ask for."""
+        return GateSampling(scoring="stored" if self.judge_model else self.matcher,
+                            correct_threshold=self.correct_threshold, stable_top=self.stable_top,
+                            positive_prob=self.positive_prob, easy_per_transition=self.easy_per_transition,
+                            seed=self.seed)
 
 
 def load_base_model(model_dir: str):
@@ -118,7 +143,7 @@ class GateLabelJob(ReferenceJob):
     progress_desc = "gate-labels"
     progress_unit = "q"
     opts: GateLabelOptions
-    own_files = (GATE_TRAIN_FILE,)
+    own_files = (GATE_TRAIN_FILE, TRAJECTORIES_FILE)
     purpose = "gate labelling"
 
     def configure(self) -> dict:
@@ -126,7 +151,10 @@ class GateLabelJob(ReferenceJob):
         self.budgets = tuple(sorted(int(b) for b in opts.budgets))
         if len(self.budgets) < 2 or self.budgets[0] < 1:
             raise JobError(f"--budgets {self.budgets}: need at least two positive budgets")
-        self.matcher = get_matcher(opts.matcher)
+        if opts.matcher not in SCORINGS:
+            raise JobError(f"--matcher {opts.matcher!r}: choose from {', '.join(SCORINGS)}")
+        self.matcher = None if opts.matcher == "consensus" else get_matcher(opts.matcher)
+        opts.sampling()  # validates the sampling options before the model loads
         self.find_dataset()
         settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
         settings["budgets"] = list(self.budgets)
@@ -143,31 +171,49 @@ class GateLabelJob(ReferenceJob):
 
     def reference(self, record: dict) -> str | list[str] | None:
         """The last assistant turn, else an ``answer``/``answers`` field (VQA-style records)."""
-        return assistant_answer(record, record.get("answer") or record.get("answers"))
+        return trajectory_reference(record)  # the preprocessor reads the ground truth the same way
 
     def process_block(self, block: Block) -> None:
         ready = self.scorable(block)
         if not ready:
             return
-        chats = [p.messages for *_, p, _ in ready]
+        chats = [_with_short_answer(p.messages) if self.opts.short_answer else p.messages for *_, p, _ in ready]
         images = [p.image for *_, p, _ in ready]
-        per_budget = [answer_at_budget(self.model, self.processor, self.adapter, chats, images, b,
-                                       self.opts.max_new_tokens) for b in self.used]
+        tokens = [text_tokens(self.processor, chat) + max(self.used) for chat in chats]
+
+        def run(pos: list[int]) -> list[list[str]]:
+            per_budget = [answer_at_budget(self.model, self.processor, self.adapter, [chats[k] for k in pos],
+                                           [images[k] for k in pos], b, self.opts.max_new_tokens) for b in self.used]
+            return [[answers[n] for answers in per_budget] for n in range(len(pos))]
+
+        trajectories = self.guarded_results([(i, rid) for i, rid, *_ in ready], tokens,
+                                            self.prompt_limit(model_context(self.model), max(self.used)), run)
         for k, (_i, rid, rec, prepared, gt) in enumerate(ready):
-            if self.is_done(rid):
+            if self.is_done(rid) or isinstance(trajectories[k], Reject):
                 continue
-            answers = [per_budget[j][k] for j in range(len(self.used))]
+            answers = trajectories[k]
             scores, correct = self._score(prepared, gt, answers)
             status = STATUS_OK if all(c is not None for c in correct) else "judge_unknown"
             self.write_record({"qzoom_id": rid, "qzoom_status": status, **rec, "qzoom_budgets": list(self.used),
-                               "qzoom_answers": answers, "qzoom_scores": scores, "qzoom_correct": correct})
+                               "qzoom_answers": answers, "qzoom_scores": scores, "qzoom_correct": correct,
+                               "qzoom_scoring": "judge" if self.judge is not None else self.opts.matcher,
+                               "qzoom_short_answer": bool(self.opts.short_answer),
+                               "qzoom_patch_unit": self.adapter.patch_unit})
 
     def _score(self, prepared: Prepared, gt: str | list[str],
                answers: list[str]) -> tuple[list[float | None], list[bool | None]]:
-        """(scores, right/wrong) of one trajectory's answers, from the judge or the matcher."""
+        """(scores, right/wrong) of one trajectory's answers, from the judge, the released rule or the matcher.
+
+        ``consensus``: the score is containment against the ground truth, right/wrong is against the
+        consensus of the top budgets (against the ground truth when that consensus is dropped).
+        """
         if self.judge is not None:
             correct = judge_trajectory(self.judge, question_text(prepared.messages), gt, answers)
             return [None if c is None else float(c) for c in correct], correct
+        if self.matcher is None:
+            gts = [gt] if isinstance(gt, str) else list(gt)
+            scores = [float(any(contains_either(a, g) for g in gts)) for a in answers]
+            return scores, list(consensus_score(answers, gt, self.opts.stable_top).correct)
         scores = [float(self.matcher(a, gt)) for a in answers]
         return scores, [is_correct(s, self.opts.correct_threshold) for s in scores]
 
@@ -211,39 +257,33 @@ def read_trajectories(root: Path) -> list[dict]:
 
 
 def build_gate_dataset(root: Path, opts: GateLabelOptions, patch_unit: int) -> dict[str, Any]:
-    """Phase 2: filter, draw one labelled budget per kept sample, balance, write ``gate_train.jsonl``."""
+    """Phase 2: write ``gate_trajectories.jsonl`` (every answered trajectory, for the ms-swift preprocessor)
+    and export the same seeded draw as ``gate_train.jsonl`` (``labels.gate.gate_training_rows``)."""
     rows = read_trajectories(Path(root))
-    kinds: Counter = Counter()
-    by_kind: dict[str, list[str]] = {}
-    examples: dict[str, tuple[dict, int, int, str]] = {}
-    for row in rows:
-        cls = classify_trajectory(row["qzoom_correct"], opts.stable_top)
-        kinds[cls.kind] += 1
-        choice = choose_gate_example(cls, len(row["qzoom_budgets"]), sample_rng(row["qzoom_id"], opts.seed),
-                                     opts.positive_prob)
-        if choice is None:
+    write_text_atomic(Path(root) / TRAJECTORIES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    train, summary = gate_training_rows(rows, opts.sampling(), patch_unit)
+    write_text_atomic(Path(root) / GATE_TRAIN_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train))
+    summary.update(gate_train=str(Path(root) / GATE_TRAIN_FILE), trajectories=str(Path(root) / TRAJECTORIES_FILE),
+                   scoring=opts.sampling().scoring)
+    return summary
+
+
+def _with_short_answer(messages: list[dict]) -> list[dict]:
+    """A prepared chat whose user turn ends with the short-answer instruction (unless it asks for one already)."""
+    out = []
+    for message in messages:
+        if message.get("role") != "user":
+            out.append(message)
             continue
-        by_kind.setdefault(cls.kind, []).append(row["qzoom_id"])
-        examples[row["qzoom_id"]] = (row, choice[0], choice[1], cls.kind)
-    keep = balance_easy(by_kind, opts.easy_per_transition, opts.seed)
-    labels: Counter = Counter()
-    lines = []
-    for rid in sorted(keep, key=lambda r: int(r.split("-", 1)[0])):
-        row, label, index, kind = examples[rid]
-        budget = row["qzoom_budgets"][index]
-        pixels = budget * patch_unit * patch_unit
-        record = {k: v for k, v in row.items() if not k.startswith("qzoom_")}
-        kwargs = dict(record.get("chat_template_kwargs") or {}, min_pixels=pixels, max_pixels=pixels)
-        record.update(chat_template_kwargs=kwargs, qzoom_gate=label,
-                      qzoom_gate_meta={"id": rid, "kind": kind, "budget": budget})
-        labels[label] += 1
-        lines.append(json.dumps(record, ensure_ascii=False))
-    write_text_atomic(Path(root) / GATE_TRAIN_FILE, "".join(line + "\n" for line in lines))
-    return {"answered": len(rows), "kinds": dict(kinds), "kept": len(lines),
-            "discarded": {k: kinds[k] for k in ("always_wrong", "unstable") if kinds[k]},
-            "easy_dropped_for_balance": len(by_kind.get("easy", [])) - sum(1 for r in keep
-                                                                            if examples[r][3] == "easy"),
-            "labels": {"zoom(1)": labels[1], "no_zoom(0)": labels[0]}, "gate_train": str(Path(root) / GATE_TRAIN_FILE)}
+        parts = [dict(part) for part in message["content"]]
+        if any(part.get("type") == "text" and asks_short_answer(part["text"]) for part in parts):
+            pass
+        elif parts and parts[-1].get("type") == "text":
+            parts[-1]["text"] = ensure_short_answer(parts[-1]["text"])
+        else:
+            parts.append({"type": "text", "text": SHORT_ANSWER_INSTRUCTION})
+        out.append({**message, "content": parts})
+    return out
 
 
 @dataclass
@@ -259,7 +299,15 @@ class CalibrationResult:
 def calibrate_gate(model_dir: str, checkpoint: str, trajectories: str, *, max_accuracy_drop: float | None = None,
                    target_skip_ratio: float | None = None, png: str | None = None,
                    batch_size: int = 4) -> CalibrationResult:
-    """Gate probabilities at the low budget on held-out trajectories -> curve -> tau_gate into the checkpoint."""
+    """Gate probabilities at the low budget on held-out trajectories -> curve -> tau_gate into the checkpoint.
+
+    An estimate, by design: no zoomed answer is generated. A sample answered directly counts as right when its
+    answer at the highest trajectory budget <= the low budget was right; a zoomed sample counts as right when
+    the answer at the TOP budget was right, i.e. the zoom is assumed to recover the full-resolution answer.
+    Where Q-Zoom's crop misses (or the RoI budget is below the top budget), real zoomed accuracy is lower and
+    the chosen tau_gate skips less than it could; check the choice with ``qzoom eval``. The assumption is
+    recorded as ``zoom_correctness`` in the checkpoint's ``gate_calibration`` entry.
+    """
     import torch
 
     from qzoom_swift.config import QZoomConfig
@@ -298,6 +346,7 @@ def calibrate_gate(model_dir: str, checkpoint: str, trajectories: str, *, max_ac
     config = QZoomConfig.load(checkpoint)
     config.tau_gate = chosen.tau
     config.extra["gate_calibration"] = {"samples": len(probs), "accuracy": chosen.accuracy,
+                                        "zoom_correctness": "top trajectory budget (estimate, no zoomed answer run)",
                                         "skip_ratio": chosen.skip_ratio, "max_accuracy_drop": max_accuracy_drop,
                                         "target_skip_ratio": target_skip_ratio}
     path = config.save(checkpoint)

@@ -33,10 +33,35 @@ _SHARD_RE = re.compile(r"^shard-(\d{5})\.jsonl$")
 _HEAD_RE = re.compile(r'^\{"qzoom_id": "([^"]+)", "qzoom_status": "([^"]+)"')
 _REASON_RE = re.compile(r'"reason": "([^"]+)"')
 STATUS_REJECTED = "rejected"
+FINGERPRINT_KEY = "dataset_fingerprint"
+"""``job.json`` key of the dataset's content fingerprint (:func:`file_fingerprint`)."""
 
 
 class JobError(RuntimeError):
     """A problem with the whole job (settings, output directory, model): nothing per-record."""
+
+
+DEFAULT_TEXT_TOKENS = 4096
+"""Default ``--max-prompt-tokens``: the job's visual budget plus this many text tokens (capped by the context)."""
+MAX_CONSECUTIVE_FAILURES = 16
+"""More model failures in a row than this is a broken model or setup, not bad records: the job stops."""
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _release_memory() -> None:
+    """Give back what a failed forward pass held (CUDA caching allocator), so the next record can run."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def record_id(index: int, record_text: str) -> str:
@@ -50,10 +75,17 @@ def _canonical(record: Any) -> str:
 
 def read_dataset(path: Path) -> list[tuple[int, str, Any]]:
     """(index, id, record or None for bad JSON) for every record of a jsonl file or a json list."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobError(f"cannot read dataset {path}: {exc}") from exc
     out: list[tuple[int, str, Any]] = []
     if path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise JobError(f"dataset {path} is not valid JSON ({exc}); a .jsonl file holds one record per line") \
+                from exc
         if not isinstance(data, list):
             raise JobError(f"{path}: a .json dataset must be a list of records")
         for i, rec in enumerate(data):
@@ -240,12 +272,14 @@ class OutputDir:
 
 
 def prepare_out_dir(out: str | Path, overwrite: bool, settings: dict, resume_keys: tuple[str, ...],
-                    job_name: str, own_files: tuple[str, ...] = ()) -> tuple[Path, dict | None]:
+                    job_name: str, own_files: tuple[str, ...] = (),
+                    dataset: Path | None = None) -> tuple[Path, dict | None]:
     """Create/validate the output dir; returns (dir, the previous job.json when resuming).
 
     A non-empty directory that is not a job of this kind is never touched without ``overwrite``; a job
     with other settings (``resume_keys``) is not resumed. ``own_files`` are the job's other outputs
-    (e.g. ``gate_train.jsonl``), which ``overwrite`` deletes too.
+    (e.g. ``gate_train.jsonl``), which ``overwrite`` deletes too. ``dataset`` is the job's input file: an
+    earlier job with the same content fingerprint read the same dataset, wherever it was.
     """
     root = Path(out)
     if root.exists() and not root.is_dir():
@@ -270,14 +304,71 @@ def prepare_out_dir(out: str | Path, overwrite: bool, settings: dict, resume_key
         raise JobError(f"output directory {root} is not empty and holds no {JOB_FILE} of a {job_name} job: "
                        "pass --overwrite to start a new job there (its shards, rejects and summary are deleted), "
                        "or choose another --out")
-    previous = json.loads(job_path.read_text())
-    old = previous.get("settings", {})
-    diff = {k: (old.get(k), settings.get(k)) for k in resume_keys if old.get(k) != settings.get(k)}
+    try:
+        previous = json.loads(job_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise JobError(f"{job_path} is not valid JSON ({exc}): restore it, or choose another --out") from exc
+    same_content = dataset is not None and previous.get(FINGERPRINT_KEY) == file_fingerprint(dataset)
+    diff = settings_diff(previous.get("settings", {}), settings, resume_keys, same_content)
     if diff:
-        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise JobError(f"{root} holds a {job_name} job with different settings ({shown}); rerun with the same "
-                       "settings to resume it, or pass --overwrite to start again (its output is deleted)")
+        shown = "; ".join(f"{k}: earlier {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise JobError(f"{root} holds a {job_name} job with different settings ({shown}). To continue it, rerun "
+                       "with the earlier values; to keep it and start a new job, choose another --out. Only if its "
+                       "results are no longer wanted, --overwrite deletes them and starts again here")
     return root, previous
+
+
+PATH_SETTINGS = ("dataset", "model", "checkpoint", "judge_model")
+"""Settings that name files or folders: equal when they resolve to the same place, however they were typed."""
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        return Path(os.path.expanduser(a)).resolve() == Path(os.path.expanduser(b)).resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def settings_diff(old: dict, new: dict, keys: tuple[str, ...], same_dataset_content: bool = False) -> dict:
+    """``{key: (earlier, now)}`` for the resume settings that really differ.
+
+    Paths are compared resolved (jobs written before paths were stored resolved recorded them as typed); a
+    dataset at another path with the same content fingerprint is the same dataset.
+    """
+    diff = {}
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, list) and isinstance(b, tuple) or isinstance(a, tuple) and isinstance(b, list):
+            a, b = list(a), list(b)
+        if a == b or (k in PATH_SETTINGS and _same_path(a, b)) or (k == "dataset" and same_dataset_content):
+            continue
+        diff[k] = (old.get(k), new.get(k))
+    return diff
+
+
+def file_fingerprint(path: Path) -> str:
+    """``sha256:<hex>`` of a file's bytes (a dataset's identity, wherever it is stored)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def text_tokens(processor: Any, messages: list[dict]) -> int:
+    """Tokens of a prepared chat prompt without its visual tokens (each image placeholder counts as written)."""
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def model_context(model: Any) -> int | None:
+    """The language model's context length (``max_position_embeddings``), or None when it does not say."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 def question_text(messages: list[dict]) -> str:
@@ -328,6 +419,7 @@ class LabelJob:
         self.out = OutputDir(self.root, opts.shard_size)
         self.done_before = 0
         self.processed = 0
+        self.consecutive_failures = 0
         self.bar: Any = None
 
     # ----------------------------------------------------------------------------------------- hooks
@@ -361,8 +453,14 @@ class LabelJob:
         self.t_start = time.perf_counter()
         self.settings = self.configure()
         self.root, self.previous = prepare_out_dir(self.opts.out, self.opts.overwrite, self.settings,
-                                                   self.opts.RESUME_KEYS, self.job_name, self.own_files)
-        self.setup()
+                                                   self.opts.RESUME_KEYS, self.job_name, self.own_files,
+                                                   self.dataset if self.dataset.is_file() else None)
+        try:
+            self.setup()
+        except BaseException:
+            if self.previous is None:  # a start that failed leaves nothing a corrected rerun would be refused by
+                (self.root / JOB_FILE).unlink(missing_ok=True)
+            raise
         self.records = read_dataset(self.dataset)[: self.opts.limit]
         self.out = OutputDir(self.root, self.opts.shard_size)
         self.out.scan()
@@ -391,21 +489,99 @@ class LabelJob:
 
     # ----------------------------------------------------------------------------------------- helpers
 
-    def find_dataset(self, absolute: bool = False) -> Path:
-        """The dataset file (made absolute when the job records it so); a JobError when there is none."""
-        dataset = Path(self.opts.dataset)
+    def find_dataset(self, absolute: bool = True) -> Path:
+        """The dataset file, resolved (also into ``opts.dataset``, so ``job.json`` records where it really is).
+
+        ``jobs/x.jsonl`` and its absolute path are then one setting, and a resume is not refused over how the
+        path was typed. A JobError when there is no such file.
+        """
+        dataset = Path(os.path.expanduser(str(self.opts.dataset)))
         if absolute:
             dataset = dataset.resolve()
         if not dataset.is_file():
             raise JobError(f"dataset {dataset} not found")
         self.dataset = dataset
+        if absolute:
+            self.opts.dataset = str(dataset)
         return dataset
 
     def write_job(self, job: dict) -> None:
+        """Write ``job.json``, with the dataset's content fingerprint (a moved, unchanged dataset still resumes)."""
+        if self.dataset.is_file():
+            job.setdefault(FINGERPRINT_KEY, file_fingerprint(self.dataset))
         write_json_atomic(self.root / JOB_FILE, job)
 
     def is_done(self, rid: str) -> bool:
         return rid in self.out.done
+
+    def is_rejected(self, rid: str) -> bool:
+        """A record rejected by this or an earlier run: it never enters a model batch again."""
+        return self.out.done.get(rid) == STATUS_REJECTED
+
+    # ----------------------------------------------------------------------------------------- model guard
+
+    def prompt_limit(self, context: int | None, visual_tokens: int) -> int:
+        """``--max-prompt-tokens``, or by default the visual budget plus DEFAULT_TEXT_TOKENS, within the context."""
+        limit = getattr(self.opts, "max_prompt_tokens", None)
+        if limit:
+            return int(limit)
+        auto = int(visual_tokens) + DEFAULT_TEXT_TOKENS
+        return min(auto, int(context)) if context else auto
+
+    def guarded_results(self, items: list[tuple[int, str]], prompt_tokens: list[int], limit: int,
+                        run: Callable[[list[int]], list[Any]]) -> list[Any]:
+        """``run`` over the items that fit, batched; a Reject (written) for each item that is too long or fails.
+
+        ``items`` are (line index, id), ``prompt_tokens`` their (upper-bound) prompt lengths, checked before
+        any forward pass: one over-long record would otherwise cost memory quadratic in its length (eager
+        attention) and kill every resume. ``run(positions)`` returns one result per position; when the batch
+        raises (out of memory included), the items run one by one and the one that still fails is rejected
+        with the error, while the others are answered.
+        """
+        out: list[Any] = [None] * len(items)
+        fit = []
+        for k, ((index, rid), n) in enumerate(zip(items, prompt_tokens)):
+            if n > limit:
+                out[k] = self._reject_once(rid, index, Reject(
+                    "prompt_too_long", f"{n} prompt tokens (text + visual budget) > the limit {limit} "
+                    "(--max-prompt-tokens)"))
+            else:
+                fit.append(k)
+        if not fit:
+            return out
+        try:
+            for k, result in zip(fit, run(fit)):
+                out[k] = result
+            self.consecutive_failures = 0
+            return out
+        except Exception as exc:  # any failure inside the model is this batch's, not the job's
+            if len(fit) == 1:
+                out[fit[0]] = self._model_failure(items[fit[0]], exc)
+                return out
+            _release_memory()
+        for k in fit:
+            try:
+                out[k] = run([k])[0]
+                self.consecutive_failures = 0
+            except Exception as exc:
+                out[k] = self._model_failure(items[k], exc)
+        return out
+
+    def _model_failure(self, item: tuple[int, str], exc: Exception) -> Reject:
+        """The reject of a record that failed inside the model; a model that fails on every record stops the job."""
+        _release_memory()
+        index, rid = item
+        self.consecutive_failures += 1
+        if self.consecutive_failures > MAX_CONSECUTIVE_FAILURES:
+            raise JobError(f"the model failed on {self.consecutive_failures} records in a row (last: line {index}: "
+                           f"{type(exc).__name__}: {exc}); this is not one bad record, stopping") from exc
+        reason = "out_of_memory" if _is_oom(exc) else "model_error"
+        return self._reject_once(rid, index, Reject(reason, f"{type(exc).__name__}: {str(exc)[:500]}"))
+
+    def _reject_once(self, rid: str, index: int, reject: Reject) -> Reject:
+        if not self.is_done(rid):
+            self.write_reject(rid, index, reject)
+        return reject
 
     def write_record(self, data: dict) -> None:
         self.out.write_record(data)
@@ -441,6 +617,8 @@ class ReferenceJob(LabelJob):
         """
         ready = []
         for i, rid, rec in block:
+            if self.is_rejected(rid):
+                continue  # rejected earlier (e.g. it failed inside the model): never run again
             prepared = prepare_record(rec, self.dataset.parent, None, self.purpose)
             gt = self.reference(rec) if isinstance(rec, dict) else None
             if isinstance(prepared, Reject) or not gt:

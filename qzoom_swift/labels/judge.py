@@ -1,6 +1,9 @@
 """The LLM judge of stage 2 (and optionally stage 3): are answers A and B right, given the reference?
 
-The prompt follows the paper's appendix (a fair and robust evaluator, two Yes/No verdicts). Judges are
+The prompt carries what the paper's appendix asks of the judge, in our words: a fair and robust evaluator
+that values meaning over string matching, four criteria (containment, equivalent forms, punctuation and
+case ignored, "No" only for a wrong or incomplete answer), the question, the ground truth, Model A's (base)
+and Model B's (RoI) predictions, and exactly two lines back, ``A: Yes/No`` and ``B: Yes/No``. Judges are
 small local models and their output is messy, so parsing is lenient (case, spacing, punctuation, extra
 text) and never raises: a verdict it cannot find is ``None`` ("unknown") and the caller counts it.
 """
@@ -11,19 +14,32 @@ import re
 from dataclasses import dataclass
 
 JUDGE_SYSTEM = (
-    "You are a fair and robust evaluator. You compare candidate answers to a question about an image "
-    "with the reference answer and decide, for each candidate, whether it is correct. Minor differences "
-    "in wording, case, punctuation or formatting do not matter; the meaning must match the reference."
+    "You are a fair and robust evaluator of answers to questions about images. Judge whether each "
+    "prediction means the same as the ground truth: semantic correctness matters, exact string matching "
+    "does not."
 )
+JUDGE_CRITERIA = (
+    "1. Containment: a prediction that states the ground truth correctly inside a longer sentence is "
+    "correct (the ground truth is often a single word or number).",
+    "2. Equivalents: standard synonyms and equivalent forms count as the same answer (for example "
+    "\"Yes\" and \"True\", or \"10%\" and \"0.1\").",
+    "3. Form: ignore punctuation and capitalisation.",
+    "4. Say No only when the prediction is factually wrong or leaves out the key information the "
+    "question asks for.",
+)
+"""The four criteria of the paper's judge prompt (appendix), in our words."""
 JUDGE_TEMPLATE = (
     "Question: {question}\n"
-    "Reference answer: {reference}\n"
-    "Candidate A: {answer_a}\n"
-    "Candidate B: {answer_b}\n\n"
+    "Ground truth: {reference}\n"
+    "Model A prediction: {answer_a}\n"
+    "Model B prediction: {answer_b}\n\n"
+    "Decide for each model whether its prediction is correct, using these criteria:\n"
+    + "\n".join(JUDGE_CRITERIA) + "\n\n"
     "Reply with exactly two lines and nothing else:\n"
     "A: Yes or No\n"
     "B: Yes or No"
 )
+"""The user turn: Model A is the base (low-resolution) answer, Model B the RoI answer in stage-2 mining."""
 _VERDICT = re.compile(r"(?i)(?<![\w])(?:candidate\s+|answer\s+)?([ab])(?![\w])[\s*)\]]*[:=\-]\s*\**\s*"
                       r"(yes|no|correct|incorrect|right|wrong|true|false)\b")
 _POSITIVE = {"yes", "correct", "right", "true"}

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from qzoom_swift.fileio import write_text_atomic
-from qzoom_swift.labels.jobs import Block, ReferenceJob, question_text
+from qzoom_swift.labels.jobs import (
+    Block,
+    JobError,
+    ReferenceJob,
+    Reject,
+    model_context,
+    question_text,
+    text_tokens,
+)
 from qzoom_swift.labels.matchers import get_matcher, is_correct
 
 POST_SFT_FILE = "post_sft.jsonl"
@@ -40,12 +48,17 @@ class MineOptions:
     max_new_tokens: int = 32
     mixing_ratio: float = 0.0
     """Improvements mixed in per regression (the released recipe uses 0)."""
+    post_sft_tokens: int | None = 576
+    """Visual tokens of the global image in the Post-SFT rows: the released recipe fixes 576 (min = max pixels);
+    None or 0 keeps the low budget the mining ran at. The stored RoI maps onto either grid (``post_sft``)."""
     seed: int = 0
     config_overrides: dict[str, Any] = field(default_factory=dict)
     shard_size: int = 1000
     overwrite: bool = False
     limit: int | None = None
     progress: bool = True
+    max_prompt_tokens: int | None = None
+    """Longer prompts (text + visual budget) are rejected before the model runs; None = visual + 4096 text."""
 
     RESUME_KEYS = ("model", "checkpoint", "dataset", "judge_model", "matcher", "correct_threshold", "max_new_tokens",
                    "config_overrides", "limit", "batch_size")
@@ -75,7 +88,16 @@ class MineHardJob(ReferenceJob):
     no_reference = "no assistant answer to judge against"
 
     def configure(self) -> dict:
+        """Check the Q-Zoom settings (checkpoint < environment < options) before anything is written."""
+        from qzoom_swift.config import QZoomConfig, effective_config
+
         self.find_dataset()
+        opts = self.opts
+        try:
+            base = QZoomConfig.load(opts.checkpoint) if opts.checkpoint else None
+            effective_config(base, opts.config_overrides)
+        except (ValueError, FileNotFoundError) as exc:
+            raise JobError(f"Q-Zoom settings: {exc}") from exc
         return asdict(self.opts)
 
     def setup(self) -> None:
@@ -83,12 +105,18 @@ class MineHardJob(ReferenceJob):
 
         opts = self.opts
         self.write_job({"kind": "mine-hard", "settings": self.settings})
-        self.qz = QZoomModel.from_pretrained(opts.model, checkpoint=opts.checkpoint,
-                                             config_overrides=opts.config_overrides)
+        try:
+            self.qz = QZoomModel.from_pretrained(opts.model, checkpoint=opts.checkpoint,
+                                                 config_overrides=opts.config_overrides)
+        except (OSError, ValueError) as exc:
+            raise JobError(f"cannot load --model {opts.model} (checkpoint {opts.checkpoint}): {exc}") from exc
         self.judge = self.load_judge()
         self.matcher = get_matcher(opts.matcher)
         cfg = self.qz.config
         self.low_kwargs = self.qz.adapter.budget_template_kwargs(cfg.low_min_tokens, cfg.low_max_tokens)
+        tokens = opts.post_sft_tokens
+        self.post_sft_kwargs = self.qz.adapter.budget_template_kwargs(tokens, tokens) if tokens else None
+        self.context = model_context(self.qz.model)
 
     def process_block(self, block: Block) -> None:
         ready = self.scorable(block)
@@ -96,14 +124,25 @@ class MineHardJob(ReferenceJob):
             return
         images = [[p.image] for *_, p, _ in ready]
         questions = [question_text(p.messages) for *_, p, _ in ready]
-        base = self.qz.generate(images, questions, config_overrides={"mode": "never"},
-                                max_new_tokens=self.opts.max_new_tokens)
-        zoom = self.qz.generate(images, questions, config_overrides={"mode": "always"},
-                                max_new_tokens=self.opts.max_new_tokens)
-        verdicts = self._judge([gt for *_, gt in ready], questions, base, zoom)
-        for (_i, rid, rec, _p, _gt), b, z, (base_ok, roi_ok, raw) in zip(ready, base, zoom, verdicts):
-            if self.is_done(rid):
+        refs = [gt for *_, gt in ready]
+        cfg = self.qz.config
+        visual = cfg.low_max_tokens + cfg.roi_max_tokens  # the zoomed prompt holds both
+        tokens = [text_tokens(self.qz.processor, p.messages) + visual for *_, p, _ in ready]
+
+        def run(pos: list[int]) -> list[tuple]:
+            imgs, qs = [images[k] for k in pos], [questions[k] for k in pos]
+            base = self.qz.generate(imgs, qs, config_overrides={"mode": "never"},
+                                    max_new_tokens=self.opts.max_new_tokens)
+            zoom = self.qz.generate(imgs, qs, config_overrides={"mode": "always"},
+                                    max_new_tokens=self.opts.max_new_tokens)
+            return list(zip(base, zoom, self._judge([refs[k] for k in pos], qs, base, zoom)))
+
+        results = self.guarded_results([(i, rid) for i, rid, *_ in ready], tokens,
+                                       self.prompt_limit(self.context, visual), run)
+        for (_i, rid, rec, _p, _gt), result in zip(ready, results):
+            if self.is_done(rid) or isinstance(result, Reject):
                 continue
+            b, z, (base_ok, roi_ok, raw) = result
             st = z.stats
             roi = {"box": list(st.box), "grid_box": list(st.grid_box), "grid": list(st.grid)} if st.zoomed else None
             self.write_record({"qzoom_id": rid, "qzoom_status": classify(base_ok, roi_ok, st.zoomed), **rec,
@@ -121,7 +160,7 @@ class MineHardJob(ReferenceJob):
                  None) for gt, b, z in zip(refs, base, zoom)]
 
     def summarize(self) -> dict[str, Any]:
-        summary = build_post_sft_dataset(self.root, self.opts.mixing_ratio, self.opts.seed)
+        summary = build_post_sft_dataset(self.root, self.opts.mixing_ratio, self.opts.seed, self.post_sft_kwargs)
         summary["seconds"] = round(self.elapsed(), 2)
         summary["rejects"] = dict(self.out.reject_reasons)
         summary["judge"] = self.opts.judge_model or f"matcher:{self.opts.matcher}"
@@ -133,8 +172,13 @@ def run_mine_hard(opts: MineOptions) -> dict[str, Any]:
     return MineHardJob(opts).run()
 
 
-def build_post_sft_dataset(root: Path, mixing_ratio: float, seed: int) -> dict[str, Any]:
-    """Regressions (+ ``mixing_ratio`` improvements each) as Post-SFT rows with their RoI and low budget."""
+def build_post_sft_dataset(root: Path, mixing_ratio: float, seed: int,
+                           global_kwargs: dict[str, int] | None = None) -> dict[str, Any]:
+    """Regressions (+ ``mixing_ratio`` improvements each) as Post-SFT rows with their RoI and global budget.
+
+    ``global_kwargs`` (``chat_template_kwargs`` min/max pixels) sets the global image's budget, the released
+    fixed 576 tokens by default in ``qzoom mine-hard``; None keeps each row's mining budget (``qzoom_low``).
+    """
     rows = [json.loads(line) for shard in sorted(Path(root).glob("shard-*.jsonl"))
             for line in shard.read_text().splitlines() if line.strip()]
     counts = Counter(r["qzoom_status"] for r in rows)
@@ -146,8 +190,9 @@ def build_post_sft_dataset(root: Path, mixing_ratio: float, seed: int) -> dict[s
     for r in sorted(regressions + mixed, key=lambda r: int(r["qzoom_id"].split("-", 1)[0])):
         record = {k: v for k, v in r.items() if not k.startswith("qzoom_")}
         record["qzoom_roi"] = r["qzoom_roi"]
-        if r.get("qzoom_low"):
-            record["chat_template_kwargs"] = dict(record.get("chat_template_kwargs") or {}, **r["qzoom_low"])
+        budget = global_kwargs if global_kwargs is not None else r.get("qzoom_low")
+        if budget:
+            record["chat_template_kwargs"] = dict(record.get("chat_template_kwargs") or {}, **budget)
         lines.append(json.dumps(record, ensure_ascii=False))
     write_text_atomic(Path(root) / POST_SFT_FILE, "".join(line + "\n" for line in lines))
     return {"answered": len(rows), "categories": {c: counts[c] for c in CATEGORIES if counts[c]},

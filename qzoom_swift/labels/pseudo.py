@@ -12,12 +12,16 @@ tri-state labels by :func:`qzoom_swift.labels.tristate.tristate_labels`. Output,
   why the sample is ignored), ``qzoom_answer``, ``qzoom_attn`` (the raw map, rows of floats),
   ``qzoom_attn_grid`` ([rows, cols]), ``qzoom_sink_attn`` (sink-head map or null), ``qzoom_vis_norm``
   (visual hidden-state norms), ``qzoom_box`` (grid box [x0, y0, x1, y1] or null), ``qzoom_peak`` and
-  ``qzoom_rpn_labels`` (the 1 / 0 / -100 map, null for an ignored sample). The shards feed
+  ``qzoom_rpn_labels`` (the 1 / 0 / -100 map, null for an ignored sample; on the released grid, ``--grid
+  square``, 24 x 24 with the square padding labelled background, and ``qzoom_pad_square: true`` so that
+  training pads the image the same way). The shards feed
   ``swift sft --tuner_type qzoom`` with ``QZOOM_TRAIN=rpn`` as they are; the grid is stored so training
   can resample the labels to the grid the image has there (``training.resample_label_map``);
 - ``rejects.jsonl``: one line per record that could not be labelled, with a ``reason`` (``bad_json``,
   ``bad_messages``, ``no_question``, ``no_image``, ``multi_image``, ``image_tag_mismatch``,
-  ``unsupported_image``, ``missing_image``, ``unreadable_image``, ``empty_answer``, ``no_decode_step``) and
+  ``unsupported_image``, ``missing_image``, ``unreadable_image``, ``empty_answer``, ``no_decode_step``,
+  ``prompt_too_long`` (over ``--max-prompt-tokens``, checked before the model runs), ``model_error`` and
+  ``out_of_memory`` (the record failed inside the model; the job goes on, a resume never retries it)) and
   a ``detail``;
 - ``job.json``: the settings (and, for ``--heads auto``, the layers chosen on the calibration records);
 - ``summary.json``: counts by outcome, ignored samples, rejects by reason, time and samples/s.
@@ -38,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.labels.gate import SHORT_ANSWER_INSTRUCTION
 from qzoom_swift.labels.jobs import (
     STATUS_REJECTED,
     Block,
@@ -59,7 +64,7 @@ from qzoom_swift.labels.tristate import (
 
 JOB_VERSION = 1
 
-ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+ANSWER_SUFFIX = SHORT_ANSWER_INSTRUCTION
 GROUNDING_INSTRUCTION = (
     "Output the grounding bounding box of Region of Interest for the question. "
     "IMPORTANT: The output MUST be raw text, one box per line. DO NOT use JSON. "
@@ -67,8 +72,15 @@ GROUNDING_INSTRUCTION = (
 )
 """The official natural-image prompt (reference §2.1): the answer becomes a box, the attention sharper."""
 
+RELEASED_GRID_SIDE = 24
+"""The released labelling grid: every image padded to a square and encoded at exactly 24 x 24 = 576 tokens."""
+RELEASED_PAD_FILL = (127, 127, 127)
+"""The grey the released labelling pads with (``expand2square``, reference §2.1)."""
+GRIDS = ("auto", "square", "native")
+
 REJECT_REASONS = ("bad_json", "bad_messages", "no_question", "no_image", "multi_image", "image_tag_mismatch",
-                  "unsupported_image", "missing_image", "unreadable_image", "empty_answer", "no_decode_step")
+                  "unsupported_image", "missing_image", "unreadable_image", "empty_answer", "no_decode_step",
+                  "prompt_too_long", "model_error", "out_of_memory")
 
 
 def grounding_rewrite(after: str) -> str:
@@ -106,6 +118,10 @@ class PseudoLabelOptions:
     """auto (on for mode natural), on, off: replace/append the official grounding instruction."""
     max_tokens: int = 576
     """Visual-token budget per image when labelling (Qwen families; 0 = the processor's own setting)."""
+    grid: str = "auto"
+    """square: the released grid (padded to a square with grey, exactly 24 x 24 tokens, padding cells labelled
+    background); native: the image's own aspect ratio at up to ``max_tokens``; auto: square for the paper's
+    checkpoints (the family registry's known sizes), native otherwise."""
     calibration: int = 16
     top_k: int = 2
     tau_fg: float | None = None
@@ -120,11 +136,14 @@ class PseudoLabelOptions:
     dtype: str = "auto"
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    max_prompt_tokens: int | None = None
+    """Longer prompts (text + max_tokens) are rejected before the model runs (eager attention memory grows with
+    the square of the length); None = max_tokens + 4096 text tokens, within the model's context."""
 
     # What must match for a resume to continue an earlier run (batch/shard size, progress, device may change).
     RESUME_KEYS = ("model", "dataset", "max_new_tokens", "mode", "queries", "heads", "sink_heads", "sink",
-                   "sink_threshold", "tau_norm", "grounding_prompt", "max_tokens", "calibration", "top_k", "tau_fg",
-                   "tau_bg", "max_box_fraction", "min_peak", "limit", "batch_size", "dtype")
+                   "sink_threshold", "tau_norm", "grounding_prompt", "max_tokens", "grid", "calibration", "top_k",
+                   "tau_fg", "tau_bg", "max_box_fraction", "min_peak", "limit", "batch_size", "dtype")
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -176,6 +195,26 @@ def set_max_visual_tokens(processor, max_tokens: int) -> bool:
     shortest = min(int(ip.size["shortest_edge"]), longest)
     ip.size = {"shortest_edge": shortest, "longest_edge": longest}
     return True
+
+
+def set_fixed_visual_tokens(processor, tokens: int) -> bool:
+    """Make a Qwen-style processor encode a (pre-resized) image at exactly ``tokens``: min = max pixels."""
+    ip = processor.image_processor
+    merge, patch = getattr(ip, "merge_size", None), getattr(ip, "patch_size", None)
+    if merge is None or patch is None:
+        return False
+    pixels = int(tokens) * (int(patch) * int(merge)) ** 2
+    ip.size = {"shortest_edge": pixels, "longest_edge": pixels}
+    return True
+
+
+def released_grid_image(image, patch_unit: int, side_tokens: int = RELEASED_GRID_SIDE):
+    """The image as the released labelling shows it: padded to a grey square, resized to ``side_tokens`` cells."""
+    from qzoom_swift.roi import pad_to_square
+
+    side = side_tokens * patch_unit
+    square = pad_to_square(image.convert("RGB"), RELEASED_PAD_FILL)
+    return square if square.size == (side, side) else square.resize((side, side), resample=3)
 
 
 # -------------------------------------------------------------------------------------------------- job
@@ -254,6 +293,8 @@ class PseudoLabelJob(LabelJob):
         self.held: list[tuple[str, tuple]] = []  # (kind, payload) waiting for the auto layer choice
         self.calibration: list[tuple[Any, tuple[int, int]]] = []
         self.selection: Any = None  # HeadSelection; None until the auto choice is made
+        self.square = False  # the released grid (set up in setup())
+        self.image_sizes: dict[str, tuple[int, int]] = {}  # id -> original (w, h), for the padding cells
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -294,7 +335,13 @@ class PseudoLabelJob(LabelJob):
                                                                   opts.mode == "natural")
         if opts.grounding_prompt not in ("auto", "on", "off"):
             raise JobError(f"--grounding-prompt {opts.grounding_prompt!r}: choose from auto, on, off")
-        capped = set_max_visual_tokens(self.processor, opts.max_tokens)
+        if opts.grid not in GRIDS:
+            raise JobError(f"--grid {opts.grid!r}: choose from {', '.join(GRIDS)}")
+        self.square = opts.grid == "square" or (opts.grid == "auto" and
+                                                (num_layers, hidden) in adapter.spec.known_branch_layers)
+        self.patch_unit = adapter.patch_unit
+        capped = (set_fixed_visual_tokens(self.processor, RELEASED_GRID_SIDE ** 2) if self.square
+                  else set_max_visual_tokens(self.processor, opts.max_tokens))
         self.eos = eos_token_ids(self.model, self.processor.tokenizer)
 
         self.job = self.previous or {"version": JOB_VERSION, "settings": self.settings,
@@ -302,6 +349,7 @@ class PseudoLabelJob(LabelJob):
         self.job.update(family=self.family, num_layers=num_layers, hidden_size=hidden, num_heads=num_heads,
                         sink_filter=self.sink_method, grounding_prompt_used=self.grounding_prompt,
                         max_tokens_applied=capped, label_config=label_kwargs(self.label_cfg),
+                        label_grid="square" if self.square else "native",
                         head_selection=None if self.selection is None else self.selection.to_dict(),
                         auto_candidates=self.candidates)
         self.write_job(self.job)
@@ -321,9 +369,9 @@ class PseudoLabelJob(LabelJob):
         t0 = time.perf_counter()
         prepared = [(i, rid, rec, prepare_record(rec, self.dataset.parent, self.grounding_prompt))
                     for i, rid, rec in block]
-        valid = [(rid, p) for _i, rid, _rec, p in prepared if isinstance(p, Prepared)]
+        valid = [(rid, p) for _i, rid, _rec, p in prepared if isinstance(p, Prepared) and not self.is_rejected(rid)]
         self.timing["read_s"] += time.perf_counter() - t0
-        results = self._answer(valid) if valid else {}
+        results = self._answer(valid, {rid: i for i, rid, _rec, _p in prepared}) if valid else {}
         for i, rid, rec, p in prepared:
             if self.is_done(rid):
                 continue
@@ -344,15 +392,34 @@ class PseudoLabelJob(LabelJob):
             self._choose_layers()
             self._flush_held()
 
-    def _answer(self, valid: list[tuple[str, Prepared]]) -> dict[str, tuple]:
-        """id -> (answer, attention sample, token grid) of the block's valid records, generated as one batch."""
+    def _answer(self, valid: list[tuple[str, Prepared]], index_of: dict[str, int]) -> dict[str, tuple]:
+        """id -> (answer, attention sample, token grid) of the block's valid records, generated as one batch.
+
+        Over-long prompts and records that fail inside the model are rejected (``LabelJob.guarded_results``);
+        they are missing from the result.
+        """
+        from qzoom_swift.labels.jobs import model_context, text_tokens
+
+        visual = int(self.opts.max_tokens or 0)  # 0: the processor's own cap, counted as text only
+        tokens = [text_tokens(self.processor, p.messages) + visual for _, p in valid]
+
+        def run(pos: list[int]) -> list[tuple]:
+            return self._answer_batch([valid[k] for k in pos])
+
+        results = self.guarded_results([(index_of[rid], rid) for rid, _ in valid], tokens,
+                                       self.prompt_limit(model_context(self.model), visual), run)
+        return {rid: r for (rid, _), r in zip(valid, results) if not isinstance(r, Reject)}
+
+    def _answer_batch(self, valid: list[tuple[str, Prepared]]) -> list[tuple]:
+        """(answer, attention sample, token grid) per record, generated as one batch."""
         from qzoom_swift.labels.attention import generate_with_attention, image_grids
 
         processor, model = self.processor, self.model
         t0 = time.perf_counter()
         texts = [processor.apply_chat_template(p.messages, add_generation_prompt=True) for _, p in valid]
-        inputs = processor(text=texts, images=[p.image for _, p in valid], return_tensors="pt",
-                           padding=True).to(model.device)
+        self.image_sizes.update({rid: p.image.size for rid, p in valid})
+        images = [released_grid_image(p.image, self.patch_unit) if self.square else p.image for _, p in valid]
+        inputs = processor(text=texts, images=images, return_tensors="pt", padding=True).to(model.device)
         grids = image_grids(model, inputs)
         self.timing["preprocess_s"] += time.perf_counter() - t0
         sel = self.selection
@@ -362,12 +429,12 @@ class PseudoLabelJob(LabelJob):
         new_ids, samples = generate_with_attention(model, inputs, layers, norm_layers, self.eos,
                                                    self.opts.max_new_tokens, queries=self.opts.queries)
         self.timing["generate_s"] += time.perf_counter() - t0
-        results = {}
-        for (rid, _p), ids_row, sample, grid in zip(valid, new_ids, samples, grids):
+        results = []
+        for ids_row, sample, grid in zip(new_ids, samples, grids):
             row = ids_row.tolist()
             cut = next((k for k, t in enumerate(row) if t in self.eos), len(row))
             answer = processor.tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
-            results[rid] = (answer, sample, grid)
+            results.append((answer, sample, grid))
         return results
 
     @staticmethod
@@ -405,6 +472,7 @@ class PseudoLabelJob(LabelJob):
     def _labelled_record(self, rid: str, rec: dict, answer: str, sample: Any, grid: tuple[int, int]) -> dict:
         """The output line: the input record plus the maps, the sink mask's size and the tri-state labels."""
         from qzoom_swift.labels.tristate import combine_sink_masks, label_kwargs, tristate_labels
+        from qzoom_swift.roi import padding_cells
 
         sel = self.selection
         h, w = grid
@@ -418,7 +486,13 @@ class PseudoLabelJob(LabelJob):
         norms = None if norms is None else norms.view(h, w)
         mask = combine_sink_masks(self.sink_method, (h, w), sink_attn=sink_attn, norms=norms,
                                   sink_threshold=sel.sink_threshold, tau_norm=self.opts.tau_norm)
-        res = tristate_labels(att, mask, **label_kwargs(self.label_cfg))
+        known_bg = None
+        if self.square:  # the padding of the released grid is known background
+            if (h, w) != (RELEASED_GRID_SIDE, RELEASED_GRID_SIDE):
+                raise RuntimeError(f"record {rid}: the released grid should be {RELEASED_GRID_SIDE}x"
+                                   f"{RELEASED_GRID_SIDE} tokens, the processor gave {h}x{w}")
+            known_bg = padding_cells(self.image_sizes.pop(rid), RELEASED_GRID_SIDE)
+        res = tristate_labels(att, mask, known_bg=known_bg, **label_kwargs(self.label_cfg))
         data = {"qzoom_id": rid, "qzoom_status": res.status}
         data.update({k: v for k, v in rec.items() if not k.startswith("qzoom_")})
         data.update(qzoom_answer=answer, qzoom_attn=_grid_list(att, grid), qzoom_attn_grid=[h, w],
@@ -427,6 +501,8 @@ class PseudoLabelJob(LabelJob):
                     qzoom_sink_tokens=int(mask.sum()),
                     qzoom_box=None if res.box is None else [res.box.x0, res.box.y0, res.box.x1, res.box.y1],
                     qzoom_peak=float(f"{res.peak:.6g}"), qzoom_rpn_labels=res.as_list())
+        if self.square:  # training pads the image the same way, so the labels land where they were made
+            data["qzoom_pad_square"] = True
         return data
 
     def _choose_layers(self) -> None:

@@ -14,6 +14,8 @@ official ``create_pseudo_labels`` (reference §2.2), with the thresholds of ``QZ
 6. the whole sample is ignored (every cell -100) when the box covers ``>= max_box_fraction`` of the grid
    (no localised evidence) or ``peak < min_peak`` (the answer hardly looked at the image), or the map has
    no finite positive value.
+7. on the released grid (the image padded to a square), the padding cells are zeroed in step 1 and labelled
+   background in a kept sample (``known_bg``; the released ``mask_known_bg``).
 
 Sink filters (tokens that soak up attention whatever the question, e.g. massive-activation tokens):
 
@@ -102,11 +104,13 @@ def blur_map(values: Tensor, kernel: int = 3, sigma: float = 1.0) -> Tensor:
 
 def tristate_labels(attn: Tensor, sink_mask: Tensor | None = None, *, tau_fg: float = 0.2, tau_bg: float = 0.05,
                     max_box_fraction: float = 0.5, min_peak: float = 5e-3, blur_kernel: int = 3,
-                    blur_sigma: float = 1.0) -> TriStateLabels:
+                    blur_sigma: float = 1.0, known_bg: Tensor | None = None) -> TriStateLabels:
     """Tri-state labels of one image from its attention map (see the module docstring for the rule).
 
     ``attn`` is a float ``[h, w]`` map on the merged-token grid; ``sink_mask`` a bool ``[h, w]`` map (True =
-    sink) or None. Thresholds default to ``QZoomConfig``'s; pass ``**label_kwargs(config)`` to use a config.
+    sink) or None. ``known_bg`` (bool ``[h, w]``): cells known to hold nothing, the square padding of the
+    released grid (``mask_known_bg``, reference §2.2): zeroed like sinks, then labelled background in a kept
+    sample wherever they are. Thresholds default to ``QZoomConfig``'s; pass ``**label_kwargs(config)``.
     """
     _check_map("attention map", attn)
     if not (0.0 <= tau_bg <= tau_fg <= 1.0):
@@ -118,6 +122,11 @@ def tristate_labels(attn: Tensor, sink_mask: Tensor | None = None, *, tau_fg: fl
         if tuple(sink_mask.shape) != tuple(g.shape):
             raise ValueError(f"sink mask shape {tuple(sink_mask.shape)} != attention map shape {tuple(g.shape)}")
         g[sink_mask.to(torch.bool).cpu()] = 0.0
+    if known_bg is not None:
+        if tuple(known_bg.shape) != tuple(g.shape):
+            raise ValueError(f"known_bg shape {tuple(known_bg.shape)} != attention map shape {tuple(g.shape)}")
+        known_bg = known_bg.to(torch.bool).cpu()
+        g[known_bg] = 0.0
     g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
     h, w = g.shape
     ignored = torch.full((h, w), IGNORE, dtype=torch.long)
@@ -137,6 +146,8 @@ def tristate_labels(attn: Tensor, sink_mask: Tensor | None = None, *, tau_fg: fl
     in_box[box.y0:box.y1, box.x0:box.x1] = True
     labels[~in_box & (g < tau_bg * peak)] = BG
     labels[fg] = FG
+    if known_bg is not None:
+        labels[known_bg] = BG
     return TriStateLabels(labels, STATUS_OK, box, peak)
 
 

@@ -57,12 +57,20 @@ def predict_heatmap(model_dir: str, checkpoint: str, record: dict, base_dir: Pat
     if not isinstance(prepared, Prepared):
         raise ValueError(f"record cannot be shown to the model: {prepared.reason}: {prepared.detail}")
     text = processor.apply_chat_template(prepared.messages, add_generation_prompt=True)
-    inputs = processor(text=[text], images=[prepared.image], return_tensors="pt")
+    image = prepared.image
+    if record.get("qzoom_pad_square"):  # labelled on the released grid: shown padded, as in training
+        from qzoom_swift.labels.pseudo import RELEASED_PAD_FILL
+        from qzoom_swift.roi import pad_to_square
+
+        image = pad_to_square(image, RELEASED_PAD_FILL)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
     with torch.inference_mode():
         state = prefill(model, branches=("rpn",), **inputs)
     logits = state.heatmaps()[0].float()
     tau = cfg.tau_roi if tau_roi is None else tau_roi
-    box = roi_box_from_heatmap(logits, tau, cfg.blur_kernel, cfg.blur_sigma)
+    from qzoom_swift.zoom import sink_keep_mask
+
+    box = roi_box_from_heatmap(logits, tau, cfg.blur_kernel, cfg.blur_sigma, sink_keep_mask(cfg, state, 0))
     return torch.sigmoid(logits).numpy(), box, tau
 
 
@@ -160,6 +168,11 @@ def render_record_png(shard: str | Path, out: str | Path, *, index: int = 0, rec
     if checkpoint is not None and not model_dir:
         raise ValueError("--checkpoint needs the base model: pass --model (no job.json next to the shard)")
     image, base_dir = _record_image(record, job, shard)
+    if record.get("qzoom_pad_square"):  # the released grid covers the grey-padded square
+        from qzoom_swift.labels.pseudo import RELEASED_PAD_FILL
+        from qzoom_swift.roi import pad_to_square
+
+        image = pad_to_square(image, RELEASED_PAD_FILL)
     region = grid_region(image.size, _processor_of(model_dir))
     attn = np.asarray(record["qzoom_attn"], dtype=np.float32)
     panels = 4 if checkpoint else 3

@@ -5,7 +5,8 @@
 - ``gate.onnx`` / ``gate.fp16.onnx``: (hidden_states, attention_mask, cos, sin, query_index) -> gate_logit [B],
   gate_prob [B];
 - ``rpn.onnx`` / ``rpn.fp16.onnx``: same inputs -> token_logits [B, S] (mean over heads of q_query . k * scale;
-  selecting the visual tokens and shaping heatmaps stays outside the graph);
+  selecting the visual tokens and shaping heatmaps stays outside the graph) and sink_logits [B, S] (the first
+  real token's head-0 query against every head's keys: what Qwen3-VL's released sink mask thresholds);
 - ``qzoom_config.json`` (the branches' config) and ``parity_report.json`` (onnxruntime vs torch on random and
   real prompts, several batch sizes and sequence lengths, including lengths not seen at export).
 
@@ -170,7 +171,8 @@ def torch_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[s
     with torch.no_grad():
         logit = gate_logits(model, state).float().cpu()
         tokens = rpn_token_logits(model, state).float().cpu()
-    return {"gate_logit": logit, "gate_prob": torch.sigmoid(logit), "token_logits": tokens}
+    return {"gate_logit": logit, "gate_prob": torch.sigmoid(logit), "token_logits": tokens,
+            "sink_logits": state.rpn_sink_logits.float().cpu()}
 
 
 def export_metadata(model: nn.Module, branch: str, precision: str, opset: int) -> dict[str, str]:
@@ -277,15 +279,18 @@ def _compare(sessions: dict, precision: str, model: nn.Module, inputs: dict[str,
     dtype = PRECISIONS[precision]
     feeds = {k: (v.to(dtype) if v.is_floating_point() else v).numpy() for k, v in inputs.items()}
     logit, prob = sessions["gate"].run(list(GATE_OUTPUTS), feeds)
-    tokens = torch.from_numpy(np.asarray(sessions["rpn"].run(list(RPN_OUTPUTS), feeds)[0])).float()
+    tokens, sink = (torch.from_numpy(np.asarray(o)).float() for o in sessions["rpn"].run(list(RPN_OUTPUTS), feeds))
     valid = inputs["attention_mask"].bool()
     token_diff = (tokens - ref["token_logits"])[valid].abs().max().item()
     scale = ref["token_logits"][valid].abs().max().item()
+    sink_diff = (sink - ref["sink_logits"])[valid].abs().max().item()
     row = {
         "batch": int(valid.shape[0]), "seq": int(valid.shape[1]), "left_pad": (~valid).sum(1).tolist(),
         "gate_prob": float((torch.from_numpy(np.asarray(prob)).float() - ref["gate_prob"]).abs().max()),
         "gate_logit": float((torch.from_numpy(np.asarray(logit)).float() - ref["gate_logit"]).abs().max()),
         "token_logits": token_diff, "token_logits_rel": token_diff / max(scale, 1e-12),
+        "sink_logits": sink_diff,
+        "sink_logits_rel": sink_diff / max(ref["sink_logits"][valid].abs().max().item(), 1e-12),
     }
     if visual_mask is not None and bool(visual_mask.any()):
         row["heatmap"] = (tokens - ref["token_logits"])[visual_mask].abs().max().item()
@@ -300,8 +305,9 @@ def parity_report(model: nn.Module, files: dict[tuple[str, str], Path], processo
                   cases=PARITY_CASES) -> dict:
     """Max abs differences onnxruntime (CPU) vs torch for every precision exported; ``passed`` per precision.
 
-    fp32 must stay within ``TOLERANCE['fp32']`` for the gate probability, the gate logit and the token logits;
-    fp16 within ``TOLERANCE['fp16']`` for the gate probability and relative to the largest token logit.
+    fp32 must stay within ``TOLERANCE['fp32']`` for the gate probability, the gate logit, the token and the sink
+    logits; fp16 within ``TOLERANCE['fp16']`` for the gate probability and relative to the largest token (sink)
+    logit.
     """
     precisions = sorted({p for _, p in files}, key=list(PRECISIONS).index)
     real = _real_inputs(model, processor) if processor is not None else None
@@ -315,12 +321,14 @@ def parity_report(model: nn.Module, files: dict[tuple[str, str], Path], processo
         if real is not None:
             rows.append({"kind": "real", **_compare(sessions, precision, model, real[0], real[1])})
         tol = TOLERANCE[precision]
-        worst = {k: max(r[k] for r in rows if k in r) for k in ("gate_prob", "gate_logit", "token_logits",
-                                                                 "token_logits_rel", "heatmap") if any(k in r for r in rows)}
+        keys = ("gate_prob", "gate_logit", "token_logits", "token_logits_rel", "sink_logits", "sink_logits_rel",
+                "heatmap")
+        worst = {k: max(r[k] for r in rows if k in r) for k in keys if any(k in r for r in rows)}
         if precision == "fp32":
-            passed = all(worst[k] <= tol for k in ("gate_prob", "gate_logit", "token_logits", "heatmap") if k in worst)
+            passed = all(worst[k] <= tol for k in ("gate_prob", "gate_logit", "token_logits", "sink_logits", "heatmap")
+                         if k in worst)
         else:
-            passed = worst["gate_prob"] <= tol and worst["token_logits_rel"] <= tol
+            passed = worst["gate_prob"] <= tol and worst["token_logits_rel"] <= tol and worst["sink_logits_rel"] <= tol
         report["precisions"][precision] = {"tolerance": tol, "max_abs_diff": worst, "passed": passed, "rows": rows}
     return report
 

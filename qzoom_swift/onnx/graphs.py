@@ -28,7 +28,8 @@ from qzoom_swift.families import FamilyAdapter
 
 INPUT_NAMES = ("hidden_states", "attention_mask", "cos", "sin", "query_index")
 GATE_OUTPUTS = ("gate_logit", "gate_prob")
-RPN_OUTPUTS = ("token_logits",)
+RPN_OUTPUTS = ("token_logits", "sink_logits")
+"""``sink_logits``: the first real token's head-0 query against every token (Qwen3-VL's released sink test)."""
 MASK_VALUE = torch.finfo(torch.float32).min
 """Additive mask value (finite, as transformers' eager masks: fully padded rows stay NaN-free)."""
 
@@ -148,7 +149,8 @@ class GateGraph(_BranchGraph):
 
 
 class RPNGraph(_BranchGraph):
-    """(hidden_states, attention_mask, cos, sin, query_index) -> token_logits [B, S] (mean_h q_query . k * scale)."""
+    """(hidden_states, attention_mask, cos, sin, query_index) -> token_logits [B, S] (mean_h q_query . k * scale),
+    sink_logits [B, S] (mean_h q_first[head 0] . k_h * scale, the first real token read off the padding mask)."""
 
     def __init__(self, rpn: nn.Module, adapter: FamilyAdapter):
         super().__init__(rpn.layers, adapter)
@@ -158,6 +160,14 @@ class RPNGraph(_BranchGraph):
         self.head_dim, self.num_kv_groups, self.scaling = int(head.head_dim), int(head.num_kv_groups), float(
             head.scaling)
 
+    def _query(self, x, cos, sin, index):
+        """Rotated queries [B, H, 1, d] of the rows ``index`` [B]."""
+        q = self.q_proj(_gather_rows(x, index)).unflatten(-1, (-1, self.head_dim))
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)
+        return self._adapter.apply_rotary(q, q, _gather_rows(cos, index), _gather_rows(sin, index))[0]
+
     def forward(self, hidden_states, attention_mask, cos, sin, query_index):
         hidden = self._run(hidden_states, attention_mask, cos, sin, query_index, last_row_only=False)
         x = self.input_layernorm(hidden)
@@ -165,13 +175,13 @@ class RPNGraph(_BranchGraph):
         if self.k_norm is not None:
             k = self.k_norm(k)
         k = self._adapter.apply_rotary(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]  # [B, Hkv, S, d]
-        xq = _gather_rows(x, query_index)
-        q = self.q_proj(xq).unflatten(-1, (-1, self.head_dim))
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        q = q.transpose(1, 2)
-        q = self._adapter.apply_rotary(q, q, _gather_rows(cos, query_index), _gather_rows(sin, query_index))[0]
+        q = self._query(x, cos, sin, query_index)
         # grouped heads: query head h uses key head h // groups, as repeat_interleave in the torch head
         q = q.unflatten(1, (-1, self.num_kv_groups)).squeeze(3)  # [B, Hkv, G, d]
         scores = torch.matmul(q, k.transpose(2, 3))  # [B, Hkv, G, S]
-        return (scores.float() * self.scaling).mean(dim=(1, 2))
+        tokens = (scores.float() * self.scaling).mean(dim=(1, 2))
+        first = (attention_mask > 0).float().argmax(dim=1)  # the first real token, left or right padding
+        q0 = self._query(x, cos, sin, first)[:, :1]  # head 0: [B, 1, 1, d]
+        # the mean over the H expanded key heads equals the mean over the Hkv heads (each repeated G times)
+        sink = (torch.matmul(q0, k.transpose(2, 3)).float() * self.scaling).mean(dim=(1, 2))
+        return tokens, sink

@@ -66,6 +66,15 @@ def model_signature(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def _read_graph_metadata(path: Path) -> dict[str, str]:
+    """``read_metadata`` with the file named when it is not a readable ONNX graph (protobuf errors do not)."""
+    try:
+        return read_metadata(path)
+    except Exception as exc:  # onnx raises protobuf DecodeError and others for damaged files
+        raise OnnxRouterError(f"cannot read the ONNX graph {path}: {type(exc).__name__}: {exc}; re-export it with "
+                              "`qzoom export-onnx`") from exc
+
+
 class OnnxRouter:
     """Gate logits and RPN token logits from the exported graphs in ``onnx_dir``.
 
@@ -90,7 +99,7 @@ class OnnxRouter:
         if missing:
             raise OnnxRouterError(f"no exported {precision} graph at {', '.join(missing)}: run `qzoom export-onnx "
                                   f"CKPT --model BASE --out {self.onnx_dir}` first")
-        self.metadata = {b: read_metadata(p) for b, p in self.paths.items()}
+        self.metadata = {b: _read_graph_metadata(p) for b, p in self.paths.items()}
         self._check_graphs()
         self.provider = self._pick_provider(provider, ort)
         self.device_id = int(device_id)
@@ -107,6 +116,10 @@ class OnnxRouter:
             self.provider = PROVIDERS["cpu"]
             self.sessions = self._sessions(ort, options)
         self.input_dtype = _NUMPY_TYPES[self.sessions["gate"].get_inputs()[0].type]
+        known = {"gate": GATE_OUTPUTS, "rpn": RPN_OUTPUTS}
+        self.output_names = {b: [o.name for o in s.get_outputs() if o.name in known[b]]
+                             for b, s in self.sessions.items()}
+        """Outputs each graph has (graphs exported before ``sink_logits`` existed lack it)."""
         logger.info("Q-Zoom ONNX router: %s graphs from %s on %s", precision, self.onnx_dir, self.provider)
         if model is not None:
             self.check_model(model)
@@ -202,7 +215,7 @@ class OnnxRouter:
         feeds = {"hidden_states": hidden_states.to(self.input_dtype), "attention_mask": attention_mask.long(),
                  "cos": cos.to(self.input_dtype), "sin": sin.to(self.input_dtype),
                  "query_index": query_index.long().expand(batch)}
-        names = list(GATE_OUTPUTS if branch == "gate" else RPN_OUTPUTS)
+        names = self.output_names[branch]
         session = self.sessions[branch]
         device = hidden_states.device
         on_device = device.type == "cuda" and (device.index or 0) == self.device_id
@@ -251,10 +264,12 @@ class OnnxRouter:
         return logit
 
     def rpn_token_logits(self, model: nn.Module, state) -> torch.Tensor:
-        """[B, S] RPN token scores; also stored on ``state.rpn_token_logits``."""
-        (tokens,) = self.run("rpn", *self._state_inputs(model, state))
-        state.rpn_token_logits = tokens
-        return tokens
+        """[B, S] RPN token scores; also stored on ``state.rpn_token_logits`` (and the first-token sink scores
+        on ``state.rpn_sink_logits``, None for graphs exported without them)."""
+        outputs = self.run("rpn", *self._state_inputs(model, state))
+        state.rpn_token_logits = outputs[0]
+        state.rpn_sink_logits = outputs[1] if len(outputs) > 1 else None
+        return outputs[0]
 
     def __repr__(self) -> str:
         return f"OnnxRouter({str(self.onnx_dir)!r}, provider={self.provider!r}, precision={self.precision!r})"

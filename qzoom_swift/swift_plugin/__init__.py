@@ -29,6 +29,7 @@ def register() -> None:
     from qzoom_swift.swift_plugin import datasets, models, templates, trainer, tuner
 
     datasets.register_dataset_keys()
+    datasets.register_gate_dataset()
     templates.register_templates()
     models.register_models()
     tuner.register_tuner()

@@ -21,10 +21,36 @@ def _qzoom_loader(base_loader: type) -> type:
             # ZeRO-3 the partitioned layers could not be copied anyway). Re-attach with --adapters later.
             if env.attach:
                 attach_branches(model, effective_config())
+                check_router(model, branch_layout=False)  # before serving: --adapters may still change B and R
             return model
 
     QZoomLoader.__name__ = QZoomLoader.__qualname__ = f"QZoom{base_loader.__name__}"
     return QZoomLoader
+
+
+def check_router(model, branch_layout: bool = True) -> None:
+    """Build the router ``QZOOM_ROUTER`` asks for and check it against ``model`` now, at start-up.
+
+    A wrong ONNX directory, precision, provider or graph otherwise passed start-up and failed every request
+    (``swift deploy`` answered HTTP 400 while reporting healthy). ``branch_layout=False`` skips B and R,
+    which a checkpoint loaded afterwards (``--adapters``) may still change; the tuner checks them then.
+    """
+    from swift.utils import get_logger
+
+    from qzoom_swift.onnx.router import OnnxRouterError, model_signature, router_from_env
+
+    router = router_from_env(log=get_logger().info)  # the one log line of the (cached) router is written here
+    if router is None:
+        return
+    if branch_layout:
+        router.check_model(model)
+        return
+    have, meta = model_signature(model), router.metadata["gate"]
+    wrong = [k for k in ("family", "hidden_size", "num_hidden_layers") if meta.get(k) != have.get(k)]
+    if wrong:
+        raise OnnxRouterError(
+            f"QZOOM_ONNX_DIR {router.onnx_dir}: the graphs were exported from another model than {type(model).__name__} "
+            f"(mismatch in {', '.join(wrong)}: graphs {[meta.get(k) for k in wrong]}, model {[have[k] for k in wrong]})")
 
 
 def register_models() -> None:

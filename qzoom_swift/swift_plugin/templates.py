@@ -45,7 +45,101 @@ def _num_images(encoded: dict) -> int:
     return 0
 
 
-class QZoomTemplateMixin:
+def _pad_to_square(inputs, index: int) -> None:
+    """Pad image ``index`` to a grey square, as ``qzoom pseudo-labels --grid square`` showed it to the model."""
+    from qzoom_swift.labels.pseudo import RELEASED_PAD_FILL
+    from qzoom_swift.roi import pad_to_square
+
+    image = inputs.images[index]
+    if isinstance(image, str):
+        from swift.template import load_image
+
+        image = load_image(image)
+    inputs.images[index] = pad_to_square(image.convert("RGB"), RELEASED_PAD_FILL)
+
+
+def _describe_media(item) -> str:
+    if isinstance(item, str):
+        if item.startswith("data:"):
+            return f"data URI with {len(item.split(',', 1)[-1])} payload characters"
+        return item if len(item) <= 200 else f"a string of {len(item)} characters"
+    if isinstance(item, bytes | bytearray):
+        return f"{len(item)} bytes"
+    if isinstance(item, dict):
+        return f"an object with keys {sorted(item)}"
+    return type(item).__name__
+
+
+def check_request_media(inputs) -> None:
+    """Videos and audio are refused (Q-Zoom zooms into images); every image must decode, or its entry is named."""
+    from swift.template import load_image
+
+    for kind in ("videos", "audios"):
+        items = getattr(inputs, kind, None) or []
+        if items:
+            raise ValueError(f"the Q-Zoom template serves images and text only; this request has {len(items)} "
+                             f"{kind[:-1]} entr{'y' if len(items) == 1 else 'ies'}")
+    for i, image in enumerate(getattr(inputs, "images", None) or []):
+        if image is None or (hasattr(image, "size") and not isinstance(image, str | bytes | dict)):
+            continue  # already a decoded image
+        try:
+            source = image.get("bytes") or image.get("path") if isinstance(image, dict) else image
+            if source in (b"", "") or (isinstance(source, str) and source.strip().endswith(",")):
+                raise ValueError("it is empty")
+            load_image(source)
+        except Exception as exc:  # PIL and swift's loaders raise many types, some with no message
+            detail = str(exc) or "empty or not an image"
+            raise ValueError(f"image {i} ({_describe_media(image)}) cannot be read: {type(exc).__name__}: "
+                             f"{detail}") from exc
+
+
+QZOOM_MODEL_TYPES = frozenset(spec.qzoom_model_type for spec in FAMILIES.values())
+
+
+def check_pairing(template_type: str, model_type: str | None) -> None:
+    """Refuse a Q-Zoom model type with a stock template, or the reverse: either serves the model without Q-Zoom.
+
+    A stock template decodes the ``qzoom_*`` model in one plain pass (the branches never run), and the
+    Q-Zoom template on a stock model type finds no branches; both used to fall back silently.
+    """
+    if model_type in QZOOM_MODEL_TYPES and template_type not in QZOOM_MODEL_TYPES:
+        raise ValueError(
+            f"--model_type {model_type} is a Q-Zoom model type but --template {template_type} is a stock template, "
+            f"which would serve it without Q-Zoom: pass --template {model_type} or leave --template out")
+    if template_type in QZOOM_MODEL_TYPES and model_type is not None and model_type not in QZOOM_MODEL_TYPES:
+        raise ValueError(
+            f"--template {template_type} is a Q-Zoom template but --model_type {model_type} is a stock model type, "
+            f"which loads no Q-Zoom branches: pass --model_type {template_type}")
+
+
+def report_read_tokens(mask: torch.Tensor | None, read: list[int]) -> None:
+    """Make ms-swift's ``usage.prompt_tokens`` count what each sample read: pass 1 plus the inserted crop.
+
+    The transformers engine counts a request's prompt tokens as the row sum of this very attention-mask
+    tensor once ``generate`` returns (nothing else reads it then), so a zoomed row gets the inserted tokens
+    added to its last (real) position. Shape and storage are untouched. Streaming responses are counted
+    before generation and still see pass 1 only.
+    """
+    if mask is None or mask.dim() != 2 or mask.shape[0] != len(read) or mask.dtype == torch.bool \
+            or mask.is_floating_point():
+        return
+    for i, n in enumerate(read):
+        extra = int(n) - int(mask[i].sum())
+        if extra > 0:
+            mask[i, -1] += extra
+
+
+class PairingGuardMixin:
+    """Checks the template / model-type pairing as soon as the template learns the model (``init_processor``)."""
+
+    def init_processor(self, processor) -> None:
+        if processor is not None:
+            meta = getattr(processor, "model_meta", None)
+            check_pairing(self.template_meta.template_type, getattr(meta, "model_type", None))
+        super().init_processor(processor)
+
+
+class QZoomTemplateMixin(PairingGuardMixin):
     """Q-Zoom targets in encode/collate, the branch-training bypass of the pre-forward hook, and zoom generation.
 
     At inference the first pass is encoded at the Q-Zoom low budget (``QZOOM_LOW_MIN/MAX_TOKENS``), the
@@ -78,7 +172,15 @@ class QZoomTemplateMixin:
         branches = get_branches(model) if model is not None else None
         return effective_config(branches.qzoom_config if branches is not None else None)
 
+    def _preprocess_inputs(self, inputs) -> None:
+        """At inference, refuse media Q-Zoom cannot serve, with a message naming the entry (not an empty error)."""
+        if not self.is_training:
+            check_request_media(inputs)
+        super()._preprocess_inputs(inputs)
+
     def replace_tag(self, media_type, index, inputs):
+        if media_type == "image" and self.is_training and (inputs.extra_kwargs or {}).get("qzoom_pad_square"):
+            _pad_to_square(inputs, index)  # labels made on the released (square-padded) grid
         zoom_training = self.is_training and (inputs.extra_kwargs or {}).get("qzoom_roi") is not None
         if media_type == "image" and (not self.is_training or zoom_training):
             image = inputs.images[index]
@@ -206,10 +308,11 @@ class QZoomTemplateMixin:
         router = router_from_env(log=get_logger().info)  # QZOOM_ROUTER=onnx + QZOOM_ONNX_DIR; default: torch
         out = zoom_generate(base, self.processor, inputs, sources, cfg, router=router, **kwargs)
         base.qzoom_last_stats = [s.to_dict() for s in out.stats]  # for callers that want the decisions
+        report_read_tokens(inputs.get("attention_mask"), [s.prompt_tokens for s in out.stats])
 
         get_logger().info("qzoom: " + "; ".join(
             f"{'zoom' if s.zoomed else 'direct'}({s.reason}) p={s.gate_prob if s.gate_prob is None else round(s.gate_prob, 3)} "
-            f"visual={s.visual_tokens_low}+{s.visual_tokens_roi}" for s in out.stats))
+            f"read={s.prompt_tokens} visual={s.visual_tokens_low}+{s.visual_tokens_roi}" for s in out.stats))
         pad = self.tokenizer.pad_token_id
         width = max((len(g) for g in out.generated), default=0)
         input_ids = inputs["input_ids"]
@@ -237,12 +340,25 @@ def _template_class(base_cls: type, family: str) -> type:
                 {"__module__": __name__, "qzoom_family": family})
 
 
+def _guarded_stock_class(base_cls: type) -> type:
+    """The stock template class, refusing a Q-Zoom model type (nothing else changes)."""
+    if issubclass(base_cls, PairingGuardMixin):
+        return base_cls
+    return type(f"QZoomGuarded{base_cls.__name__}", (PairingGuardMixin, base_cls), {"__module__": __name__})
+
+
 def register_templates() -> None:
+    """The ``qzoom_*`` templates, and the family's stock templates with the pairing guard (same registry names)."""
     from swift.template import TEMPLATE_MAPPING, register_template
 
     for family, spec in FAMILIES.items():
         base_meta = TEMPLATE_MAPPING[spec.swift_template]
-        cls = _template_class(base_meta.template_cls, family)
+        stock_cls = getattr(base_meta.template_cls, "__qzoom_stock__", base_meta.template_cls)
+        cls = _template_class(stock_cls, family)
         globals()[cls.__name__] = cls  # importable by name (pickling, spawn workers)
         meta = dataclasses.replace(base_meta, template_type=spec.qzoom_model_type, template_cls=cls)
         register_template(meta, exist_ok=True)
+        guarded = _guarded_stock_class(base_meta.template_cls)
+        guarded.__qzoom_stock__ = stock_cls
+        globals()[guarded.__name__] = guarded
+        register_template(dataclasses.replace(base_meta, template_cls=guarded), exist_ok=True)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from swift.tuner_plugin import Tuner, tuners_map
 
-from qzoom_swift.branches import BRANCH_NAMES, branch_parameters, require_branches
+from qzoom_swift.branches import BRANCH_NAMES, branch_parameters, copy_gate_layers, require_branches
 from qzoom_swift.checkpoint import load_branch_checkpoint, save_branch_checkpoint
 from qzoom_swift.config import read_env
 from qzoom_swift.families.registry import FAMILIES
+from qzoom_swift.swift_plugin.models import check_router
 from qzoom_swift.training import install_branch_training_forward, set_trained_branches, trained_branches
 
 TUNER_NAME = "qzoom"
@@ -62,9 +63,20 @@ class QZoomTuner(Tuner):
 
     @staticmethod
     def from_pretrained(model, model_id, **kwargs):
-        load_branch_checkpoint(model, model_id)
+        """Load a branch checkpoint (``--adapters`` / resume); training the gate, start it from this model.
+
+        A checkpoint whose gate never trained (stage 1) holds copies of the layers of the model stage 1 ran on;
+        stage 3 runs on the Post-SFT model, so its gate is copied from this model's layers instead, whatever
+        checkpoint supplies the RPN. A gate that has trained (a resumed stage 3) is kept.
+        """
+        config = load_branch_checkpoint(model, model_id)
         if kwargs.get("is_trainable"):
-            prepare_branch_training(model, branches_to_train())
+            which = branches_to_train()
+            if "gate" in which and "gate" not in config.extra.get("trained_branches", []):
+                copy_gate_layers(model)
+            prepare_branch_training(model, which)
+        else:
+            check_router(model)  # inference (--adapters): the router must fit these branches before serving
         return model
 
 

@@ -1,0 +1,110 @@
+"""Child processes that never outlive their parent (standard library only).
+
+Two launchers leave orphans otherwise: ms-swift's ``swift`` command runs the real program (``swift deploy``'s
+server, ``swift sft``) as a child and does not pass SIGTERM on, and ``qzoom eval`` runs each run in a worker.
+A child asks the kernel for a signal when its parent dies (``PR_SET_PDEATHSIG`` through ctypes, Linux), which
+also covers a parent killed with SIGKILL; a parent that runs a child forwards SIGTERM/SIGINT/SIGHUP to it and
+waits for it to exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_GRACE_S = 20.0
+"""Seconds a child gets to exit after SIGTERM before it is killed."""
+
+
+def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent exits; True when that is in place.
+
+    ``parent_pid`` closes the race of a parent that died before the call: then ``sig`` is raised at once.
+    Only Linux has the call; elsewhere nothing happens (False).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def started_by_swift_launcher(argv: Sequence[str] | None = None, parent: int | None = None) -> bool:
+    """Whether this process is the program ms-swift's ``swift`` command runs as its child (``swift/cli/*.py``)."""
+    argv = sys.argv if argv is None else argv
+    if not argv or Path(argv[0]).parent.as_posix().split("/")[-2:] != ["swift", "cli"]:
+        return False
+    launcher = _cmdline(os.getppid() if parent is None else parent)
+    return any(Path(a).name == "swift" or a.endswith("swift/cli/main.py") or a == "swift.cli.main"
+               for a in launcher[:3])
+
+
+def stop_with_swift_launcher() -> bool:
+    """In the child of ``swift deploy|infer|sft``: exit (SIGTERM) when the launcher is stopped or killed."""
+    if not started_by_swift_launcher():
+        return False
+    return die_with_parent(signal.SIGTERM, os.getppid())
+
+
+class ChildStopped(SystemExit):
+    """Raised by :func:`run_child` after it stopped the child because this process was asked to stop."""
+
+
+def run_child(cmd: Sequence[str], **popen_kwargs) -> int:
+    """``subprocess.run`` that stops the child when this process is stopped; returns the child's exit code.
+
+    SIGTERM, SIGINT and SIGHUP are passed on as SIGTERM (SIGKILL after ``STOP_GRACE_S``), the child is
+    waited for, and :class:`ChildStopped` (exit code 128 + signal) ends this process's work too. The
+    child should call :func:`die_with_parent` to also go when this process is killed outright.
+    """
+    proc = subprocess.Popen(list(cmd), **popen_kwargs)
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        if proc.poll() is None:
+            proc.terminate()
+
+    previous = {}
+    for sig in FORWARDED_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread: the caller keeps its own handling
+            break
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=STOP_GRACE_S if received else None)
+                break
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if received:
+        raise ChildStopped(128 + received[0])
+    return rc
