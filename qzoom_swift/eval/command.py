@@ -227,6 +227,9 @@ def _tail(path: Path, n: int = 40) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qzoom_swift.extras import require_extra
+
+    require_extra("eval", "qzoom eval")  # here, not in a worker's log
     try:
         specs, names = build_run_specs(args)
         if not args.summary_only:

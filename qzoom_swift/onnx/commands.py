@@ -35,6 +35,9 @@ def export_onnx_args(p: argparse.ArgumentParser) -> None:
 
 
 def export_onnx_run(args: argparse.Namespace) -> int:
+    from qzoom_swift.extras import require_extra
+
+    require_extra("onnx", "qzoom export-onnx")  # before the exporter's own imports
     from qzoom_swift.fileio import quiet_transformers
     from qzoom_swift.onnx.export import DEFAULT_OPSET, REPORT_NAME, export_checkpoint
 

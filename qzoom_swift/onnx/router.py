@@ -88,6 +88,9 @@ class OnnxRouter:
 
     def __init__(self, onnx_dir: str | os.PathLike, *, provider: str = "auto", precision: str = "fp32",
                  model: nn.Module | None = None, intra_op_threads: int | None = None, device_id: int = 0):
+        from qzoom_swift.extras import require_extra
+
+        require_extra("onnx", "the onnxruntime router (QZOOM_ROUTER=onnx)", ("onnxruntime",))
         import onnxruntime as ort
 
         if precision not in PRECISIONS:

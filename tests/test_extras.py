@@ -1,0 +1,39 @@
+"""A missing optional dependency is an error naming the extra to install, raised where the command starts."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from qzoom_swift.cli import main
+from qzoom_swift.extras import EXTRAS, require_extra
+
+
+def _hide(monkeypatch, *names):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in names else real(name, *a))
+
+
+def test_every_extra_module_is_installed_in_the_locked_environment():
+    for extra, modules in EXTRAS.items():
+        require_extra(extra, f"the {extra} extra")  # raises if the lock lost one
+        assert all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+@pytest.mark.parametrize("argv,module,extra", [
+    (["export-onnx", "--checkpoint", "c", "--model", "m", "--out", "o"], "onnxscript", "onnx"),
+    (["eval", "--model", "m", "--data-root", "d", "--run", "baseline:64", "--out", "o"], "evalscope", "eval"),
+])
+def test_commands_name_the_extra_when_a_module_is_missing(monkeypatch, argv, module, extra):
+    _hide(monkeypatch, module)
+    with pytest.raises(ImportError, match=rf"{module}: pip install 'qzoom_swift\[{extra}\]'"):
+        main(argv)
+
+
+def test_onnx_router_names_the_extra(monkeypatch, tmp_path):
+    from qzoom_swift.onnx.router import OnnxRouter
+
+    _hide(monkeypatch, "onnxruntime")
+    with pytest.raises(ImportError, match=r"QZOOM_ROUTER=onnx\) needs onnxruntime: pip install 'qzoom_swift\[onnx\]'"):
+        OnnxRouter(tmp_path)
