@@ -9,18 +9,19 @@ process under ``torch.inference_mode()`` (the order is shuffled every repeat):
 - (a) ``stock``:   ``model(**inputs, logits_to_keep=1)`` — vision tower, all L layers, LM head on the last
   position only (what a generation prefill needs);
 - (b) ``qzoom``:   ``prefill(model, branches=("gate", "rpn"))`` + ``continue_prefill(model, state, last_only=True)``
-  — vision, layers [0, B) with a KV cache, the gate (R layers) and the RPN (R-1 layers + q.k head), then
+  — vision, layers [0, B) with a KV cache, the gate (R-1 layers + its last layer for the query token) and the RPN (R-1 layers + q.k head), then
   layers [B, L) and the LM head on the last position: the direct-answer path. Both (a) and (b) compute the
   LM head for exactly one position, so the comparison is like for like;
 - (c) ``trunk``:   ``prefill(model, branches=())`` — vision + layers [0, B) only;
 - the parts alone: ``vision`` (embedding + vision tower + scatter), ``gate`` and ``rpn`` on a fixed layer-B
   state, and ``continue`` (layers [B, L) + LM head; taken from inside (b));
 - ``train_fwd``:   the trunk of a branch training step, ``prefill(..., use_cache=False)`` with both branches
-  (vision + [0, B) + 2R-1 branch layers; never layers [B, L) nor the LM head);
+  (vision + [0, B) + 2R-2 branch layers + two one-token heads; never layers [B, L) nor the LM head);
 - ``train_step``:  ``branch_training_step`` forward + backward with synthetic labels (outside inference mode).
 
-Expected ratios count decoder-layer passes over the same tokens: (b)/(a) = 1 + (2R-1)/L, (c)/(a) = B/L,
-train_fwd/(a) = (B + 2R - 1)/L. The vision tower, embedding, masks and the one-position LM head are
+Expected ratios count decoder-layer passes over the same tokens: (b)/(a) = 1 + (2R-2)/L, (c)/(a) = B/L,
+train_fwd/(a) = (B + 2R - 2)/L (the gate's last layer and the RPN head, which compute keys for every
+token but everything else for the query token only, are not counted). The vision tower, embedding, masks and the one-position LM head are
 outside that count, so the script also reports "text-only" ratios with the median vision time subtracted
 from both sides. Once per family it checks that (b)'s logits equal (a)'s (last position, and all positions).
 
@@ -54,7 +55,7 @@ LABELS = {
     "continue": "    part of (b): continue_prefill [B,L)+head",
     "trunk": "(c) prefill(branches=()) = vision+[0,B)",
     "vision": "    vision alone (embed+tower+scatter)",
-    "gate": "    gate alone (R layers + linear)",
+    "gate": "    gate alone (R-1 layers + query-token layer + linear)",
     "rpn": "    rpn alone (R-1 layers + q.k head)",
     "train_fwd": "branch-train trunk fwd (no cache)",
     "train_step": "branch-train step fwd+bwd (grad)",
@@ -65,13 +66,13 @@ def expected_layers(name: str, b: int, r: int, num_layers: int) -> float | None:
     """Decoder-layer passes of a variant, in units of one layer over the prompt (None: not a layer count)."""
     return {
         "stock": num_layers,
-        "qzoom": num_layers + 2 * r - 1,
-        "qzoom_branches": b + 2 * r - 1,
+        "qzoom": num_layers + 2 * r - 2,
+        "qzoom_branches": b + 2 * r - 2,
         "continue": num_layers - b,
         "trunk": b,
-        "gate": r,
+        "gate": r - 1,
         "rpn": r - 1,
-        "train_fwd": b + 2 * r - 1,
+        "train_fwd": b + 2 * r - 2,
     }.get(name)
 
 
@@ -270,8 +271,8 @@ def bench_family(family: str, args: argparse.Namespace) -> dict:
         "loadavg_after": list(load_avg),
         "parity": parity, "stats": stats,
         "paired_ratio_b_over_a": {"median": pmed, "q25": p25, "q75": p75},
-        "expected_ratio_b_over_a": 1 + (2 * r - 1) / num_layers,
-        "expected_ratio_train_trunk": (b + 2 * r - 1) / num_layers,
+        "expected_ratio_b_over_a": 1 + (2 * r - 2) / num_layers,
+        "expected_ratio_train_trunk": (b + 2 * r - 2) / num_layers,
     }
 
 
@@ -309,10 +310,10 @@ def print_family(res: dict) -> None:
     print(f"(b)/(a): medians {res['stats']['qzoom']['ratio_to_stock']:.3f}; per-round paired median {pr['median']:.3f} "
           f"[IQR {pr['q25']:.3f}-{pr['q75']:.3f}]; of minimums {res['stats']['qzoom']['min_ratio_to_stock']:.3f}; "
           f"text-only {res['stats']['qzoom']['text_only_ratio']:.3f}; "
-          f"expected 1+(2R-1)/L = 1+{2 * r - 1}/{num_layers} = {res['expected_ratio_b_over_a']:.3f}")
+          f"expected 1+(2R-2)/L = 1+{2 * r - 2}/{num_layers} = {res['expected_ratio_b_over_a']:.3f}")
     print(f"branch-train trunk fwd / (a): {res['stats']['train_fwd']['ratio_to_stock']:.3f} "
           f"(text-only {res['stats']['train_fwd']['text_only_ratio']:.3f}); "
-          f"expected (B+2R-1)/L = {b + 2 * r - 1}/{num_layers} = {res['expected_ratio_train_trunk']:.3f}")
+          f"expected (B+2R-2)/L = {b + 2 * r - 2}/{num_layers} = {res['expected_ratio_train_trunk']:.3f}")
     la = res["loadavg_after"]
     print(f"(load {res['load_s']:.1f} s, timing loop {res['bench_s']:.1f} s, "
           f"system load average after it {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f})")

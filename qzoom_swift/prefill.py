@@ -152,22 +152,39 @@ def _branch_input(state: BranchPrefill) -> torch.Tensor:
     return hidden
 
 
-def _run_branch_layers(model: nn.Module, layers: nn.ModuleList, state: BranchPrefill) -> torch.Tensor:
+def _run_branch_layers(model: nn.Module, layers: nn.ModuleList, state: BranchPrefill,
+                       query_rows_only: bool = False) -> torch.Tensor:
+    """The branch layers over the sequence ([B, S, d]); with ``query_rows_only``, the last layer runs for the
+    query token of each sample only ([B, 1, d], equal to those rows of the full layer)."""
     adapter = state.adapter
     hidden = _branch_input(state)
-    if len(layers) == 0:
+    full = layers[:-1] if query_rows_only and len(layers) > 0 else layers
+    if len(full) > 0:
+        mask = adapter.causal_mask(model, hidden, state.attention_mask, None)  # never the base cache
+        hidden = adapter.run_layers(model, full, state.branch_layer, hidden, state.extras["rope"], mask, None,
+                                    state.embedded)
+    if not query_rows_only:
         return hidden
-    mask = adapter.causal_mask(model, hidden, state.attention_mask, None)  # never the base cache
-    return adapter.run_layers(model, layers, state.branch_layer, hidden, state.extras["rope"], mask, None,
-                              state.embedded)
+    if len(layers) == 0:
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), state.query_index][:, None]
+    return adapter.last_token_layer(model, layers[-1], state.branch_layer + len(layers) - 1, hidden,
+                                    state.extras["rope"], state.query_index, state.attention_mask, state.embedded)
 
 
-def gate_logits(model: nn.Module, state: BranchPrefill) -> torch.Tensor:
-    """[B] gate logits: the gate's layers over the sequence, Linear on the query token."""
+def gate_logits(model: nn.Module, state: BranchPrefill, full_last_layer: bool = False) -> torch.Tensor:
+    """[B] gate logits: the gate's layers over the sequence, Linear on the query token.
+
+    The last gate layer runs for the query token only (keys and values of every token; the same result as
+    the full layer's row). ``full_last_layer`` runs it over the whole sequence instead (the reference the
+    tests and benchmarks compare with).
+    """
     gate = require_branches(model).gate
-    hidden = _run_branch_layers(model, gate.layers, state)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    state.gate_logit = gate.head(hidden[rows, state.query_index]).squeeze(-1)
+    if full_last_layer:
+        hidden = _run_branch_layers(model, gate.layers, state)
+        query = hidden[torch.arange(hidden.shape[0], device=hidden.device), state.query_index]
+    else:
+        query = _run_branch_layers(model, gate.layers, state, query_rows_only=True)[:, 0]
+    state.gate_logit = gate.head(query).squeeze(-1)
     return state.gate_logit
 
 

@@ -10,6 +10,7 @@ LLaVA-1.5 lives in the subclasses and nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -29,6 +30,55 @@ class Embedded:
     """Merged-token grid (rows, cols) of every image, in sequence order over the batch."""
     deepstack: list[torch.Tensor] | None = None
     """Qwen3-VL DeepStack features per level, [num visual tokens in batch, d]; None elsewhere."""
+
+
+MASK_VALUE = torch.finfo(torch.float32).min
+"""Additive mask value (finite, as transformers' eager masks: fully padded rows stay NaN-free)."""
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b]] for x [B, S, d] and index [B] -> [B, 1, d] (a gather: exports to ONNX as one op)."""
+    return torch.gather(x, 1, index[:, None, None].expand(-1, -1, x.shape[-1]))
+
+
+def query_row_mask(attention_mask: torch.Tensor | None, query_index: torch.Tensor, seq_len: int,
+                   window: int | None = None) -> torch.Tensor:
+    """Additive float32 mask [B, 1, 1, S] of each sample's query row, as the full causal mask's row there.
+
+    Key j is visible to the query token q of its sample iff j <= q, j is not padding (``attention_mask`` [B, S],
+    1 at real tokens; None: no padding) and, for a sliding-window layer, j > q - ``window``.
+    """
+    pos = torch.arange(seq_len, device=query_index.device)
+    row = pos.unsqueeze(0) <= query_index.unsqueeze(1)  # [B, S]
+    if window is not None:
+        row = row & (pos.unsqueeze(0) > query_index.unsqueeze(1) - window)
+    if attention_mask is not None:
+        row = row & (attention_mask.to(query_index.device) > 0)
+    zero = torch.zeros((), dtype=torch.float32, device=query_index.device)
+    low = torch.full((), MASK_VALUE, dtype=torch.float32, device=query_index.device)
+    return torch.where(row, zero, low)[:, None, None, :]
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float,
+                    groups: int, dropout: float = 0.0, one_row: bool = False) -> torch.Tensor:
+    """transformers' eager attention: q [B, H, rows, d], k/v [B, H/groups, S, d], additive float32 ``mask``
+    [B, 1, rows, S]; returns [B, H, rows, d]. Query head h reads kv head h // groups (repeat_interleave).
+
+    ``one_row`` (rows == 1) groups the query heads per kv head instead of copying keys and values per head.
+    """
+    if one_row and groups > 1:
+        batch, num_heads = q.shape[:2]
+        scores = torch.matmul(q.reshape(batch, num_heads // groups, groups, -1), k.transpose(2, 3)) * scaling
+        weights = torch.softmax(scores.float() + mask, dim=-1).to(q.dtype)  # [B, Hkv, G, S]; mask [B, 1, 1, S]
+        if dropout > 0.0:
+            weights = nn.functional.dropout(weights, p=dropout, training=True)
+        return torch.matmul(weights, v).reshape(batch, num_heads, 1, -1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    weights = torch.softmax((torch.matmul(q, k.transpose(2, 3)) * scaling).float() + mask, dim=-1).to(q.dtype)
+    if dropout > 0.0:
+        weights = nn.functional.dropout(weights, p=dropout, training=True)
+    return torch.matmul(weights, v)
 
 
 class FamilyAdapter:
@@ -123,6 +173,65 @@ class FamilyAdapter:
 
     def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(self.text_model(model).norm(hidden))
+
+    # ---- one decoder layer from its parts (the gate's last layer; the ONNX graphs) ----
+    def layer_parts(self, layer: nn.Module) -> SimpleNamespace:
+        """A pre-norm decoder layer's modules and attention shape, under the names ``decoder_layer_rows`` reads."""
+        attn = layer.self_attn
+        window = getattr(attn, "sliding_window", None)
+        return SimpleNamespace(**self.qk_modules(layer), v_proj=attn.v_proj, o_proj=attn.o_proj,
+                               post_attention_layernorm=layer.post_attention_layernorm, mlp=layer.mlp,
+                               sliding_window=int(window) if window else None, **self.attention_shape(layer))
+
+    def decoder_layer_rows(self, parts, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           mask: torch.Tensor, query_index: torch.Tensor | None = None,
+                           dropout: float = 0.0) -> torch.Tensor:
+        """One decoder layer over all rows ([B, S, d]), or only the query rows ([B, 1, d]) given ``query_index``.
+
+        ``parts`` has the attributes of ``layer_parts`` (the ONNX graphs' layers have them too). Keys and
+        values always cover every token; queries, attention output, o_proj, residual, post-attention norm and
+        MLP only the rows computed. Attention is transformers' eager attention: scores times the layer's
+        scale plus the additive float32 ``mask`` of those rows ([B, 1, S, S] or [B, 1, 1, S]), softmax in
+        float32, query head h reading kv head h // groups. ``cos``/``sin`` [B, S, rope_dim] cover all tokens.
+        """
+        def heads(x, proj, norm):
+            y = proj(x).unflatten(-1, (-1, parts.head_dim))
+            return (y if norm is None else norm(y)).transpose(1, 2)
+
+        x = parts.input_layernorm(hidden)
+        k = heads(x, parts.k_proj, parts.k_norm)
+        k = self.apply_rotary(k[:, :0], k, cos, sin)[1]  # a zero-head "query": only the keys are rotated
+        v = heads(x, parts.v_proj, None)
+        residual, xq, cos_q, sin_q = hidden, x, cos, sin
+        if query_index is not None:
+            residual, xq = gather_rows(hidden, query_index), gather_rows(x, query_index)
+            cos_q, sin_q = gather_rows(cos, query_index), gather_rows(sin, query_index)
+        q = heads(xq, parts.q_proj, parts.q_norm)
+        q = self.apply_rotary(q, q[:, :0], cos_q, sin_q)[0]
+        out = eager_attention(q, k, v, mask, parts.scaling, parts.num_kv_groups, dropout,
+                              one_row=query_index is not None)
+        h = residual + parts.o_proj(out.transpose(1, 2).flatten(2))
+        return h + parts.mlp(parts.post_attention_layernorm(h))
+
+    def last_token_layer(self, model: nn.Module, layer: nn.Module, index: int, hidden: torch.Tensor,
+                         position_embeddings, query_index: torch.Tensor, attention_mask: torch.Tensor | None,
+                         embedded: Embedded | None = None) -> torch.Tensor:
+        """Decoder layer ``index`` for each sample's query token only: [B, 1, d], equal to the full layer's row.
+
+        The query token attends to what it attends to in the full layer (all non-padding tokens up to and
+        including itself, within the window of a sliding-window layer), with keys and values of all tokens.
+        """
+        cos, sin = (t.expand(hidden.shape[0], *t.shape[1:]) for t in position_embeddings)
+        parts = self.layer_parts(layer)
+        mask = query_row_mask(attention_mask, query_index, hidden.shape[1], parts.sliding_window)
+        dropout = float(getattr(layer.self_attn, "attention_dropout", 0.0)) if layer.training else 0.0
+        rows = self.decoder_layer_rows(parts, hidden, cos, sin, mask.to(hidden.device), query_index, dropout)
+        return self.after_layer_rows(model, index, rows, embedded, query_index)
+
+    def after_layer_rows(self, model: nn.Module, index: int, rows: torch.Tensor, embedded: Embedded | None,
+                         query_index: torch.Tensor) -> torch.Tensor:
+        """``after_layer`` for the query rows ``rows`` [B, 1, d] alone (Qwen3-VL: DeepStack, if they are visual)."""
+        return rows
 
     # ---- the RPN head's pieces of a decoder layer ----
     def qk_modules(self, layer: nn.Module) -> dict[str, nn.Module | None]:

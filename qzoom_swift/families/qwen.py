@@ -269,3 +269,18 @@ class Qwen3VLAdapter(_QwenVLAdapter):
         mask = embedded.visual_mask if visual_mask is None else visual_mask
         text_model: nn.Module = self.text_model(model)
         return text_model._deepstack_process(hidden, mask, embedded.deepstack[index])
+
+    def after_layer_rows(self, model, index, rows, embedded, query_index):
+        """DeepStack at the query rows alone: a visual query token gets its own feature row of level ``index``."""
+        if embedded is None or embedded.deepstack is None or index >= len(embedded.deepstack):
+            return rows
+        visual = embedded.visual_mask.to(rows.device)
+        batch = torch.arange(rows.shape[0], device=rows.device)
+        hit = visual[batch, query_index]
+        if not bool(hit.any()):
+            return rows
+        order = visual.flatten().long().cumsum(0).view(visual.shape) - 1  # feature row of every visual token
+        feats = embedded.deepstack[index].to(rows.device, rows.dtype)[order[batch, query_index][hit]]
+        rows = rows.clone()
+        rows[hit, 0] = rows[hit, 0] + feats
+        return rows

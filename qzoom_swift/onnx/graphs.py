@@ -3,9 +3,9 @@
 The copied decoder layers dispatch attention through transformers' attention registry and take masks
 from ``masking_utils``; neither is what a portable graph should contain. These wrappers re-implement
 one decoder layer with the layer's own modules (norms, q/k/v/o projections, optional q/k norms, MLP)
-and the family adapter's ``apply_rotary``, computing attention the way transformers' eager attention
-does (scores in the compute dtype times the scale, plus an additive mask, softmax in float32). The
-causal + padding (+ sliding window, where a layer has one) mask is built inside the graph from a 2-D
+through the family adapter's ``decoder_layer_rows`` (the code the torch gate's last layer runs too),
+computing attention the way transformers' eager attention does (scores in the compute dtype times the
+scale, plus an additive mask, softmax in float32). The causal + padding (+ sliding window, where a layer has one) mask is built inside the graph from a 2-D
 padding mask, so the graph's inputs are what any serving stack already holds after layer B:
 
 - ``hidden_states`` [B, S, d]: the layer-B hidden state (float32, or float16 for the fp16 graphs);
@@ -25,18 +25,12 @@ import torch
 from torch import nn
 
 from qzoom_swift.families import FamilyAdapter
+from qzoom_swift.families.base import MASK_VALUE, gather_rows, query_row_mask
 
 INPUT_NAMES = ("hidden_states", "attention_mask", "cos", "sin", "query_index")
 GATE_OUTPUTS = ("gate_logit", "gate_prob")
 RPN_OUTPUTS = ("token_logits", "sink_logits")
 """``sink_logits``: the first real token's head-0 query against every token (Qwen3-VL's released sink test)."""
-MASK_VALUE = torch.finfo(torch.float32).min
-"""Additive mask value (finite, as transformers' eager masks: fully padded rows stay NaN-free)."""
-
-
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[b, index[b]] for x [B, S, d] and index [B] -> [B, 1, d]."""
-    return torch.gather(x, 1, index[:, None, None].expand(-1, -1, x.shape[-1]))
 
 
 class AttentionMasks(nn.Module):
@@ -46,15 +40,13 @@ class AttentionMasks(nn.Module):
         pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         keys = (attention_mask > 0).unsqueeze(1)  # [B, 1, S]
         allowed = pos.unsqueeze(0) <= pos.unsqueeze(1)  # [S, S]: key <= query
-        row = pos.unsqueeze(0) <= query_index.unsqueeze(1)  # [B, S]
         if window is not None:
             allowed = allowed & (pos.unsqueeze(0) > pos.unsqueeze(1) - window)
-            row = row & (pos.unsqueeze(0) > query_index.unsqueeze(1) - window)
         allowed = allowed.unsqueeze(0) & keys  # [B, S, S]
-        row = row.unsqueeze(1) & keys  # [B, 1, S]
         zero = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
         low = torch.full((), MASK_VALUE, dtype=torch.float32, device=attention_mask.device)
-        return torch.where(allowed, zero, low).unsqueeze(1), torch.where(row, zero, low).unsqueeze(1)
+        row = query_row_mask(attention_mask, query_index, attention_mask.shape[1], window)  # the torch gate's rule
+        return torch.where(allowed, zero, low).unsqueeze(1), row
 
 
 class ExportDecoderLayer(nn.Module):
@@ -62,56 +54,18 @@ class ExportDecoderLayer(nn.Module):
 
     def __init__(self, layer: nn.Module, adapter: FamilyAdapter):
         super().__init__()
-        attn = layer.self_attn
-        self.input_layernorm = layer.input_layernorm
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.q_norm = getattr(attn, "q_norm", None)
-        self.k_norm = getattr(attn, "k_norm", None)
-        self.post_attention_layernorm = layer.post_attention_layernorm
-        self.mlp = layer.mlp
-        shape = adapter.attention_shape(layer)
-        self.head_dim = int(shape["head_dim"])
-        self.num_kv_groups = int(shape["num_kv_groups"])
-        self.scaling = float(shape["scaling"])
-        window = getattr(attn, "sliding_window", None)
-        self.sliding_window = int(window) if window else None
+        for name, value in vars(adapter.layer_parts(layer)).items():  # the modules are shared, not copied
+            setattr(self, name, value)
         self._adapter = adapter
-
-    def _heads(self, x: torch.Tensor, proj: nn.Module, norm: nn.Module | None) -> torch.Tensor:
-        y = proj(x).unflatten(-1, (-1, self.head_dim))
-        if norm is not None:
-            y = norm(y)
-        return y.transpose(1, 2)
-
-    def _expand(self, x: torch.Tensor) -> torch.Tensor:
-        if self.num_kv_groups == 1:
-            return x
-        return x.repeat_interleave(self.num_kv_groups, dim=1)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 query_index: torch.Tensor | None = None) -> torch.Tensor:
         """The layer over all rows ([B, S, d]), or only the query rows ([B, 1, d]) when ``query_index`` is given.
 
-        ``mask`` is the additive float32 mask of the rows computed ([B, 1, S, S] or [B, 1, 1, S]).
+        ``mask`` is the additive float32 mask of the rows computed ([B, 1, S, S] or [B, 1, 1, S]). The math is
+        the family adapter's ``decoder_layer_rows``, the same code the torch gate's last layer runs.
         """
-        x = self.input_layernorm(hidden)
-        k = self._heads(x, self.k_proj, self.k_norm)
-        v = self._heads(x, self.v_proj, None)
-        k = self._adapter.apply_rotary(k, k, cos, sin)[1]
-        if query_index is None:
-            residual, xq, cos_q, sin_q = hidden, x, cos, sin
-        else:
-            residual, xq = _gather_rows(hidden, query_index), _gather_rows(x, query_index)
-            cos_q, sin_q = _gather_rows(cos, query_index), _gather_rows(sin, query_index)
-        q = self._heads(xq, self.q_proj, self.q_norm)
-        q = self._adapter.apply_rotary(q, q, cos_q, sin_q)[0]
-        k, v = self._expand(k), self._expand(v)
-        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
-        weights = torch.softmax(scores.float() + mask, dim=-1).to(q.dtype)
-        out = torch.matmul(weights, v).transpose(1, 2)
-        out = self.o_proj(out.flatten(2))
-        h = residual + out
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self._adapter.decoder_layer_rows(self, hidden, cos, sin, mask, query_index)
 
 
 class _BranchGraph(nn.Module):
@@ -162,11 +116,11 @@ class RPNGraph(_BranchGraph):
 
     def _query(self, x, cos, sin, index):
         """Rotated queries [B, H, 1, d] of the rows ``index`` [B]."""
-        q = self.q_proj(_gather_rows(x, index)).unflatten(-1, (-1, self.head_dim))
+        q = self.q_proj(gather_rows(x, index)).unflatten(-1, (-1, self.head_dim))
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = q.transpose(1, 2)
-        return self._adapter.apply_rotary(q, q, _gather_rows(cos, index), _gather_rows(sin, index))[0]
+        return self._adapter.apply_rotary(q, q, gather_rows(cos, index), gather_rows(sin, index))[0]
 
     def forward(self, hidden_states, attention_mask, cos, sin, query_index):
         hidden = self._run(hidden_states, attention_mask, cos, sin, query_index, last_row_only=False)
