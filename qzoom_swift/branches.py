@@ -114,6 +114,18 @@ def attach_branches(model: nn.Module, config: QZoomConfig | None = None, *, repl
     return branches
 
 
+def mark_trained_branches(model: nn.Module, which: tuple[str, ...] | list[str]) -> None:
+    """Record which of ``model``'s branches have trained (``QZoomConfig.extra["trained_branches"]``).
+
+    Mode ``zoom`` falls back when the record lacks the gate (``zoom.untrained_gate_mode`` states the rule);
+    ``()`` marks fresh branches as untrained, ``BRANCH_NAMES`` vouches for branches set up by hand.
+    """
+    bad = [w for w in which if w not in BRANCH_NAMES]
+    if bad:
+        raise ValueError(f"trained branches {list(which)!r}: choose from {BRANCH_NAMES}")
+    require_branches(model).qzoom_config.extra["trained_branches"] = list(which)
+
+
 @torch.no_grad()
 def copy_gate_layers(model: nn.Module) -> None:
     """Copy the model's own layers B..B+R-1 into the gate layers again (in place; the head is kept).

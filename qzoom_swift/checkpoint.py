@@ -65,7 +65,51 @@ def save_branch_checkpoint(model: nn.Module, directory: str | os.PathLike, which
     with atomic_path(out / BRANCH_WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     cfg.save(out)
+    write_model_card(out, cfg, which, getattr(getattr(model, "config", None), "_name_or_path", None) or None)
     return out
+
+
+MODEL_CARD_NAME = "README.md"
+MODEL_CARD_MARK = "<!-- qzoom_swift branch checkpoint card -->"
+"""First line of the cards written here: a README.md without it (someone else's) is never replaced."""
+
+
+def write_model_card(directory: str | os.PathLike, cfg: QZoomConfig, which: tuple[str, ...] = BRANCH_NAMES,
+                     base_model: str | None = None) -> Path | None:
+    """A short ``README.md``: what the folder is, what trained, and the settings it serves with.
+
+    A checkpoint that travels (a hub upload, another machine) otherwise says nothing about its base model,
+    stages or thresholds without opening the json. Rewritten whenever the config changes (calibration).
+    """
+    from qzoom_swift.fileio import write_text_atomic
+
+    path = Path(directory) / MODEL_CARD_NAME
+    if path.is_file() and not path.read_text(errors="replace").startswith(MODEL_CARD_MARK):
+        return None
+    if base_model is None:
+        try:
+            base_model = json.loads((Path(directory) / "args.json").read_text()).get("model")
+        except (OSError, ValueError):
+            base_model = None
+    trained = cfg.extra.get("trained_branches")
+    stages = {"rpn": "stage 1 (SD-RPN)", "gate": "stage 3 (gate)"}
+    calib = cfg.extra.get("gate_calibration")
+    samples = cfg.extra.get("train_samples") or {}
+    lines = [MODEL_CARD_MARK, "# Q-Zoom branch checkpoint", "",
+             "Gate + region proposal head for a frozen vision-language model, written by qzoom_swift; load it with",
+             "`swift infer --model BASE --adapters THIS_DIR` or `QZoomModel.from_pretrained(BASE, checkpoint=THIS_DIR)`.",
+             "", f"- base model: {base_model or 'not recorded'} (family {cfg.family}, {cfg.num_hidden_layers} layers, "
+             f"hidden {cfg.hidden_size})",
+             f"- branches saved: {', '.join(which)}",
+             "- trained: " + ("not recorded" if trained is None else
+                              ", ".join(stages.get(b, b) for b in trained) or "nothing (fresh copies of base layers)"),
+             f"- B (branch layer): {cfg.branch_layer}, R (branch depth): {cfg.branch_depth}",
+             f"- mode {cfg.mode}, tau_gate {cfg.tau_gate}, tau_roi {cfg.tau_roi}; low budget {cfg.low_min_tokens}-"
+             f"{cfg.low_max_tokens} tokens, RoI budget {cfg.roi_min_tokens}-{cfg.roi_max_tokens}",
+             "- gate calibration: " + (json.dumps(calib, sort_keys=True) if calib else "none (tau_gate as set)"),
+             "- training data: " + (", ".join(f"{b} {n} samples" for b, n in samples.items()) or "not recorded"),
+             "", f"Every setting is in `{CONFIG_NAME}`; the tensors in `{BRANCH_WEIGHTS_NAME}`.", ""]
+    return write_text_atomic(path, "\n".join(lines))
 
 
 LAYOUT_KEYS = ("branch_layer", "branch_depth", "num_hidden_layers", "hidden_size")

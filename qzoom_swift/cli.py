@@ -237,6 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     _configure_logging(args.log_level)
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint and not Path(checkpoint).exists():
+        from qzoom_swift.hub import CheckpointNotFoundError, looks_like_hub_id, resolve_checkpoint
+
+        if looks_like_hub_id(str(checkpoint)):  # a hub id becomes its downloaded folder, once, for every command
+            try:
+                args.checkpoint = str(resolve_checkpoint(checkpoint))
+            except CheckpointNotFoundError as exc:
+                print(f"qzoom {args.command}: {exc}", file=sys.stderr)
+                return 1
     return int(args._run(args) or 0)
 
 

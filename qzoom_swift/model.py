@@ -77,7 +77,7 @@ class QZoomModel:
         """Load a base model (hub id or local dir, or an already loaded model) and attach the branches.
 
         ``checkpoint`` is a Q-Zoom branch checkpoint directory (``qzoom_branch.safetensors`` +
-        ``qzoom_config.json``); without it the branches are fresh copies of the base layers.
+        ``qzoom_config.json``) or its hub id; without it the branches are fresh copies of the base layers.
         """
         if isinstance(model_or_path, nn.Module):
             model = model_or_path
@@ -102,6 +102,9 @@ class QZoomModel:
                 processor = AutoProcessor.from_pretrained(path)
         model.eval()
         if checkpoint is not None:
+            from qzoom_swift.hub import resolve_checkpoint
+
+            checkpoint = resolve_checkpoint(checkpoint)  # a local folder, or a hub id (ms-swift's download)
             if not (Path(checkpoint) / BRANCH_WEIGHTS_NAME).is_file():
                 raise FileNotFoundError(f"checkpoint {checkpoint} has no {BRANCH_WEIGHTS_NAME}")
             load_branch_checkpoint(model, checkpoint, config_overrides)

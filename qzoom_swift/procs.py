@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
@@ -71,12 +71,14 @@ class ChildStopped(SystemExit):
     """Raised by :func:`run_child` after it stopped the child because this process was asked to stop."""
 
 
-def run_child(cmd: Sequence[str], **popen_kwargs) -> int:
+def run_child(cmd: Sequence[str], *, on_poll: Callable[[], None] | None = None, poll_s: float = 1.0,
+              **popen_kwargs) -> int:
     """``subprocess.run`` that stops the child when this process is stopped; returns the child's exit code.
 
     SIGTERM, SIGINT and SIGHUP are passed on as SIGTERM (SIGKILL after ``STOP_GRACE_S``), the child is
     waited for, and :class:`ChildStopped` (exit code 128 + signal) ends this process's work too. The
     child should call :func:`die_with_parent` to also go when this process is killed outright.
+    ``on_poll`` is called every ``poll_s`` seconds while the child runs (``qzoom eval``'s progress lines).
     """
     proc = subprocess.Popen(list(cmd), **popen_kwargs)
     received: list[int] = []
@@ -94,11 +96,15 @@ def run_child(cmd: Sequence[str], **popen_kwargs) -> int:
             break
     try:
         while True:
+            stopping = bool(received)
             try:
-                rc = proc.wait(timeout=STOP_GRACE_S if received else None)
+                rc = proc.wait(timeout=STOP_GRACE_S if stopping else (poll_s if on_poll else None))
                 break
             except subprocess.TimeoutExpired:
-                proc.kill()
+                if stopping:
+                    proc.kill()
+                elif on_poll is not None and not received:
+                    on_poll()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -28,11 +28,14 @@ from torch import nn
 from qzoom_swift.branches import require_branches
 from qzoom_swift.config import QZoomConfig
 from qzoom_swift.families import Embedded, FamilyAdapter
+from qzoom_swift.families.registry import FAMILIES
 from qzoom_swift.prefill import BranchPrefill, gate_logits, prefill_to_branch, rpn_token_logits
 from qzoom_swift.roi import GridBox, crop_image, grid_region, region_pixel_box, roi_box_from_heatmap
 
 logger = logging.getLogger(__name__)
-_WARNED = {"no_sink_map": False}
+_WARNED = {"no_sink_map": False, "gate_untrained": False}
+GATE_UNTRAINED = "gate_untrained"
+"""``ZoomStats.fallback`` when mode ``zoom`` ran as ``always`` / ``never`` because the gate never trained."""
 
 
 @dataclass
@@ -50,6 +53,10 @@ class ZoomStats:
     grid_box: tuple[int, int, int, int] | None = None
     """Zoomed cells (x0, y0, x1, y1) of the source image's merged-token grid ``grid`` (rows, cols)."""
     grid: tuple[int, int] | None = None
+    fallback: str = ""
+    """Why the sample ran another mode than asked: ``gate_untrained`` (mode ``zoom`` with a gate the checkpoint
+    records as untrained ran ``always``, or ``never`` when the RPN is untrained too; ``reason`` is then
+    ``forced`` / ``never``); empty otherwise."""
     sink_cells: int = 0
     """Heatmap cells masked as attention sinks before the blur (the family's released rule; 0 when off)."""
     visual_tokens_low: int = 0
@@ -292,9 +299,43 @@ class TorchRouter:
         return rpn_token_logits(model, state)
 
 
+def untrained_gate_mode(cfg: QZoomConfig) -> str | None:
+    """The mode that replaces ``zoom`` when the config records an untrained gate; None otherwise.
+
+    The rule: only a recorded training state counts. ``cfg.extra["trained_branches"]`` is written by the
+    ``qzoom`` tuner into every checkpoint it saves (the branches trained so far, across stages), and set to
+    ``[]`` by the ``qzoom_*`` model types when they attach fresh branches (``swift infer`` without
+    ``--adapters``). When it lacks the gate, mode ``zoom`` would follow a gate that is a mere copy of base
+    layers: run ``always`` if the RPN trained (a stage-1 checkpoint; every LLaVA checkpoint, which has no
+    stage-3 recipe), ``never`` if nothing did. Branches without the record run the mode they are given:
+    those attached in Python (``attach_branches``, ``QZoomModel`` without a checkpoint; the tests pick
+    ``tau_gate`` by hand on them) and checkpoints saved before the record existed.
+    ``branches.mark_trained_branches`` records a state explicitly.
+    """
+    trained = cfg.extra.get("trained_branches")
+    if cfg.mode != "zoom" or trained is None or "gate" in trained:
+        return None
+    return "always" if "rpn" in trained else "never"
+
+
+def _warn_gate_untrained(cfg: QZoomConfig, mode: str) -> None:
+    """One warning per process: the fallback is visible per sample in ``ZoomStats.fallback`` and the log line."""
+    if _WARNED[GATE_UNTRAINED]:
+        return
+    _WARNED[GATE_UNTRAINED] = True
+    spec = FAMILIES.get(cfg.family or "")
+    why = (f" ({spec.title} encodes every image at one size: it has no stage-3 gate recipe)"
+           if spec is not None and spec.fixed_resolution else "")
+    trained = ", ".join(cfg.extra.get("trained_branches") or []) or "none"
+    logger.warning("Q-Zoom: mode 'zoom' asks the gate, but these branches record an untrained gate%s (trained: %s); "
+                   "running mode %r instead (%s). Train the gate (stage 3), or set QZOOM_MODE=always|never to choose.",
+                   why, trained, mode, "the RPN zooms every sample" if mode == "always" else "no zoom: the RPN is "
+                   "untrained too")
+
+
 def _route(model: nn.Module, state: BranchPrefill, cfg: QZoomConfig,
-           router) -> tuple[list[float | None], list[tuple[bool, str]]]:
-    """Gate probabilities and (zoom?, reason) per sample; the RPN runs only when some sample zooms.
+           router, mode: str) -> tuple[list[float | None], list[tuple[bool, str]]]:
+    """Gate probabilities and (zoom?, reason) per sample under ``mode``; the RPN runs only when some sample zooms.
 
     Samples without an image never zoom, whatever the mode.
     """
@@ -302,12 +343,12 @@ def _route(model: nn.Module, state: BranchPrefill, cfg: QZoomConfig,
     owners = state.image_samples()
     has_image = [b in owners for b in range(batch)]
     probs: list[float | None] = [None] * batch
-    if cfg.mode == "zoom":
+    if mode == "zoom":
         state.gate_logit = router.gate_logits(model, state).to(state.hidden.device)
         gate = torch.sigmoid(state.gate_logit).float().tolist()
         probs = [p if has_image[b] else None for b, p in enumerate(gate)]
-    decisions = zoom_decisions(probs if cfg.mode == "zoom" else [0.0 if h else None for h in has_image],
-                               cfg.mode, cfg.tau_gate)
+    decisions = zoom_decisions(probs if mode == "zoom" else [0.0 if h else None for h in has_image],
+                               mode, cfg.tau_gate)
     decisions = [(z and has_image[b], r if has_image[b] or not z else "no_image") for b, (z, r) in
                  enumerate(decisions)]
     nan = [b for b, (_, r) in enumerate(decisions) if r == "gate_nan"]
@@ -337,14 +378,17 @@ def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list
 
     t0 = time.perf_counter()
     state = _pass1(model, inputs, attention_mask)
-    probs, decisions = _route(model, state, cfg, router)
+    fallback_mode = untrained_gate_mode(cfg)
+    if fallback_mode is not None:
+        _warn_gate_untrained(cfg, fallback_mode)
+    probs, decisions = _route(model, state, cfg, router, fallback_mode or cfg.mode)
     pass1 = (time.perf_counter() - t0) / len(decisions)
 
     visual_counts = state.embedded.visual_mask.sum(dim=1).tolist()
     out = ZoomOutput([])
     for b, (zoom, reason) in enumerate(decisions):
         st = ZoomStats(gate_prob=probs[b], reason=reason, visual_tokens_low=int(visual_counts[b]),
-                       time_pass1_s=pass1)
+                       time_pass1_s=pass1, fallback=GATE_UNTRAINED if fallback_mode else "")
         plan = _plan_sample(processor, cfg, state, b, source_images[b], st) if zoom else None
         out.generated.append(_answer(model, state, b, plan, st, generate_kwargs))
         out.stats.append(st)

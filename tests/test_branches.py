@@ -211,7 +211,11 @@ def test_branch_checkpoint_round_trip(loaded, tiny_dir, family, tmp_path):
         for p in branches.parameters():
             p.add_(torch.randn_like(p) * 0.01)  # "trained" weights differ from the copy-init
     save_branch_checkpoint(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["qzoom_branch.safetensors", "qzoom_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "qzoom_branch.safetensors", "qzoom_config.json"]
+    card = (tmp_path / "README.md").read_text()  # the model card: base model, what trained, B, R, thresholds
+    assert f"- base model: {model.config._name_or_path} (family {family}," in card
+    assert f"- B (branch layer): {branches.first_layer}, R (branch depth): 3" in card
+    assert "tau_gate 0.3" in card and "- trained: not recorded" in card and "- gate calibration: none" in card
     saved = json.loads((tmp_path / "qzoom_config.json").read_text())
     assert saved["family"] == family and saved["tau_gate"] == 0.3 and saved["branch_layer"] == branches.first_layer
     fresh = AutoModelForImageTextToText.from_pretrained(tiny_dir(family)).eval()

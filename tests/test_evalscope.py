@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 
 import pytest
@@ -269,7 +270,7 @@ def e2e(tmp_path_factory, tiny_dir):
     os.environ["HF_DATASETS_CACHE"] = str(root / "hf")  # inherited by the run processes
     args = ["eval", "--model", str(tiny_dir("qwen2_5_vl")), "--run", "baseline:64", "--run", "zoom:64:tau_gate=0",
             "--benchmarks", ",".join(E2E_BENCHMARKS), "--data-root", str(root / "data"), "--out", str(root / "out"),
-            "--limit", "1", "--max-new-tokens", "2", "--device", "cpu"]
+            "--limit", "1", "--max-new-tokens", "2", "--device", "cpu", "--progress-interval", "0.5"]
     buf = io.StringIO()
     import contextlib
 
@@ -284,6 +285,24 @@ def e2e(tmp_path_factory, tiny_dir):
         else:
             os.environ["HF_DATASETS_CACHE"] = old
     return root / "out", buf.getvalue(), args
+
+
+def test_qzoom_eval_prints_worker_progress_and_log_path(e2e):
+    out, stdout, _ = e2e
+    n = len(E2E_BENCHMARKS)
+    for run in ("baseline@64", "zoom@64"):
+        log = out / "runs" / run / "log.txt"
+        lines = [line for line in stdout.splitlines() if line.startswith(f"[qzoom eval] {run}: ")]
+        counts = [re.search(rf": (\w+) \((\d+)/{n}\) (\d+)/(\d+) samples, (\d+) s elapsed, ETA (\d+ s|unknown) "
+                            rf"\(log: {re.escape(str(log))}\)$", line) for line in lines]
+        counts = [m for m in counts if m]
+        assert counts, lines  # progress lines while the worker ran, each naming the worker's log
+        for m in counts:
+            assert m.group(1) in E2E_BENCHMARKS and 0 <= int(m.group(3)) <= int(m.group(4))
+        assert any(int(m.group(3)) >= 1 and m.group(6) != "unknown" for m in counts), lines  # a sample done: an ETA
+    progress = json.loads((out / "runs" / "zoom@64" / "progress.json").read_text())
+    assert (progress["benchmark"], progress["index"], progress["count"]) == (E2E_BENCHMARKS[-1], n, n)
+    assert progress["done"] == progress["total"] >= 1
 
 
 def test_qzoom_eval_summary_table_and_plot(e2e):

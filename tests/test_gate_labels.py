@@ -192,6 +192,10 @@ def test_calibration_writes_tau_gate_that_swift_infer_uses(stage3_runs, tiny_dir
     config = json.loads((ckpt / "qzoom_config.json").read_text())
     assert config["tau_gate"] == pytest.approx(res.tau_gate)
     assert config["extra"]["gate_calibration"]["samples"] == 6 and res.skip_ratio >= 0.5
+    card = (ckpt / "README.md").read_text()  # the model card follows the calibrated config
+    assert f"tau_gate {config['tau_gate']}," in card and '"samples": 6' in card and "stage 3 (gate)" in card
+    assert config["extra"]["train_samples"]["gate"] > 0  # recorded by the trainer at save time
+    assert f"gate {config['extra']['train_samples']['gate']} samples" in card
     assert Path(res.curve_png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = json.loads((ckpt / "gate_calibration.json").read_text())["curve"]
     assert curve[0]["skip_ratio"] == 0.0 and curve[-1]["skip_ratio"] == 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from qzoom_swift.labels.gate import (
@@ -34,7 +36,8 @@ def test_normalize_and_exact_match():
 def test_vqa_soft_accuracy_counts_annotators():
     gts = ["two", "two", "2", "two", "three"]
     assert vqa_soft_accuracy("two", gts) == 1.0
-    assert vqa_soft_accuracy("2", gts) == pytest.approx(1 / 3)
+    assert vqa_soft_accuracy("2", gts) == 1.0  # evalscope's VQA normalisation maps number words to digits
+    assert vqa_soft_accuracy("three", gts) == pytest.approx(4 / 15)  # official leave-one-out average: (4 x 1/3 + 0) / 5
     assert vqa_soft_accuracy("four", gts) == 0.0
 
 
@@ -49,11 +52,38 @@ def test_relaxed_accuracy_numbers_and_text():
     assert relaxed_accuracy("104", "100") == 1.0
     assert relaxed_accuracy("106", "100") == 0.0
     assert relaxed_accuracy("12%", "0.12") == 1.0
-    assert relaxed_accuracy("1,000", "1000") == 1.0
+    assert relaxed_accuracy("1,000", "1000") == 0.0  # as evalscope's ChartQA scorer: "1,000" is not a number
+    assert relaxed_accuracy("", "") == 0.0  # an empty answer is never right
     assert relaxed_accuracy("Yes", "yes") == 1.0
     assert relaxed_accuracy("0", "0") == 1.0
     with pytest.raises(ValueError, match="judge"):
         get_matcher("bleu")
+
+
+MATCHER_CASES = [  # (matcher, answer, ground truth(s))
+    ("anls", "invoice 1234", ["invoice 1234"]), ("anls", "Invoice  1235", ["nothing", "invoice 1234"]),
+    ("anls", "abc", ["xyz"]), ("anls", "total: 12", ["12", "total 12"]), ("anls", "ACME Corp.", ["acme corp"]),
+    ("relaxed", "104", ["100"]), ("relaxed", "106", ["100"]), ("relaxed", "12%", ["0.12"]),
+    ("relaxed", "Yes", ["yes"]), ("relaxed", "0", ["0"]), ("relaxed", "0.1", ["0"]), ("relaxed", "1,000", ["1000"]),
+    ("relaxed", "2019", ["2018", "2019"]), ("relaxed", "red", ["Red"]), ("relaxed", "-3.1", ["-3"]),
+    ("vqa", "two", ["two", "two", "2", "two", "three"]), ("vqa", "three", ["two", "two", "2", "two", "three"]),
+    ("vqa", "The Red car.", ["red car"] * 10), ("vqa", "1,000", ["1000"] * 2 + ["one thousand"] * 8),
+    ("vqa", "yes", ["yes"]), ("vqa", "no", ["yes"] * 10),
+]
+
+
+@pytest.mark.parametrize(("matcher", "answer", "gts"), MATCHER_CASES)
+def test_matchers_equal_evalscope_scorers(matcher, answer, gts):
+    """The stage 2/3 matchers score as ``qzoom eval`` does: evalscope's own metric on the same strings."""
+    from evalscope.benchmarks.chartqa.utils import relaxed_correctness
+    from evalscope.benchmarks.vqav2.vqav2_adapter import _vqa_soft_accuracy
+    from evalscope.metrics.nlp.metrics import ANLS
+
+    expected = {"anls": lambda: ANLS().apply([answer], [json.dumps(gts)])[0],
+                "relaxed": lambda: float(any(relaxed_correctness(answer, g) for g in gts)),
+                "vqa": lambda: _vqa_soft_accuracy(answer, gts)}[matcher]()
+    assert get_matcher(matcher)(answer, gts) == pytest.approx(expected)
+    assert get_matcher(matcher)(answer, gts if len(gts) > 1 else gts[0]) == pytest.approx(expected)  # str truth
 
 
 @pytest.mark.parametrize(("correct", "expected"), [

@@ -148,13 +148,16 @@ def test_every_dependency_bound_has_a_reason_and_the_locked_environment_satisfie
             assert req.specifier.contains(installed, prereleases=True), f"[{extra}] {req} vs locked {installed}"
 
 
-def test_anls_without_levenshtein_names_the_extra(monkeypatch):
-    from qzoom_swift.labels.matchers import anls
+@pytest.mark.parametrize(("matcher", "module"), [("anls", "evalscope.metrics.nlp.metrics"),
+                                                  ("relaxed", "evalscope.benchmarks.chartqa.utils"),
+                                                  ("vqa", "evalscope.benchmarks.vqav2.vqav2_adapter")])
+def test_evalscope_matchers_without_evalscope_name_the_extra(monkeypatch, matcher, module):
+    from qzoom_swift.labels.matchers import get_matcher
 
-    assert anls("hello", "hello") == 1.0
-    monkeypatch.setitem(sys.modules, "Levenshtein", None)  # `import Levenshtein` now raises ImportError
-    with pytest.raises(ImportError, match=r"qzoom_swift\[eval\]"):
-        anls("hello", "help")
+    assert get_matcher(matcher)("hello", ["hello"] * 4) == 1.0
+    monkeypatch.setitem(sys.modules, module, None)  # importing the scorer's module now raises ImportError
+    with pytest.raises(ImportError, match=rf"'{matcher}' matcher .*pip install 'qzoom_swift\[eval\]'"):
+        get_matcher(matcher)("hello", "help")
 
 
 # ---------------------------------------------------------------------------------------- the wheel

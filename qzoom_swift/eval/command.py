@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qzoom_swift.eval.local_data import folder_fingerprint
+from qzoom_swift.eval.progress import progress_path, progress_printer, track_evalscope_progress
 from qzoom_swift.eval.suite import (
     BENCHMARKS,
     DEFAULT_BENCHMARKS,
@@ -107,10 +108,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="e.g. sdpa (the paper's throughput runs) or flash_attention_2 (default: the model's)")
     p.add_argument("--eval-batch-size", type=int, default=1,
                    help="evalscope's concurrent requests; generation is serialised, keep 1 for latency (default: 1)")
+    p.add_argument("--progress-interval", type=_positive_seconds, default=30.0, metavar="SECONDS",
+                   help="while a run's worker runs, print its progress (benchmark, samples done/total, elapsed, "
+                        "ETA, log path) at most this often (default: 30)")
     p.add_argument("--overwrite", action="store_true", help="redo runs and benchmarks that have stored results")
     p.add_argument("--summary-only", action="store_true", help="only rebuild the summary from stored results")
     p.add_argument("--online", action="store_true",
                    help="do not force the Hugging Face offline variables in the run processes")
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be > 0 seconds")
+    return value
 
 
 def _limit(text: str) -> int | float:
@@ -226,6 +237,42 @@ def _tail(path: Path, n: int = 40) -> str:
         return ""
 
 
+def _run_workers(specs: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """One worker process per run with pending benchmarks, printing its progress; returns the failed runs."""
+    failures = []
+    for spec in specs:
+        name, run_dir = spec["run"]["name"], Path(spec["run_dir"])
+        if args.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        pending = _pending(spec)
+        if not pending:
+            print(f"[qzoom eval] {name}: stored results are current, skipped (--overwrite to redo)")
+            continue
+        if spec["run"]["mode"] != "baseline" and not spec["checkpoint"]:
+            print(f"[qzoom eval] {name}: warning: no --checkpoint, the branches are fresh (untrained) copies",
+                  file=sys.stderr)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec_path = run_dir / "spec.json"
+        spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+        log = run_dir / "log.txt"
+        print(f"[qzoom eval] {name}: {', '.join(pending)} (log: {log})", flush=True)
+        progress_path(run_dir).unlink(missing_ok=True)  # an earlier worker's record is not this one's progress
+        t0 = time.perf_counter()
+        with open(log, "a", encoding="utf-8") as f:  # stopping qzoom eval stops the worker (procs.run_child)
+            returncode = run_child([sys.executable, "-m", "qzoom_swift.eval.command", "worker", str(spec_path),
+                                    str(os.getpid())], stdout=f, stderr=subprocess.STDOUT,
+                                   env=_child_env(args.online), poll_s=args.progress_interval,
+                                   on_poll=progress_printer(name, run_dir, log))
+        dt = time.perf_counter() - t0
+        if returncode != 0:
+            failures.append(name)
+            print(f"[qzoom eval] {name}: FAILED (exit {returncode}) after {dt:.0f} s; last lines of {log}:\n"
+                  f"{_tail(log)}", file=sys.stderr)
+        else:
+            print(f"[qzoom eval] {name}: done in {dt:.0f} s", flush=True)
+    return failures
+
+
 def run(args: argparse.Namespace) -> int:
     from qzoom_swift.extras import require_extra
 
@@ -251,36 +298,7 @@ def run(args: argparse.Namespace) -> int:
     preset = (family if family in PRESETS else "none") if args.preset == "auto" else args.preset
     print(f"[qzoom eval] {len(specs)} run(s) x {len(names)} benchmark(s); thresholds: "
           + ("the checkpoint's own (no preset)" if preset == "none" else f"official {preset} table"), flush=True)
-    failures = []
-    if not args.summary_only:
-        for spec in specs:
-            name, run_dir = spec["run"]["name"], Path(spec["run_dir"])
-            if args.overwrite and run_dir.exists():
-                shutil.rmtree(run_dir)
-            pending = _pending(spec)
-            if not pending:
-                print(f"[qzoom eval] {name}: stored results are current, skipped (--overwrite to redo)")
-                continue
-            if spec["run"]["mode"] != "baseline" and not spec["checkpoint"]:
-                print(f"[qzoom eval] {name}: warning: no --checkpoint, the branches are fresh (untrained) copies",
-                      file=sys.stderr)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            spec_path = run_dir / "spec.json"
-            spec_path.write_text(json.dumps(spec, indent=2) + "\n")
-            log = run_dir / "log.txt"
-            print(f"[qzoom eval] {name}: {', '.join(pending)} (log: {log})", flush=True)
-            t0 = time.perf_counter()
-            with open(log, "a", encoding="utf-8") as f:  # stopping qzoom eval stops the worker (procs.run_child)
-                returncode = run_child([sys.executable, "-m", "qzoom_swift.eval.command", "worker", str(spec_path),
-                                        str(os.getpid())], stdout=f, stderr=subprocess.STDOUT,
-                                       env=_child_env(args.online))
-            dt = time.perf_counter() - t0
-            if returncode != 0:
-                failures.append(name)
-                print(f"[qzoom eval] {name}: FAILED (exit {returncode}) after {dt:.0f} s; last lines of {log}:\n"
-                      f"{_tail(log)}", file=sys.stderr)
-            else:
-                print(f"[qzoom eval] {name}: done in {dt:.0f} s", flush=True)
+    failures = [] if args.summary_only else _run_workers(specs, args)
 
     results = []
     for spec in specs:
@@ -335,7 +353,8 @@ def worker(spec_path: str | Path, parent_pid: int | None = None) -> int:
     run_spec = spec["run"]
     run_dir = Path(spec["run_dir"])
     model_id = run_spec["name"]
-    for name in _pending(spec):
+    pending = _pending(spec)
+    for index, name in enumerate(pending, 1):
         bench = spec["benchmarks"][name]
         work = run_dir / "evalscope" / name
         if work.exists():
@@ -353,7 +372,8 @@ def worker(spec_path: str | Path, parent_pid: int | None = None) -> int:
                           generation_config={"max_tokens": spec["max_new_tokens"], "do_sample": False},
                           limit=spec["limit"], eval_batch_size=spec["eval_batch_size"], work_dir=str(work),
                           no_timestamp=True, dataset_dir=str(run_dir / "evalscope" / ".datasets"))
-        with local_datasets_cache(bench["dataset"], run_dir / "evalscope" / ".datasets" / HF_CACHE_DIR):
+        with (local_datasets_cache(bench["dataset"], run_dir / "evalscope" / ".datasets" / HF_CACHE_DIR),
+              track_evalscope_progress(run_dir, name, index, len(pending))):
             run_task(task)  # the folder as it is now, never a cache entry of another folder of the same name
         result = collect_benchmark(work, model_id, name)
         record = {"benchmark": name, "run": run_spec, "fingerprint": bench["fingerprint"], "settings": bench,

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.checkpoint import saved_branches, write_model_card
 from qzoom_swift.config import GateSampling
 from qzoom_swift.fileio import atomic_path, write_json_atomic, write_text_atomic
 from qzoom_swift.labels.gate import (
@@ -350,6 +351,7 @@ def calibrate_gate(model_dir: str, checkpoint: str, trajectories: str, *, max_ac
                                         "skip_ratio": chosen.skip_ratio, "max_accuracy_drop": max_accuracy_drop,
                                         "target_skip_ratio": target_skip_ratio}
     path = config.save(checkpoint)
+    write_model_card(checkpoint, config, saved_branches(checkpoint))  # the card shows the new threshold
     png_path = Path(png) if png else Path(checkpoint) / "gate_calibration.png"
     _plot_curve(curve, chosen, png_path)
     write_json_atomic(Path(checkpoint) / "gate_calibration.json",

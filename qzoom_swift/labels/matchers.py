@@ -2,18 +2,20 @@
 
 Stage 3 (gate labels) and stage 2 (hard-sample mining) both turn free-text answers into right/wrong.
 Each matcher returns a score in [0, 1]; ``is_correct`` thresholds it. An empty answer is never right
-(the released code's substring test counted it as a match).
+(the released code's substring test counted it as a match). ``vqa``, ``anls`` and ``relaxed`` call the
+scorers of evalscope's TextVQA/VQAv2, DocVQA and ChartQA benchmarks (the optional ``eval`` extra), so a
+label made in stage 2/3 means what ``qzoom eval`` reports; ``exact`` is our own (VQA normalisation).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections.abc import Callable, Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
-_NUMBER = re.compile(r"^[-+]?\d*\.?\d+(e[-+]?\d+)?%?$")
 
 
 def normalize_answer(text: str) -> str:
@@ -33,59 +35,42 @@ def exact_match(answer: str, gt: str | Sequence[str]) -> float:
     return float(bool(a) and any(a == normalize_answer(g) for g in _as_list(gt)))
 
 
-def vqa_soft_accuracy(answer: str, gt: str | Sequence[str]) -> float:
-    """VQA accuracy: min(#annotators who gave this answer / 3, 1)."""
-    a = normalize_answer(answer)
-    if not a:
-        return 0.0
-    return min(sum(a == normalize_answer(g) for g in _as_list(gt)) / 3.0, 1.0)
+def _evalscope(module: str, name: str, matcher: str):
+    """``module.name`` from evalscope: the scorer ``qzoom eval`` reports with, so labels and scores agree."""
+    import importlib
 
-
-def _levenshtein(a: str, b: str) -> int:
     try:
-        import Levenshtein  # optional: the `eval` extra brings it (levenshtein / python-Levenshtein)
-    except ImportError as exc:
-        raise ImportError("the ANLS matcher needs the Levenshtein module: pip install 'qzoom_swift[eval]' "
-                          "(or just `pip install levenshtein`)") from exc
-    return Levenshtein.distance(a, b)
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"the {matcher!r} matcher scores with evalscope's {module}.{name}: "
+                          "pip install 'qzoom_swift[eval]' (evalscope 1.14)") from exc
+
+
+def vqa_soft_accuracy(answer: str, gt: str | Sequence[str]) -> float:
+    """VQA accuracy as evalscope's VQAv2/TextVQA scorer: min(#matching annotators / 3, 1), leave-one-out averaged."""
+    if not str(answer).strip():
+        return 0.0
+    score = _evalscope("evalscope.benchmarks.vqav2.vqav2_adapter", "_vqa_soft_accuracy", "vqa")
+    return float(score(str(answer), _as_list(gt)))
 
 
 def anls(answer: str, gt: str | Sequence[str], threshold: float = 0.5) -> float:
-    """Average normalised Levenshtein similarity (DocVQA/InfoVQA): best over ground truths, 0 below threshold."""
-    a = " ".join(str(answer).lower().split())
-    if not a:
+    """Average normalised Levenshtein similarity (DocVQA/InfoVQA), evalscope's ``anls`` metric: best over ground
+    truths, 0 below ``threshold``; an empty answer scores 0 (evalscope gives 1 when the truth is empty too)."""
+    if not str(answer).strip():
         return 0.0
-    best = 0.0
-    for g in _as_list(gt):
-        g = " ".join(g.lower().split())
-        if not g:
-            continue
-        sim = 1.0 - _levenshtein(a, g) / max(len(a), len(g))
-        best = max(best, sim if sim >= threshold else 0.0)
-    return best
-
-
-def _to_number(text: str) -> float | None:
-    t = str(text).strip().replace(",", "").rstrip(".")
-    if not _NUMBER.match(t.lower()):
-        return None
-    value = float(t.rstrip("%"))
-    return value / 100.0 if t.endswith("%") else value
+    metric = _evalscope("evalscope.metrics.nlp.metrics", "ANLS", "anls")(thresh_hold=threshold)
+    return float(metric.apply([str(answer)], [json.dumps(_as_list(gt))])[0])
 
 
 def relaxed_accuracy(answer: str, gt: str | Sequence[str], tolerance: float = 0.05) -> float:
-    """ChartQA: numbers within 5% relative error count; other answers must match exactly."""
-    for g in _as_list(gt):
-        a_num, g_num = _to_number(answer), _to_number(g)
-        if a_num is not None and g_num is not None:
-            if g_num == 0.0:
-                if a_num == 0.0:
-                    return 1.0
-            elif abs(a_num - g_num) / abs(g_num) <= tolerance:
-                return 1.0
-        elif exact_match(answer, g):
-            return 1.0
-    return 0.0
+    """ChartQA relaxed accuracy, evalscope's ``relaxed_correctness`` (Qwen-VL's): numbers within ``tolerance``
+    relative error, other answers equal ignoring case; 1 if any ground truth passes. Empty answers score 0."""
+    answer = str(answer).strip()
+    if not answer:
+        return 0.0
+    correct = _evalscope("evalscope.benchmarks.chartqa.utils", "relaxed_correctness", "relaxed")
+    return float(any(correct(answer, g.strip(), max_relative_change=tolerance) for g in _as_list(gt)))
 
 
 MATCHERS: dict[str, Callable[[str, str | Sequence[str]], float]] = {
@@ -96,9 +81,17 @@ MATCHERS: dict[str, Callable[[str, str | Sequence[str]], float]] = {
 }
 
 
+EVALSCOPE_MATCHERS = ("vqa", "anls", "relaxed")
+
+
 def get_matcher(name: str) -> Callable[[str, str | Sequence[str]], float]:
+    """The matcher ``name``; one backed by evalscope fails here, when a job starts, if the extra is missing."""
     if name not in MATCHERS:
         raise ValueError(f"unknown answer matcher {name!r}; choose from {', '.join(MATCHERS)} (or 'judge')")
+    if name in EVALSCOPE_MATCHERS:
+        from qzoom_swift.extras import require_extra
+
+        require_extra("eval", f"the {name!r} matcher (evalscope's scorer)")
     return MATCHERS[name]
 
 

@@ -12,7 +12,7 @@ def _qzoom_loader(base_loader: type) -> type:
         """Loads the stock model, then attaches the branches (configured by ``QZOOM_*`` variables)."""
 
         def get_model(self, model_dir, *args, **kwargs):
-            from qzoom_swift.branches import attach_branches
+            from qzoom_swift.branches import attach_branches, mark_trained_branches
             from qzoom_swift.config import effective_config, read_env
 
             env = read_env()
@@ -21,6 +21,9 @@ def _qzoom_loader(base_loader: type) -> type:
             # ZeRO-3 the partitioned layers could not be copied anyway). Re-attach with --adapters later.
             if env.attach:
                 attach_branches(model, effective_config())
+                # Fresh copies of base layers: recorded as untrained, so mode zoom falls back to never until
+                # --adapters loads a checkpoint (which brings its own record; the tuner extends it when training).
+                mark_trained_branches(model, ())
                 check_router(model, branch_layout=False)  # before serving: --adapters may still change B and R
             return model
 

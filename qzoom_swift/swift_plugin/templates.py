@@ -311,7 +311,7 @@ class QZoomTemplateMixin(PairingGuardMixin):
         report_read_tokens(inputs.get("attention_mask"), [s.prompt_tokens for s in out.stats])
 
         get_logger().info("qzoom: " + "; ".join(
-            f"{'zoom' if s.zoomed else 'direct'}({s.reason}) p={s.gate_prob if s.gate_prob is None else round(s.gate_prob, 3)} "
+            f"{'zoom' if s.zoomed else 'direct'}({s.reason}{',' + s.fallback if s.fallback else ''}) p={s.gate_prob if s.gate_prob is None else round(s.gate_prob, 3)} "
             f"read={s.prompt_tokens} visual={s.visual_tokens_low}+{s.visual_tokens_roi}" for s in out.stats))
         pad = self.tokenizer.pad_token_id
         width = max((len(g) for g in out.generated), default=0)

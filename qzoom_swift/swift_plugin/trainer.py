@@ -20,6 +20,10 @@ class QZoomSeq2SeqTrainer(Seq2SeqTrainer):
             return  # already loaded by the qzoom tuner (QZoomTuner.from_pretrained)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _save(self, output_dir=None, state_dict=None):
+        record_train_samples(self.accelerator.unwrap_model(self.model), self.train_dataset)
+        return super()._save(output_dir, state_dict)
+
     def _load_best_model(self):
         best = self.state.best_model_checkpoint
         if best and is_branch_checkpoint(best):
@@ -28,6 +32,26 @@ class QZoomSeq2SeqTrainer(Seq2SeqTrainer):
             load_branch_checkpoint(self.accelerator.unwrap_model(self.model), best)
             return
         return super()._load_best_model()
+
+
+def record_train_samples(model, dataset) -> None:
+    """``extra["train_samples"][branch]``: the rows each branch trained on, for the checkpoint's model card.
+
+    Kept across stages like ``trained_branches``; unknown for a streaming dataset (no length), then unset.
+    """
+    from qzoom_swift.branches import get_branches
+    from qzoom_swift.training import trained_branches
+
+    branches, which = get_branches(model), trained_branches(model)
+    if branches is None or not which or dataset is None:
+        return
+    try:
+        n = len(dataset)
+    except TypeError:
+        return
+    samples = dict(branches.qzoom_config.extra.get("train_samples") or {})
+    samples.update({name: int(n) for name in which})
+    branches.qzoom_config.extra["train_samples"] = samples
 
 
 def register_trainer() -> None:
