@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # runs the swift CLI or the demo: not in the quick loop (-m "not slow")
+
 STAGES = ["bench", "toy_base", "pseudo_labels", "rpn_train", "gate_labels", "gate_train", "calibrate", "evaluate"]
 RUNS = ["baseline@16", "baseline@64", "baseline@256", "qzoom", "always"]
 

@@ -287,6 +287,7 @@ def e2e(tmp_path_factory, tiny_dir):
     return root / "out", buf.getvalue(), args
 
 
+@pytest.mark.slow
 def test_qzoom_eval_prints_worker_progress_and_log_path(e2e):
     out, stdout, _ = e2e
     n = len(E2E_BENCHMARKS)
@@ -305,6 +306,7 @@ def test_qzoom_eval_prints_worker_progress_and_log_path(e2e):
     assert progress["done"] == progress["total"] >= 1
 
 
+@pytest.mark.slow
 def test_qzoom_eval_summary_table_and_plot(e2e):
     out, stdout, _ = e2e
     assert "[qzoom eval] baseline@64: done" in stdout and "[qzoom eval] zoom@64: done" in stdout
@@ -339,6 +341,7 @@ def test_qzoom_eval_summary_table_and_plot(e2e):
         assert im.format == "PNG" and im.size[0] >= 600 and im.size[1] >= 300
 
 
+@pytest.mark.slow
 def test_qzoom_eval_predictions_carry_per_sample_metadata(e2e):
     out, _, _ = e2e
     for run, zoomed in (("baseline@64", False), ("zoom@64", True)):
@@ -372,6 +375,7 @@ def test_qzoom_eval_predictions_carry_per_sample_metadata(e2e):
         assert math.isclose(stored["throughput_sps"], 1 / stored["latency_total_s"])
 
 
+@pytest.mark.slow
 def test_qzoom_eval_restart_reuses_stored_runs(e2e, capsys):
     out, _, args = e2e
     bench_files = sorted((out / "runs").glob("*/bench/*.json"))

@@ -459,6 +459,7 @@ def _load_with_env(path, **env):
             os.environ.pop(key, None)
 
 
+@pytest.mark.slow
 def test_swift_loads_trajectories_through_the_registered_preprocessor(tmp_path):
     import json
 
@@ -476,6 +477,7 @@ def test_swift_loads_trajectories_through_the_registered_preprocessor(tmp_path):
     assert {int(r["qzoom_gate"]) for r in other} == {0}
 
 
+@pytest.mark.slow
 def test_swift_sft_trains_the_gate_on_trajectory_records(tiny_dir, tmp_path):
     import json
     from pathlib import Path

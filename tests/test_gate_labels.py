@@ -18,6 +18,8 @@ from qzoom_swift.bench.sft import CPU_TRAIN_FLAGS, run_swift_concurrently
 from qzoom_swift.labels.gate_job import GateLabelOptions, build_gate_dataset, calibrate_gate, run_gate_labels
 from qzoom_swift.synthetic.images import write_shape_dataset
 
+pytestmark = pytest.mark.slow  # runs the swift CLI or the demo: not in the quick loop (-m "not slow")
+
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = "16,36"
 

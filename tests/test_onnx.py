@@ -410,6 +410,7 @@ def test_router_from_env(exported):
 # -------------------------------------------------------------------------------------------- swift infer
 
 
+@pytest.mark.slow
 def test_swift_infer_with_the_onnx_router_answers_like_torch(exported, tiny_dir, shape_dataset, tmp_path):
     from qzoom_swift.bench.sft import run_swift_concurrently
     from qzoom_swift.swift_plugin import MODEL_TYPES, plugin_path

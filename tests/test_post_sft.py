@@ -11,6 +11,8 @@ from PIL import Image, ImageDraw
 
 from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
 
+pytestmark = pytest.mark.slow  # runs the swift CLI or the demo: not in the quick loop (-m "not slow")
+
 
 def _image():
     img = Image.new("RGB", (640, 480), (230, 230, 230))

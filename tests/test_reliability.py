@@ -609,6 +609,7 @@ def deploy(tiny_dir, tmp_path_factory):
         _stop(proc)
 
 
+@pytest.mark.slow
 def test_10_deploy_answers_unsupported_and_empty_media_with_a_message(deploy, tmp_path):
     base, name, _ = deploy
     text = {"type": "text", "text": "Colour?"}
@@ -622,6 +623,7 @@ def test_10_deploy_answers_unsupported_and_empty_media_with_a_message(deploy, tm
     assert code == 400 and "image 0 (data URI with 0 payload characters) cannot be read" in body["message"]
 
 
+@pytest.mark.slow
 def test_11_deploy_usage_counts_the_tokens_the_zoomed_pass_read(deploy):
     import re
     import time
@@ -638,6 +640,7 @@ def test_11_deploy_usage_counts_the_tokens_the_zoomed_pass_read(deploy):
     assert body["usage"]["prompt_tokens"] == read  # pass 1 plus the inserted crop, not pass 1 alone
 
 
+@pytest.mark.slow
 def test_6_deploy_refuses_to_start_with_a_broken_router(tiny_dir, tmp_path):
     proc, base, log = _start_deploy(tiny_dir, tmp_path, {"QZOOM_MODE": "zoom"},
                                     {"QZOOM_ROUTER": "onnx", "QZOOM_ONNX_DIR": str(tmp_path / "no-onnx")})
@@ -660,6 +663,7 @@ def test_10_corrupt_onnx_graph_names_the_file(tmp_path):
         OnnxRouter(tmp_path, provider="cpu")
 
 
+@pytest.mark.slow
 def test_7_sigterm_to_swift_deploy_stops_the_server(tiny_dir, tmp_path):
     import psutil
 
@@ -711,6 +715,7 @@ def test_7_a_stopped_or_killed_parent_leaves_no_child(tmp_path, how):
         parent.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_7_stopped_or_killed_qzoom_eval_leaves_no_worker(tiny_dir, tmp_path, how):
     import os
@@ -762,6 +767,7 @@ def test_7_this_module_left_no_process_or_port_behind():
     assert not listening, listening
 
 
+@pytest.mark.slow
 def test_11_save_branches_folder_loads_with_swift_infer_adapters_alone(qz, tiny_dir, shape_dataset, tmp_path):
     """No --tuner_type, --model_type or --external_plugins: the folder's args.json names them."""
     import os

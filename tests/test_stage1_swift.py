@@ -22,6 +22,8 @@ from qzoom_swift.bench.sft import run_swift_concurrently
 from qzoom_swift.swift_plugin import MODEL_TYPES, plugin_path
 from qzoom_swift.synthetic.images import write_shape_dataset
 
+pytestmark = pytest.mark.slow  # runs the swift CLI or the demo: not in the quick loop (-m "not slow")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "tiny" / "stage1_sdrpn.yaml"
 FULL_RECIPES = {name: REPO / "recipes" / name / "stage1_sdrpn.yaml"

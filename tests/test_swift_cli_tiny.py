@@ -18,6 +18,8 @@ import pytest
 from qzoom_swift.families.registry import FAMILIES as SPECS
 from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
 
+pytestmark = pytest.mark.slow  # runs the swift CLI or the demo: not in the quick loop (-m "not slow")
+
 SWIFT = Path(sys.executable).parent / "swift"
 TIMEOUT_S = 600
 

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from qzoom_swift.bench.sft import CPU_TRAIN_FLAGS, run_swift_concurrently
 from qzoom_swift.swift_plugin import MODEL_TYPES, plugin_path
 
+pytestmark = pytest.mark.slow  # runs the swift CLI or the demo: not in the quick loop (-m "not slow")
+
 
 def trained_branch(family: str) -> str:
     """One family trains the RPN, the others the gate: both tuner paths are exercised in one run."""

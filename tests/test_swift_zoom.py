@@ -17,6 +17,8 @@ from PIL import Image
 from qzoom_swift.bench.sft import run_swift_concurrently, swift_executable
 from qzoom_swift.swift_plugin import MODEL_TYPES, plugin_path
 
+pytestmark = pytest.mark.slow  # runs the swift CLI or the demo: not in the quick loop (-m "not slow")
+
 
 @pytest.fixture(scope="module")
 def zoom_infer_runs(tiny_dir, shape_dataset, tmp_path_factory):
