@@ -20,9 +20,13 @@ PSEUDO_LABELS_DESCRIPTION = (
 )
 
 
+DATASET_SOURCES = ("; or anything ms-swift loads: a dataset folder, PATH#N (a seeded draw of N rows), "
+                   "a hub id")
+"""The ``--dataset`` forms read through ms-swift's loader (``labels.sources``)."""
+
 def pseudo_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model dir (Qwen2.5-VL, Qwen3-VL or LLaVA-1.5-HF)")
-    p.add_argument("--dataset", required=True, type=Path, help="ms-swift jsonl (or json list) with local images")
+    p.add_argument("--dataset", required=True, type=Path, help="ms-swift jsonl (or json list) with local images" + DATASET_SOURCES)
     p.add_argument("--out", required=True, type=Path, help="output dir (shards, rejects.jsonl, summary.json)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete this job's earlier output in --out and start again (default: resume)")
@@ -156,7 +160,7 @@ GATE_LABELS_DESCRIPTION = (
 
 def gate_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model directory or hub id (Qwen2.5-VL / Qwen3-VL)")
-    p.add_argument("--dataset", required=True, type=Path, help="ms-swift jsonl with one image and an answer per row")
+    p.add_argument("--dataset", required=True, type=Path, help="ms-swift jsonl with one image and an answer per row" + DATASET_SOURCES)
     p.add_argument("--out", required=True, type=Path, help="output directory (resumable job)")
     p.add_argument("--budgets", default="64,144,256,576,1024,2048",
                    help="ascending visual-token budgets of the trajectory (default: 64,144,256,576,1024,2048; "
@@ -273,7 +277,7 @@ MINE_HARD_DESCRIPTION = (
 def mine_hard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model directory or hub id")
     p.add_argument("--checkpoint", default=None, help="stage-1 Q-Zoom branch checkpoint (the RPN that picks boxes)")
-    p.add_argument("--dataset", required=True, type=Path, help="ms-swift jsonl with one image and an answer per row")
+    p.add_argument("--dataset", required=True, type=Path, help="ms-swift jsonl with one image and an answer per row" + DATASET_SOURCES)
     p.add_argument("--out", required=True, type=Path, help="output directory (resumable job)")
     p.add_argument("--judge-model", default=None,
                    help="local model for the LLM judge (the paper: Qwen2.5-VL-7B-Instruct); default: --matcher")

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,6 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from qzoom_swift.fileio import append_jsonl_line, write_json_atomic
+from qzoom_swift.labels.sources import (
+    IMAGE_CACHE_DIR,
+    DatasetSourceError,
+    is_local_file,
+    load_records,
+    resolve_source,
+)
 
 JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
@@ -293,6 +301,8 @@ def prepare_out_dir(out: str | Path, overwrite: bool, settings: dict, resume_key
                 p.unlink()
             elif p.name.endswith(".tmp"):
                 p.unlink()
+            elif p.name == IMAGE_CACHE_DIR and p.is_dir():
+                shutil.rmtree(p)
         leftover = [p.name for p in root.iterdir()]
         if leftover:
             raise JobError(f"--overwrite removed this job's files from {root}, but it also holds {leftover[:5]}: "
@@ -412,6 +422,8 @@ class LabelJob:
         self.opts = opts
         self.t_start = time.perf_counter()
         self.dataset = Path(opts.dataset)
+        self.base_dir = self.dataset.parent
+        """Where relative image paths are looked up: the dataset file's folder, or the dataset folder."""
         self.root = Path(opts.out)
         self.settings: dict = {}
         self.previous: dict | None = None
@@ -457,11 +469,12 @@ class LabelJob:
                                                    self.dataset if self.dataset.is_file() else None)
         try:
             self.setup()
+            self.records = self.read_records()[: self.opts.limit]
         except BaseException:
             if self.previous is None:  # a start that failed leaves nothing a corrected rerun would be refused by
                 (self.root / JOB_FILE).unlink(missing_ok=True)
+                shutil.rmtree(self.root / IMAGE_CACHE_DIR, ignore_errors=True)
             raise
-        self.records = read_dataset(self.dataset)[: self.opts.limit]
         self.out = OutputDir(self.root, self.opts.shard_size)
         self.out.scan()
         self.check_resume()
@@ -493,17 +506,36 @@ class LabelJob:
         """The dataset file, resolved (also into ``opts.dataset``, so ``job.json`` records where it really is).
 
         ``jobs/x.jsonl`` and its absolute path are then one setting, and a resume is not refused over how the
-        path was typed. A JobError when there is no such file.
+        path was typed. A JobError when there is no such file. Anything else ms-swift loads (a dataset folder,
+        ``path#N``, a hub id) is resolved by :func:`sources.resolve_source` and read through ms-swift.
         """
+        if not is_local_file(str(self.opts.dataset)):
+            try:
+                spec, self.base_dir = resolve_source(str(self.opts.dataset))
+            except DatasetSourceError as exc:
+                raise JobError(str(exc)) from exc
+            self.dataset = Path(spec)  # never a file: no content fingerprint, the spec itself is the setting
+            self.opts.dataset = spec
+            return self.dataset
         dataset = Path(os.path.expanduser(str(self.opts.dataset)))
         if absolute:
             dataset = dataset.resolve()
         if not dataset.is_file():
             raise JobError(f"dataset {dataset} not found")
-        self.dataset = dataset
+        self.dataset, self.base_dir = dataset, dataset.parent
         if absolute:
             self.opts.dataset = str(dataset)
         return dataset
+
+    def read_records(self) -> Block:
+        """(index, id, record) of the dataset: a local file line by line, anything else through ms-swift."""
+        if self.dataset.is_file():
+            return read_dataset(self.dataset)
+        try:
+            rows = load_records(str(self.opts.dataset), self.root / IMAGE_CACHE_DIR)
+        except DatasetSourceError as exc:
+            raise JobError(str(exc)) from exc
+        return [(i, record_id(i, _canonical(identity)), rec) for i, (rec, identity) in enumerate(rows)]
 
     def write_job(self, job: dict) -> None:
         """Write ``job.json``, with the dataset's content fingerprint (a moved, unchanged dataset still resumes)."""
@@ -619,7 +651,7 @@ class ReferenceJob(LabelJob):
         for i, rid, rec in block:
             if self.is_rejected(rid):
                 continue  # rejected earlier (e.g. it failed inside the model): never run again
-            prepared = prepare_record(rec, self.dataset.parent, None, self.purpose)
+            prepared = prepare_record(rec, self.base_dir, None, self.purpose)
             gt = self.reference(rec) if isinstance(rec, dict) else None
             if isinstance(prepared, Reject) or not gt:
                 if not self.is_done(rid):

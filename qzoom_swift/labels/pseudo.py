@@ -367,7 +367,7 @@ class PseudoLabelJob(LabelJob):
 
     def process_block(self, block: Block) -> None:
         t0 = time.perf_counter()
-        prepared = [(i, rid, rec, prepare_record(rec, self.dataset.parent, self.grounding_prompt))
+        prepared = [(i, rid, rec, prepare_record(rec, self.base_dir, self.grounding_prompt))
                     for i, rid, rec in block]
         valid = [(rid, p) for _i, rid, _rec, p in prepared if isinstance(p, Prepared) and not self.is_rejected(rid)]
         self.timing["read_s"] += time.perf_counter() - t0
