@@ -64,3 +64,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     print("\nprocesses left running by the tests (killed now):\n  " + "\n  ".join(names))
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir) -> Callable[..., tuple]:
+    """Factory: ``loaded(family, attn)`` -> (tiny model in float32 with no branches attached, processor).
+
+    Models are cached per test module; every call detaches branches a previous test attached.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qzoom_swift.branches import detach_branches
+
+    cache: dict[tuple[str, str], tuple] = {}
+
+    def get(family: str, attn: str = "sdpa") -> tuple:
+        key = (family, attn)
+        if key not in cache:
+            path = tiny_dir(family)
+            model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn,
+                                                                dtype=torch.float32).eval()
+            cache[key] = (model, AutoProcessor.from_pretrained(path))
+        model, processor = cache[key]
+        detach_branches(model)
+        return model, processor
+
+    return get

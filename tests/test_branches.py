@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qzoom_swift.branches import attach_branches, detach_branches, get_branches
+from qzoom_swift.branches import attach_branches, get_branches
 from qzoom_swift.checkpoint import BranchCheckpointError, load_branch_checkpoint, save_branch_checkpoint
 from qzoom_swift.config import QZoomConfig, default_branch_layer
 from qzoom_swift.families import get_adapter
@@ -19,25 +19,6 @@ from qzoom_swift.prefill import continue_prefill, prefill, prefill_to_branch, qu
 
 def _images():
     return [Image.new("RGB", (392, 280), (200, 30, 30)), Image.new("RGB", (280, 448), (20, 30, 200))]
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    cache = {}
-
-    def get(family: str, attn: str = "sdpa"):
-        key = (family, attn)
-        if key not in cache:
-            path = tiny_dir(family)
-            model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn).eval()
-            cache[key] = (model, AutoProcessor.from_pretrained(path))
-        model, processor = cache[key]
-        detach_branches(model)
-        return model, processor
-
-    return get
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

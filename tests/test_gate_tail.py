@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qzoom_swift.branches import attach_branches, detach_branches, require_branches
+from qzoom_swift.branches import attach_branches, require_branches
 from qzoom_swift.config import QZoomConfig
 from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
 from qzoom_swift.inputs import chat_inputs
@@ -21,26 +21,6 @@ from qzoom_swift.prefill import gate_logits, prefill_to_branch
 from qzoom_swift.training import branch_training_step
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    cache = {}
-
-    def get(family: str, attn: str = "sdpa"):
-        key = (family, attn)
-        if key not in cache:
-            path = tiny_dir(family)
-            model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn,
-                                                                dtype=torch.float32).eval()
-            cache[key] = (model, AutoProcessor.from_pretrained(path))
-        model, processor = cache[key]
-        detach_branches(model)
-        return model, processor
-
-    return get
 
 
 def _batch(processor, padding_side: str = "left"):
