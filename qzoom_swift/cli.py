@@ -82,6 +82,8 @@ class Command:
     run: Callable[[argparse.Namespace], int]
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     description: str | None = None  # shown in `qzoom <command> --help`; defaults to help
+    data_parallel: bool = False
+    """Splits its records over processes: NPROC_PER_NODE=N starts it under torchrun, as `swift sft` does."""
 
 
 COMMANDS: dict[str, Command] = {
@@ -119,12 +121,14 @@ COMMANDS: dict[str, Command] = {
         description=_labels.PSEUDO_LABELS_DESCRIPTION,
         add_arguments=_labels.pseudo_labels_args,
         run=_labels.pseudo_labels_run,
+        data_parallel=True,
     ),
     "gate-labels": Command(
         help="stage 3: answers across a resolution trajectory -> consistency-filtered gate labels (resumable)",
         description=_labels.GATE_LABELS_DESCRIPTION,
         add_arguments=_labels.gate_labels_args,
         run=_labels.gate_labels_run,
+        data_parallel=True,
     ),
     "calibrate-gate": Command(
         help="choose tau_gate on held-out trajectories and write it into a checkpoint's qzoom_config.json",
@@ -137,6 +141,13 @@ COMMANDS: dict[str, Command] = {
         description=_labels.MINE_HARD_DESCRIPTION,
         add_arguments=_labels.mine_hard_args,
         run=_labels.mine_hard_run,
+        data_parallel=True,
+    ),
+    "merge-shards": Command(
+        help="merge a labelling job run as several processes (torchrun / --num-shards) into one summary",
+        description=_labels.MERGE_SHARDS_DESCRIPTION,
+        add_arguments=_labels.merge_shards_args,
+        run=_labels.merge_shards_run,
     ),
     "visualize": Command(
         help="PNG of a pseudo-label record: image, attention, label, predicted heatmap and box",
@@ -237,6 +248,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     _configure_logging(args.log_level)
+    if COMMANDS[args.command].data_parallel:
+        from qzoom_swift.config import read_launch_rank, read_nproc_per_node
+
+        try:
+            nproc, launched = read_nproc_per_node(), read_launch_rank()
+        except ValueError as exc:
+            print(f"qzoom {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        if nproc > 1 and launched is None:
+            from qzoom_swift.procs import run_under_torchrun
+
+            return run_under_torchrun(nproc, sys.argv[1:] if argv is None else list(argv))
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint and not Path(checkpoint).exists():
         from qzoom_swift.hub import CheckpointNotFoundError, looks_like_hub_id, resolve_checkpoint

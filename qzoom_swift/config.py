@@ -34,6 +34,8 @@ CONFIG_NAME = "qzoom_config.json"
 BRANCH_WEIGHTS_NAME = "qzoom_branch.safetensors"
 
 ZOOM_MODES = ("zoom", "always", "never")
+ROI_FALLBACKS = ("none", "peak")
+"""What a gated zoom does when no heatmap cell passes ``tau_roi`` (``QZoomConfig.roi_fallback``)."""
 BRANCH_NAMES = ("gate", "rpn")
 """The two branches; ``QZOOM_TRAIN`` and checkpoints name them."""
 ROUTERS = ("torch", "onnx")
@@ -181,6 +183,10 @@ class QZoomConfig:
     scores at sigmoid >= 0.75. LLaVA has no released rule (nothing is masked). False keeps every cell."""
     min_box_side: int = 28
     """Minimum side of the crop, in pixels of the original image."""
+    roi_fallback: str = "none"
+    """When the gate (or mode always) says zoom but no cell passes tau_roi: none answers from the low-resolution
+    pass (as released, ``ZoomStats.reason`` no_roi); peak zooms on the region around the heatmap's peak (cells
+    at >= half the peak connected to it, grown to min_box_side; ``ZoomStats.fallback`` roi_peak)."""
     low_max_tokens: int = 576
     low_min_tokens: int = 256
     """Visual-token budget of the first (low-resolution) pass."""
@@ -204,6 +210,8 @@ class QZoomConfig:
             raise ValueError(f"QZoomConfig.labelling={self.labelling!r}: expected LabelThresholds or a mapping")
         if self.mode not in ZOOM_MODES:
             raise ValueError(f"QZoomConfig.mode={self.mode!r}; choose from {', '.join(ZOOM_MODES)}")
+        if self.roi_fallback not in ROI_FALLBACKS:
+            raise ValueError(f"QZoomConfig.roi_fallback={self.roi_fallback!r}; choose from {', '.join(ROI_FALLBACKS)}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"QZoomConfig.extra={self.extra!r}: expected a mapping")
         if self.branch_layer is not None:
@@ -430,3 +438,45 @@ def config_from_env(base: QZoomConfig | None = None, environ: Mapping[str, str] 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The process environment plus ``extra``: what a child process (a worker, ``swift sft``) should get."""
     return {**os.environ, **extra}
+
+
+@dataclass(frozen=True)
+class LaunchRank:
+    """Where this process sits in a torchrun / ``NPROC_PER_NODE`` launch (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def read_launch_rank(environ: Mapping[str, str] | None = None) -> LaunchRank | None:
+    """The torchrun rank of this process, or None when it was not started by a multi-process launcher.
+
+    Read here (the one home of environment parsing) so the labelling jobs split their records over the
+    processes that ``torchrun --nproc_per_node N`` (or ms-swift's ``NPROC_PER_NODE=N``) starts.
+    """
+    env = os.environ if environ is None else environ
+    raw = {k: env.get(k, "").strip() for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if not raw["WORLD_SIZE"]:
+        return None
+    try:
+        world = int(raw["WORLD_SIZE"])
+        rank = int(raw["RANK"] or 0)
+        local = int(raw["LOCAL_RANK"] or rank)
+    except ValueError as exc:
+        raise ValueError(f"RANK={raw['RANK']!r} WORLD_SIZE={raw['WORLD_SIZE']!r} LOCAL_RANK={raw['LOCAL_RANK']!r}: "
+                         "expected integers (as torchrun sets them)") from exc
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
+    return LaunchRank(rank, world, local) if world > 1 else None
+
+
+def read_nproc_per_node(environ: Mapping[str, str] | None = None) -> int:
+    """ms-swift's ``NPROC_PER_NODE``: how many processes a data-parallel command starts (1 when unset)."""
+    env = os.environ if environ is None else environ
+    raw = env.get("NPROC_PER_NODE", "").strip()
+    if not raw:
+        return 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"NPROC_PER_NODE={raw!r}: expected a positive integer (processes per node, one per GPU)")
+    return int(raw)

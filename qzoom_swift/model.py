@@ -73,16 +73,20 @@ class QZoomModel:
     def from_pretrained(cls, model_or_path: str | os.PathLike | nn.Module, config: QZoomConfig | None = None, *,
                         checkpoint: str | os.PathLike | None = None, processor=None,
                         dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
-                        device_map=None, config_overrides: dict | None = None) -> QZoomModel:
+                        device: str | None = None, device_map=None,
+                        config_overrides: dict | None = None) -> QZoomModel:
         """Load a base model (hub id or local dir, or an already loaded model) and attach the branches.
 
         ``checkpoint`` is a Q-Zoom branch checkpoint directory (``qzoom_branch.safetensors`` +
         ``qzoom_config.json``) or its hub id; without it the branches are fresh copies of the base layers.
+        ``device`` / ``dtype`` / ``attn_implementation`` mean what the CLI flags mean (``qzoom_swift.loading``:
+        auto = the GPU in bfloat16 when there is one, else the CPU in float32; sdpa); ``device_map`` is the
+        older spelling of ``device``.
         """
         if isinstance(model_or_path, nn.Module):
             model = model_or_path
         else:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
+            from qzoom_swift.loading import LoadSettings, load_model
 
             path = str(model_or_path)
             if is_branch_checkpoint(path):
@@ -90,16 +94,11 @@ class QZoomModel:
                     f"{path} is a Q-Zoom branch checkpoint, not a base model: pass the base model as the first "
                     "argument and this directory as checkpoint=..."
                 )
-            kwargs = {}
-            if dtype is not None:
-                kwargs["dtype"] = dtype
-            if attn_implementation is not None:
-                kwargs["attn_implementation"] = attn_implementation
-            if device_map is not None:
-                kwargs["device_map"] = device_map
-            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-            if processor is None:
-                processor = AutoProcessor.from_pretrained(path)
+            if device is None and isinstance(device_map, str | torch.device):
+                device = str(device_map)
+            settings = LoadSettings(device or "auto", dtype or "auto", attn_implementation or "auto")
+            model, loaded_processor = load_model(path, settings, processor=processor is None)
+            processor = processor if processor is not None else loaded_processor
         model.eval()
         if checkpoint is not None:
             from qzoom_swift.hub import resolve_checkpoint

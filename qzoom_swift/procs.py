@@ -114,3 +114,12 @@ def run_child(cmd: Sequence[str], *, on_poll: Callable[[], None] | None = None, 
     if received:
         raise ChildStopped(128 + received[0])
     return rc
+
+
+def run_under_torchrun(nproc: int, argv: Sequence[str]) -> int:
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m qzoom_swift.cli ARGV``, as
+    ``swift sft`` does for ``NPROC_PER_NODE=N``: each process finds its rank in ``RANK`` / ``WORLD_SIZE``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "qzoom_swift.cli", *argv]
+    print(f"qzoom: NPROC_PER_NODE={nproc}: {' '.join(cmd[1:6])} ... {' '.join(argv[:1])}", file=sys.stderr)
+    return run_child(cmd)

@@ -192,6 +192,49 @@ def roi_box_from_heatmap(
     return mask_bounding_box(probs > tau_roi)
 
 
+PEAK_FRACTION: float = 0.5
+"""``roi_fallback="peak"``: cells whose blurred probability reaches this fraction of the peak's join its region."""
+
+
+def peak_region_box(
+    logits: Tensor,
+    blur_kernel: int = 3,
+    blur_sigma: float = 1.0,
+    keep_mask: Tensor | None = None,
+    fraction: float = PEAK_FRACTION,
+) -> GridBox | None:
+    """The box around the heatmap's peak: the 4-connected cells at >= ``fraction`` x the peak that reach it.
+
+    The fallback when the gate says zoom but no cell passes ``tau_roi`` (``QZoomConfig.roi_fallback``): the
+    gate's decision is kept and the crop goes where the RPN is most confident, instead of answering from
+    the low-resolution pass. Only the region connected to the peak counts, so a second, weaker blob elsewhere
+    does not stretch the box (unlike :func:`roi_box_from_heatmap`, which boxes every surviving cell as
+    released). Ties for the peak go to the first cell in row-major order. The crop is grown to the minimum
+    side later, by :func:`grid_box_to_pixel_box`. None when a logit is not finite or every cell is masked.
+    """
+    _check_heatmap(logits)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction={fraction}: expected a number in (0, 1]")
+    if not bool(torch.isfinite(logits).all()):
+        return None
+    probs = heatmap_probabilities(logits, blur_kernel, blur_sigma, keep_mask)
+    peak = float(probs.max())
+    if not peak > 0.0:
+        return None
+    h, w = probs.shape
+    start = divmod(int(torch.argmax(probs)), w)
+    strong = (probs >= fraction * peak).tolist()
+    region = torch.zeros(h, w, dtype=torch.bool)
+    stack = [start]
+    while stack:
+        r, c = stack.pop()
+        if not (0 <= r < h and 0 <= c < w) or region[r, c] or not strong[r][c]:
+            continue
+        region[r, c] = True
+        stack += [(r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)]
+    return mask_bounding_box(region)
+
+
 def _grow_span(lo: int, hi: int, target: int, limit: int) -> tuple[int, int]:
     """Grow ``[lo, hi)`` to ``min(target, limit)`` around its centre, then slide it back into [0, limit)."""
     target = min(target, limit)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from qzoom_swift.labels.gate import (
     CalibrationPoint,
+    Plateau,
     TrajectoryClass,
     balance_easy,
     calibration_curve,
     choose_gate_example,
     choose_threshold,
     classify_trajectory,
+    plateau_middle,
     sample_rng,
 )
 from qzoom_swift.labels.matchers import (
@@ -143,12 +146,65 @@ def test_calibration_curve_and_threshold_choice():
     curve = calibration_curve(probs, low, zoom, taus=[0.0, 0.2, 0.5, 0.85, 1.01])
     assert [(p.tau, p.accuracy, p.skip_ratio) for p in curve] == [
         (0.0, 0.75, 0.0), (0.2, 1.0, 0.25), (0.5, 1.0, 0.5), (0.85, 0.75, 0.75), (1.01, 0.5, 1.0)]
-    best = choose_threshold(curve, max_accuracy_drop=0.0)
-    assert best == CalibrationPoint(0.5, 1.0, 0.5)
-    assert choose_threshold(curve, max_accuracy_drop=0.25).tau == 0.85
-    assert choose_threshold(curve, target_skip_ratio=0.7).tau == 0.85
+    best, plateau = choose_threshold(curve, max_accuracy_drop=0.0, rule="edge")
+    assert best == CalibrationPoint(0.5, 1.0, 0.5) and plateau == Plateau(0.2, 0.5)
+    assert choose_threshold(curve, max_accuracy_drop=0.25, rule="edge")[0].tau == 0.85
+    assert choose_threshold(curve, target_skip_ratio=0.7, rule="edge")[0].tau == 0.85
+    # plateau-middle: the middle of the plateau in logit space, with the decisions made there
+    middle, plateau = choose_threshold(curve, max_accuracy_drop=0.0)
+    assert plateau == Plateau(0.2, 0.5) and middle.tau == pytest.approx(1 / 3)  # odds 1/4 and 1 -> odds 1/2
+    assert (middle.accuracy, middle.skip_ratio) == (1.0, 0.5)
+    odds = math.sqrt(0.85 / 0.15)
+    middle, plateau = choose_threshold(curve, target_skip_ratio=0.7)
+    assert plateau == Plateau(0.5, 0.85) and middle == CalibrationPoint(pytest.approx(odds / (1 + odds)), 0.75, 0.75)
+    # a 0.25 drop: the 0.5 point (more accurate, 0.25 less skip) joins the plateau, whose middle decides like 0.85
+    middle, plateau = choose_threshold(curve, max_accuracy_drop=0.25)
+    odds = math.sqrt(0.25 * 0.85 / 0.15)
+    assert plateau == Plateau(0.2, 0.85) and middle == CalibrationPoint(pytest.approx(odds / (1 + odds)), 0.75, 0.75)
     with pytest.raises(ValueError, match="exactly one"):
         choose_threshold(curve)
+    with pytest.raises(ValueError, match="rule='lowest'; choose from plateau-middle, edge"):
+        choose_threshold(curve, max_accuracy_drop=0.0, rule="lowest")
+
+
+def test_plateau_middle_keeps_a_margin_on_separated_gate_probabilities():
+    """The toy's shape: coarse questions near 1e-5, fine ones at 0.86-0.88. The edge rule sits on the least
+    confident fine question; the middle keeps the held-out decisions and a margin of 4.4 logits to both sides."""
+    probs = [1e-5, 2e-5, 1e-3, 0.86, 0.87, 0.88]
+    low = [True, True, True, False, False, False]
+    zoom = [True] * 6
+    curve = calibration_curve(probs, low, zoom)
+    edge, plateau = choose_threshold(curve, max_accuracy_drop=0.01, rule="edge")
+    middle, same = choose_threshold(curve, max_accuracy_drop=0.01)
+    assert edge == CalibrationPoint(0.86, 1.0, 0.5) and plateau == same == Plateau(1e-3, 0.86)
+    logit = math.log(1e-3 / (1 - 1e-3)) / 2 + math.log(0.86 / 0.14) / 2  # -2.546
+    assert middle.tau == pytest.approx(1 / (1 + math.exp(-logit))) and 0.07 < middle.tau < 0.075
+    again = calibration_curve(probs, low, zoom, taus=[middle.tau])[0]
+    assert (again.accuracy, again.skip_ratio) == (middle.accuracy, middle.skip_ratio) == (1.0, 0.5)
+
+
+def test_plateau_reaches_across_an_accuracy_drop_the_edge_rule_spends_on_skipping():
+    """The full demo's case: 1% allowed accuracy drop lets the edge rule skip the least confident fine
+    questions (tau 0.846 among fine probabilities 0.84-0.88). The plateau (accuracy at least as good, no-RoI
+    ratio at most 1% lower) reaches down to the coarse cluster: its middle zooms every fine question again."""
+    probs = [1e-6 * (k + 1) for k in range(50)] + [0.840 + 0.0008 * k for k in range(50)]
+    low = [True] * 50 + [False] * 50
+    curve = calibration_curve(probs, low, [True] * 100)
+    edge, plateau = choose_threshold(curve, max_accuracy_drop=0.01, rule="edge")
+    assert (edge.tau, edge.accuracy, edge.skip_ratio) == (pytest.approx(0.8408), 0.99, 0.51)
+    middle, _ = choose_threshold(curve, max_accuracy_drop=0.01)
+    assert plateau == Plateau(pytest.approx(50e-6), pytest.approx(0.8408))  # from the most confident coarse question
+    assert (middle.accuracy, middle.skip_ratio) == (1.0, 0.5) and 0.015 < middle.tau < 0.017  # logit -4.1
+
+
+@pytest.mark.parametrize("plateau, expected", [
+    (Plateau(0.0, 0.0), 0.0),  # the chosen point zooms everything: nothing below it
+    (Plateau(0.0, 0.3), 0.3),  # no gate probability below: no finite lower edge, the edge is kept
+    (Plateau(0.9, 1.0 + 1e-9), 1.0 + 1e-9),  # never zoom: no finite upper edge
+    (Plateau(0.25, 0.75), 0.5),  # symmetric in logit space
+])
+def test_plateau_middle_edges(plateau, expected):
+    assert plateau_middle(plateau) == pytest.approx(expected)
 
 
 def test_overwrite_removes_the_jobs_own_outputs_but_refuses_foreign_files(tmp_path):

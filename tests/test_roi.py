@@ -20,6 +20,7 @@ from qzoom_swift.roi import (
     grid_box_to_pixel_box,
     heatmap_probabilities,
     mask_bounding_box,
+    peak_region_box,
     roi_box_from_heatmap,
 )
 
@@ -620,3 +621,57 @@ def test_sequential_position_ids():
     assert sequential_position_ids(41, 0).tolist() == []
     with pytest.raises(ValueError, match="num_new"):
         sequential_position_ids(41, -1)
+
+
+# ------------------------------------------------------------------------------ roi_fallback="peak"
+
+
+@pytest.mark.parametrize("fraction, expected", [
+    (0.5, GridBox(3, 2, 6, 5)),  # threshold 0.102: the centre (0.204) and its 4 edge neighbours (0.124)
+    (0.7, GridBox(4, 3, 5, 4)),  # threshold 0.143: the centre alone
+    (0.3, GridBox(3, 2, 6, 5)),  # the diagonals (0.075) join too; same 3x3 box
+])
+def test_peak_box_around_a_single_hot_cell(fraction, expected):
+    assert peak_region_box(heatmap(8, 10, [(3, 4)]), fraction=fraction) == expected
+
+
+def test_peak_box_exists_where_no_cell_passes_tau_roi():
+    # A weak peak: sigmoid(-5) = 0.0067, blurred 0.0014; nothing is above tau_roi = 0.1, the peak still is a region.
+    logits = heatmap(6, 9)
+    logits[2, 4] = -5.0
+    assert roi_box_from_heatmap(logits, 0.1) is None
+    assert peak_region_box(logits) == GridBox(3, 1, 6, 4)
+
+
+def test_peak_box_ignores_a_weaker_blob_that_does_not_touch_the_peak():
+    logits = heatmap(8, 10, [(2, 2)])
+    logits[5, 7] = 2.0  # sigmoid 0.88: blurred 0.18, above half the peak (0.102) but not connected to it
+    assert roi_box_from_heatmap(logits, 0.1) == GridBox(1, 1, 9, 7)  # the released rule boxes both
+    assert peak_region_box(logits) == GridBox(1, 1, 4, 4)
+
+
+def test_peak_box_follows_connected_cells_and_the_keep_mask():
+    logits = heatmap(8, 10, [(0, 0)])
+    logits[5, 6] = 2.0
+    keep = torch.ones(8, 10, dtype=torch.bool)
+    keep[0, 0] = False
+    assert peak_region_box(logits) == GridBox(0, 0, 2, 2)  # the sink wins without the mask
+    assert peak_region_box(logits, keep_mask=keep) == GridBox(5, 4, 8, 7)
+    ridge = heatmap(5, 9, [(2, c) for c in range(1, 7)])  # a horizontal ridge is one region
+    assert peak_region_box(ridge, blur_kernel=1) == GridBox(1, 2, 7, 3)
+
+
+def test_peak_box_ties_flat_maps_and_refusals():
+    assert peak_region_box(torch.zeros(4, 6)) == GridBox(0, 0, 6, 4)  # flat: every cell reaches the peak
+    assert peak_region_box(heatmap(4, 6), keep_mask=torch.zeros(4, 6, dtype=torch.bool)) is None  # all masked
+    bad = heatmap(4, 6, [(1, 1)])
+    bad[3, 3] = math.nan
+    assert peak_region_box(bad) is None
+    with pytest.raises(ValueError, match="fraction"):
+        peak_region_box(heatmap(4, 6), fraction=0.0)
+
+
+def test_peak_box_is_grown_to_the_minimum_crop():
+    box = peak_region_box(heatmap(32, 32, [(10, 20)]), fraction=0.9)
+    assert box == GridBox(20, 10, 21, 11)  # one 14 px cell of a 448 px image
+    assert grid_box_to_pixel_box(box, (32, 32), (448, 448), min_side=28) == PixelBox(273, 133, 301, 161)

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from qzoom_swift.loading import add_model_args
+
 PSEUDO_LABELS_DESCRIPTION = (
     "Stage 1: run the base model on an ms-swift dataset (messages + one local image per record), record its "
     "response-to-image attention while it answers (eager attention, averaged over decode steps and the chosen "
@@ -18,6 +20,32 @@ PSEUDO_LABELS_DESCRIPTION = (
     "feed `swift sft --tuner_type qzoom` (QZOOM_TRAIN=rpn) directly. Rerunning the same command resumes after "
     "a crash; --overwrite starts again."
 )
+
+
+def add_shard_args(p: argparse.ArgumentParser) -> None:
+    """The data-parallel flags every labelling job shares (``labels.jobs.Part``)."""
+    p.add_argument("--num-shards", type=int, default=None,
+                   help="split the job over this many independent processes (e.g. a Slurm array, one per GPU); "
+                        "each writes its own files into --out and the last to finish merges summary.json. Under "
+                        "torchrun --nproc_per_node N (or NPROC_PER_NODE=N) the split is automatic")
+    p.add_argument("--shard-index", type=int, default=None, help="this process's shard, 0 .. --num-shards - 1")
+
+
+def shard_options(args: argparse.Namespace) -> dict:
+    """The loader and shard flags as options-dataclass keywords (``labels.jobs.RunOptions``)."""
+    return {"device": args.device, "dtype": args.dtype, "attn_implementation": args.attn_implementation,
+            "num_shards": args.num_shards, "shard_index": args.shard_index}
+
+
+def reported_part(summary: dict) -> bool:
+    """Print the summary of one shard whose job is not complete yet (True), or leave it to the caller (False)."""
+    if summary.get("complete", True) is not False or "part" not in summary:
+        return False
+    print(f"shard {summary['part']}: {summary['records_done']}/{summary['records']} of its records done "
+          f"({summary['processed']} this run, {summary['seconds']} s); other shards are still running. The last "
+          f"to finish writes {Path(summary['output']) / 'summary.json'} (or run `qzoom merge-shards "
+          f"{summary['output']}`)")
+    return True
 
 
 DATASET_SOURCES = ("; or anything ms-swift loads: a dataset folder, PATH#N (a seeded draw of N rows), "
@@ -68,8 +96,8 @@ def pseudo_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-peak", type=float, default=None, help="ignore a sample whose peak is below (default 5e-3)")
     p.add_argument("--shard-size", type=int, default=1000, help="records per shard file (default 1000)")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    add_model_args(p, reads_attention=True)
+    add_shard_args(p)
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="reject a record whose prompt (text + visual budget) is longer, before the model runs "
                         "(default: the visual budget + 4096, within the model's context); a record that fails "
@@ -92,13 +120,14 @@ def pseudo_labels_run(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         top_k=args.top_k, tau_fg=args.tau_fg, tau_bg=args.tau_bg, max_box_fraction=args.max_box_fraction,
         min_peak=args.min_peak, shard_size=args.shard_size, overwrite=args.overwrite, limit=args.limit,
-        device=args.device, dtype=args.dtype, progress=not args.no_progress,
-        max_prompt_tokens=args.max_prompt_tokens)
+        progress=not args.no_progress, max_prompt_tokens=args.max_prompt_tokens, **shard_options(args))
     try:
         summary = run_pseudo_labels(opts)
     except JobError as exc:
         print(f"qzoom pseudo-labels: error: {exc}", file=sys.stderr)
         return 1  # the job failed (usage errors exit 2 from argparse)
+    if reported_part(summary):
+        return 0
     o = summary["outcomes"]
     run = summary["this_run"]
     print(f"{summary['records_done']}/{summary['records_total']} records done: {o['labelled']} labelled, "
@@ -125,6 +154,7 @@ def visualize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau-roi", type=float, default=None, help="box threshold on the predicted heatmap "
                                                                "(default: the checkpoint's)")
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default 100)")
+    add_model_args(p)
 
 
 def visualize_run(args: argparse.Namespace) -> int:
@@ -133,11 +163,12 @@ def visualize_run(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     from qzoom_swift.labels.visualize import render_record_png
+    from qzoom_swift.loading import LoadSettings
 
     try:
         path, size = render_record_png(args.shard, args.out, index=args.index, record_id=args.id,
                                        checkpoint=args.checkpoint, model=args.model, tau_roi=args.tau_roi,
-                                       dpi=args.dpi)
+                                       dpi=args.dpi, load=LoadSettings.from_args(args))
     except (ValueError, FileNotFoundError) as exc:
         print(f"qzoom visualize: error: {exc}", file=sys.stderr)
         return 1  # the job failed (usage errors exit 2 from argparse)
@@ -177,6 +208,7 @@ def gate_labels_args(p: argparse.ArgumentParser) -> None:
                    help="local model judging the answers (the paper's judge prompt, through ms-swift) instead of "
                         "--matcher; trajectories with an unreadable verdict are kept out of training")
     p.add_argument("--judge-model-type", default=None, help="ms-swift model_type of the judge, if not detected")
+    p.add_argument("--judge-batch-size", type=int, default=8, help="answer pairs the judge reads together (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")
     p.add_argument("--batch-size", type=int, default=4, help="questions answered together (default 4)")
     p.add_argument("--stable-top", type=int, default=2,
@@ -193,6 +225,8 @@ def gate_labels_args(p: argparse.ArgumentParser) -> None:
                    help="reject a record whose prompt (text + visual budget) is longer, before the model runs "
                         "(default: the visual budget + 4096, within the model's context); a record that fails "
                         "inside the model (out of memory included) is rejected too, and the job goes on")
+    add_model_args(p)
+    add_shard_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -214,11 +248,13 @@ def gate_labels_run(args: argparse.Namespace) -> int:
             easy_per_transition=args.easy_per_transition, seed=args.seed, short_answer=not args.no_short_answer,
             limit=args.limit,
             shard_size=args.shard_size, overwrite=args.overwrite, progress=not args.no_progress,
-            max_prompt_tokens=args.max_prompt_tokens)
+            max_prompt_tokens=args.max_prompt_tokens, judge_batch_size=args.judge_batch_size, **shard_options(args))
         summary = run_gate_labels(opts)
     except (JobError, ValueError) as exc:
         print(f"qzoom gate-labels: error: {exc}", file=sys.stderr)
         return 1  # the job failed (usage errors exit 2 from argparse)
+    if reported_part(summary):
+        return 0
     print(f"{summary['answered']} trajectories: {summary['kinds']}; kept {summary['kept']} "
           f"({summary['labels']}), rejects {summary['rejects']}; {summary['seconds']} s")
     print(f"wrote {summary['trajectories']} (swift sft, stage-3 recipe) and {summary['gate_train']} (export)")
@@ -243,6 +279,13 @@ def calibrate_gate_args(p: argparse.ArgumentParser) -> None:
                        help="skip the most while staying within this of the best accuracy (e.g. 0.01)")
     group.add_argument("--target-skip", type=float, help="smallest tau that skips at least this fraction")
     p.add_argument("--png", default=None, help="curve PNG (default: CHECKPOINT/gate_calibration.png)")
+    from qzoom_swift.labels.gate import THRESHOLD_RULES
+
+    p.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=THRESHOLD_RULES[0],
+                   help="plateau-middle (default): the middle, in logit space, of the thresholds at least as accurate "
+                        "on the held-out set and skipping at most the accuracy drop less (a margin to both sides); "
+                        "edge: the least confident zoomed held-out sample's probability (the earlier rule)")
+    add_model_args(p)
 
 
 def calibrate_gate_run(args: argparse.Namespace) -> int:
@@ -255,12 +298,14 @@ def calibrate_gate_run(args: argparse.Namespace) -> int:
 
     try:
         res = calibrate_gate(args.model, args.checkpoint, args.trajectories, max_accuracy_drop=args.max_accuracy_drop,
-                             target_skip_ratio=args.target_skip, png=args.png)
+                             target_skip_ratio=args.target_skip, png=args.png, device=args.device,
+                             dtype=args.dtype, attn_implementation=args.attn_implementation, rule=args.threshold_rule)
     except (JobError, FileNotFoundError, ValueError) as exc:
         print(f"qzoom calibrate-gate: error: {exc}", file=sys.stderr)
         return 1  # the job failed (usage errors exit 2 from argparse)
-    print(f"tau_gate={res.tau_gate:.4g}: estimated accuracy {res.accuracy:.3f}, no-RoI ratio {res.skip_ratio:.3f} "
-          f"on {res.samples} samples; wrote {res.config} and {res.curve_png}")
+    print(f"tau_gate={res.tau_gate:.4g} ({res.rule} of the plateau {res.plateau[0]:.4g} < tau <= {res.plateau[1]:.4g}): "
+          f"estimated accuracy {res.accuracy:.3f}, no-RoI ratio {res.skip_ratio:.3f} on {res.samples} samples; wrote "
+          f"{res.config} and {res.curve_png}")
     return 0
 
 
@@ -282,6 +327,7 @@ def mine_hard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-model", default=None,
                    help="local model for the LLM judge (the paper: Qwen2.5-VL-7B-Instruct); default: --matcher")
     p.add_argument("--judge-model-type", default=None, help="ms-swift model_type of the judge, if not detected")
+    p.add_argument("--judge-batch-size", type=int, default=8, help="answer pairs the judge reads together (default 8)")
     p.add_argument("--matcher", default="exact", choices=["exact", "vqa", "anls", "relaxed"],
                    help="rule matcher when no judge model is given (default exact)")
     p.add_argument("--mixing-ratio", type=float, default=0.0,
@@ -308,6 +354,8 @@ def mine_hard_args(p: argparse.ArgumentParser) -> None:
                    help="reject a record whose prompt (text + visual budget) is longer, before the model runs "
                         "(default: the visual budget + 4096, within the model's context); a record that fails "
                         "inside the model (out of memory included) is rejected too, and the job goes on")
+    add_model_args(p)
+    add_shard_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -327,13 +375,73 @@ def mine_hard_run(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, seed=args.seed, config_overrides=overrides,
                        limit=args.limit, shard_size=args.shard_size, overwrite=args.overwrite,
-                       progress=not args.no_progress, max_prompt_tokens=args.max_prompt_tokens)
+                       progress=not args.no_progress, max_prompt_tokens=args.max_prompt_tokens,
+                       judge_batch_size=args.judge_batch_size, **shard_options(args))
     try:
         summary = run_mine_hard(opts)
     except (JobError, ValueError, FileNotFoundError) as exc:
         print(f"qzoom mine-hard: error: {exc}", file=sys.stderr)
         return 1  # the job failed (usage errors exit 2 from argparse)
+    if reported_part(summary):
+        return 0
     print(f"{summary['answered']} questions judged ({summary['judge']}): {summary['categories']}; "
           f"{summary['post_sft_rows']} Post-SFT rows; rejects {summary['rejects']}; {summary['seconds']} s")
     print(f"wrote {summary['post_sft']}")
+    return 0
+
+
+MERGE_SHARDS_DESCRIPTION = (
+    "Merge the output of a labelling job that ran as several processes (torchrun, or --num-shards N "
+    "--shard-index I): check that every record of the dataset was answered by some shard, then write OUT/summary.json "
+    "and the job's other outputs (gate_trajectories.jsonl and gate_train.jsonl for gate-labels, post_sft.jsonl for "
+    "mine-hard) from all shards' files. The last shard to finish does this by itself; run it when that shard was "
+    "stopped, or after resuming a shard by hand. No model is loaded."
+)
+
+JOB_KINDS = {
+    "pseudo-labels": ("qzoom_swift.labels.pseudo", "PseudoLabelOptions", "PseudoLabelJob"),
+    "gate-labels": ("qzoom_swift.labels.gate_job", "GateLabelOptions", "GateLabelJob"),
+    "mine-hard": ("qzoom_swift.labels.mining", "MineOptions", "MineHardJob"),
+}
+"""``job.json``'s ``kind`` -> (module, options class, job class): how ``merge-shards`` rebuilds a job."""
+
+
+def merge_shards_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", type=Path, metavar="OUT", help="the job's output directory (holds job.json)")
+
+
+def merge_shards_run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import importlib
+    import json
+
+    from qzoom_swift.labels.jobs import JOB_FILE, JobError
+
+    job_path = Path(args.out) / JOB_FILE
+    try:
+        job = json.loads(job_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"qzoom merge-shards: error: cannot read {job_path} ({exc}): is OUT a labelling job's output?",
+              file=sys.stderr)
+        return 1
+    kind, options = job.get("kind"), job.get("options")
+    if kind not in JOB_KINDS or not isinstance(options, dict):
+        print(f"qzoom merge-shards: error: {job_path} has kind {kind!r} and "
+              f"{'no' if not isinstance(options, dict) else 'its'} options; merge-shards handles "
+              f"{', '.join(JOB_KINDS)} jobs written by this version (resume one shard to rewrite job.json)",
+              file=sys.stderr)
+        return 1
+    module_name, options_name, job_name = JOB_KINDS[kind]
+    module = importlib.import_module(module_name)
+    options_cls = getattr(module, options_name)
+    known = {f.name for f in dataclasses.fields(options_cls)}
+    values = {k: v for k, v in options.items() if k in known}
+    values.update(out=str(args.out), overwrite=False, progress=False, num_shards=None, shard_index=None)
+    try:
+        summary = getattr(module, job_name)(options_cls(**values)).merge()
+    except JobError as exc:
+        print(f"qzoom merge-shards: error: {exc}", file=sys.stderr)
+        return 1
+    parts = summary.get("parts") or []
+    print(f"merged {kind}: {len(parts)} shard summaries; wrote {Path(args.out) / 'summary.json'}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import string
 from collections import Counter
@@ -298,18 +299,89 @@ def calibration_curve(gate_probs: Sequence[float], correct_low: Sequence[bool], 
     return curve
 
 
+THRESHOLD_RULES = ("plateau-middle", "edge")
+"""Where ``choose_threshold`` puts tau_gate: ``edge`` on the chosen curve point (the gate probability of the
+least confident zoomed held-out sample: the rule before plateaus existed); ``plateau-middle`` (default) in the
+middle, in logit space, of the plateau of thresholds around it that are at least as accurate and skip nearly as
+much (``threshold_plateau``)."""
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """Thresholds ``low`` < tau <= ``high`` that are as good as the chosen one on the held-out set."""
+
+    low: float
+    high: float
+
+
+def threshold_plateau(curve: Sequence[CalibrationPoint], chosen: CalibrationPoint, min_skip: float) -> Plateau:
+    """The run of curve points around ``chosen`` with accuracy >= chosen's and no-RoI ratio >= ``min_skip``.
+
+    A threshold between two neighbouring curve points decides like the upper one, so the plateau reaches from
+    the curve threshold just below the run (exclusive; 0 when there is none) to the run's top. Zooming a sample
+    that is right (or wrong) either way costs no estimated accuracy, so on a gate that separates the two kinds
+    of question, every threshold between the clusters is on the plateau, however wide the gap between them.
+    """
+    points = sorted(curve, key=lambda p: p.tau)
+    i = next(k for k, p in enumerate(points) if p.tau == chosen.tau)
+
+    def ok(p: CalibrationPoint) -> bool:
+        return p.accuracy >= chosen.accuracy - 1e-12 and p.skip_ratio >= min_skip - 1e-12
+
+    lo = hi = i
+    while lo > 0 and ok(points[lo - 1]):
+        lo -= 1
+    while hi + 1 < len(points) and ok(points[hi + 1]):
+        hi += 1
+    return Plateau(points[lo - 1].tau if lo > 0 else 0.0, points[hi].tau)
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def plateau_middle(plateau: Plateau) -> float:
+    """The middle of the plateau in logit space: the same margin, in the gate's own units, to either edge.
+
+    Gate probabilities of the two kinds of question sit near 0 and near 1, where probability differences say
+    little (1e-5 vs 1e-3 is a 4.6 logit gap); the logit is what the gate's Linear head moves linearly. An edge
+    at 0 or at/above 1 has no finite logit: then the upper edge is kept (no margin can be computed).
+    """
+    low, high = plateau.low, plateau.high
+    if not (0.0 < low < high < 1.0):
+        return high
+    mid = 0.5 * (_logit(low) + _logit(high))
+    return 1.0 / (1.0 + math.exp(-mid))
+
+
 def choose_threshold(curve: Sequence[CalibrationPoint], *, max_accuracy_drop: float | None = None,
-                     target_skip_ratio: float | None = None) -> CalibrationPoint:
-    """The threshold that skips most while staying within ``max_accuracy_drop`` of the curve's best accuracy,
-    or the smallest threshold that skips at least ``target_skip_ratio`` of the samples."""
+                     target_skip_ratio: float | None = None,
+                     rule: str = "plateau-middle") -> tuple[CalibrationPoint, Plateau]:
+    """(threshold with its held-out accuracy and no-RoI ratio, its plateau).
+
+    The decisions: skip most while staying within ``max_accuracy_drop`` of the curve's best accuracy, or skip
+    at least ``target_skip_ratio`` of the samples with the smallest threshold. ``edge`` returns that curve
+    point: a threshold equal to a zoomed held-out sample's probability, so a test sample a hair less confident
+    is skipped. ``plateau-middle`` moves to the middle of the plateau of thresholds at least as accurate and
+    skipping at least ``target_skip_ratio`` (or the chosen ratio minus ``max_accuracy_drop``: the margin may
+    cost as much no-RoI ratio as the decisions may cost accuracy), and reports the decisions made there.
+    """
     if (max_accuracy_drop is None) == (target_skip_ratio is None):
         raise ValueError("choose exactly one of max_accuracy_drop and target_skip_ratio")
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"rule={rule!r}; choose from {', '.join(THRESHOLD_RULES)}")
     points = sorted(curve, key=lambda p: p.tau)
     if target_skip_ratio is not None:
-        for point in points:
-            if point.skip_ratio >= target_skip_ratio:
-                return point
-        return points[-1]
-    best = max(p.accuracy for p in points)
-    ok = [p for p in points if p.accuracy >= best - max_accuracy_drop - 1e-12]
-    return max(ok, key=lambda p: (p.skip_ratio, -p.tau))
+        chosen = next((p for p in points if p.skip_ratio >= target_skip_ratio), points[-1])
+        min_skip = min(target_skip_ratio, chosen.skip_ratio)
+    else:
+        best = max(p.accuracy for p in points)
+        ok = [p for p in points if p.accuracy >= best - max_accuracy_drop - 1e-12]
+        chosen = max(ok, key=lambda p: (p.skip_ratio, -p.tau))
+        min_skip = chosen.skip_ratio - max_accuracy_drop
+    plateau = threshold_plateau(points, chosen, min_skip)
+    if rule == "edge":
+        return chosen, plateau
+    tau = plateau_middle(plateau)
+    decided = next(p for p in points if p.tau >= tau)  # p >= tau zooms: the first curve point at or above tau
+    return CalibrationPoint(tau, decided.accuracy, decided.skip_ratio), plateau

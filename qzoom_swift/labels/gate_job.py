@@ -7,7 +7,7 @@ the released rule (``consensus``: normalised answers, containment either way, ea
 consensus of the top two, which must match the ground truth); the matchers and an LLM judge are options.
 Phase 2 (cheap, rerun at the end of every run): the trajectories are collected into
 ``gate_trajectories.jsonl``, which ``swift sft`` reads through the registered preprocessor
-(``swift_plugin.datasets``: the released filter, 1:1 balance and positive-budget draw at load time), and
+(``swift_plugin.data_registry``: the released filter, 1:1 balance and positive-budget draw at load time), and
 the same draw (:func:`qzoom_swift.labels.gate.gate_training_rows`, the one home of the rule) is exported as
 ``gate_train.jsonl``. Each training row carries ``chat_template_kwargs`` with min = max pixels of its
 budget, so ms-swift's Qwen templates encode that sample at exactly that resolution.
@@ -46,6 +46,7 @@ from qzoom_swift.labels.jobs import (
     Prepared,
     ReferenceJob,
     Reject,
+    RunOptions,
     model_context,
     prepare_record,
     question_text,
@@ -61,7 +62,7 @@ SCORINGS = ("consensus", "exact", "vqa", "anls", "relaxed")
 
 
 @dataclass
-class GateLabelOptions:
+class GateLabelOptions(RunOptions):
     model: str
     dataset: str
     out: str
@@ -73,6 +74,8 @@ class GateLabelOptions:
     judge_model: str | None = None
     """A local model judging right/wrong through ms-swift (the paper's judge prompt); None = ``matcher``."""
     judge_model_type: str | None = None
+    judge_batch_size: int = 8
+    """Answer pairs per judge call (ms-swift's engine batch); verdicts do not depend on it under greedy decoding."""
     max_new_tokens: int = 16
     batch_size: int = 4
     stable_top: int = 2
@@ -99,15 +102,17 @@ class GateLabelOptions:
                             seed=self.seed)
 
 
-def load_base_model(model_dir: str):
+def load_base_model(model_dir: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "auto",
+                    local_rank: int | None = None):
     """The base model (no branches) and its processor, for answering at several budgets."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from qzoom_swift.families import FAMILIES, get_adapter
+    from qzoom_swift.loading import LoadSettings, ModelLoadError, load_model
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    try:
+        model, processor = load_model(model_dir, LoadSettings(device, dtype, attn_implementation),
+                                      local_rank=local_rank)
+    except ModelLoadError as exc:
+        raise JobError(str(exc)) from exc
     adapter = get_adapter(model)
     if adapter.spec.fixed_resolution:
         usable = " or ".join(spec.title for spec in FAMILIES.values() if not spec.fixed_resolution)
@@ -141,6 +146,7 @@ class GateLabelJob(ReferenceJob):
     """Phase 1 per block (the answers at every budget, scored), phase 2 as the summary."""
 
     job_name = "gate-label"
+    kind = "gate-labels"
     progress_desc = "gate-labels"
     progress_unit = "q"
     opts: GateLabelOptions
@@ -162,13 +168,17 @@ class GateLabelJob(ReferenceJob):
         return settings
 
     def setup(self) -> None:
-        self.model, self.processor, self.adapter = load_base_model(self.opts.model)
+        opts = self.opts
+        self.model, self.processor, self.adapter = load_base_model(opts.model, opts.device, opts.dtype,
+                                                                   opts.attn_implementation, self.local_rank)
+        self.patch_unit = self.adapter.patch_unit
         self.judge = self.load_judge()
         cap = max_budget(self.processor, self.adapter.patch_unit)
         self.used = tuple(b for b in self.budgets if b <= cap)
         if len(self.used) < 2:
             raise JobError(f"budgets {self.budgets} exceed the processor's maximum of {cap} visual tokens")
-        self.write_job({"kind": "gate-labels", "settings": self.settings, "budgets_used": list(self.used)})
+        self.write_job({"kind": self.kind, "settings": self.settings, "budgets_used": list(self.used),
+                        "patch_unit": self.patch_unit})
 
     def reference(self, record: dict) -> str | list[str] | None:
         """The last assistant turn, else an ``answer``/``answers`` field (VQA-style records)."""
@@ -218,8 +228,11 @@ class GateLabelJob(ReferenceJob):
         scores = [float(self.matcher(a, gt)) for a in answers]
         return scores, [is_correct(s, self.opts.correct_threshold) for s in scores]
 
+    def restore(self, job: dict) -> None:
+        self.patch_unit = int(job["patch_unit"])
+
     def summarize(self) -> dict[str, Any]:
-        summary = build_gate_dataset(self.root, self.opts, self.adapter.patch_unit)
+        summary = build_gate_dataset(self.root, self.opts, self.patch_unit)
         summary["seconds"] = round(self.elapsed(), 2)
         summary["rejects"] = dict(self.out.reject_reasons)
         return summary
@@ -247,6 +260,7 @@ def judge_trajectory(judge, question: str, reference: str | list[str], answers: 
 
 
 def read_trajectories(root: Path) -> list[dict]:
+    """Every answered trajectory of a gate-labels output, in dataset order (however the job was sharded)."""
     rows = []
     for shard in sorted(root.glob("shard-*.jsonl")):
         for line in shard.read_text().splitlines():
@@ -254,7 +268,7 @@ def read_trajectories(root: Path) -> list[dict]:
                 row = json.loads(line)
                 if row.get("qzoom_status") == STATUS_OK:
                     rows.append(row)
-    return rows
+    return sorted(rows, key=lambda row: int(str(row["qzoom_id"]).split("-", 1)[0]))
 
 
 def build_gate_dataset(root: Path, opts: GateLabelOptions, patch_unit: int) -> dict[str, Any]:
@@ -295,11 +309,15 @@ class CalibrationResult:
     samples: int
     curve_png: str
     config: str
+    rule: str = "plateau-middle"
+    plateau: tuple[float, float] = (0.0, 0.0)
+    """(low, high]: the thresholds as good as the chosen one on the held-out set (``labels.gate.threshold_plateau``)."""
 
 
 def calibrate_gate(model_dir: str, checkpoint: str, trajectories: str, *, max_accuracy_drop: float | None = None,
                    target_skip_ratio: float | None = None, png: str | None = None,
-                   batch_size: int = 4) -> CalibrationResult:
+                   batch_size: int = 4, device: str = "auto", dtype: str = "auto",
+                   attn_implementation: str = "auto", rule: str = "plateau-middle") -> CalibrationResult:
     """Gate probabilities at the low budget on held-out trajectories -> curve -> tau_gate into the checkpoint.
 
     An estimate, by design: no zoomed answer is generated. A sample answered directly counts as right when its
@@ -308,6 +326,9 @@ def calibrate_gate(model_dir: str, checkpoint: str, trajectories: str, *, max_ac
     Where Q-Zoom's crop misses (or the RoI budget is below the top budget), real zoomed accuracy is lower and
     the chosen tau_gate skips less than it could; check the choice with ``qzoom eval``. The assumption is
     recorded as ``zoom_correctness`` in the checkpoint's ``gate_calibration`` entry.
+
+    ``rule`` places tau_gate within the plateau of thresholds as good as the chosen decisions on the held-out
+    set (``labels.gate.THRESHOLD_RULES``); the plateau is recorded with it.
     """
     import torch
 
@@ -318,7 +339,8 @@ def calibrate_gate(model_dir: str, checkpoint: str, trajectories: str, *, max_ac
     rows = read_trajectories(Path(trajectories))
     if not rows:
         raise JobError(f"{trajectories} holds no answered trajectories (run qzoom gate-labels on a held-out set)")
-    qz = QZoomModel.from_pretrained(model_dir, checkpoint=checkpoint)
+    qz = QZoomModel.from_pretrained(model_dir, checkpoint=checkpoint, device=device, dtype=dtype,
+                                    attn_implementation=attn_implementation)
     cfg = qz.config
     probs, low_ok, zoom_ok = [], [], []
     base = Path(trajectories)
@@ -333,7 +355,8 @@ def calibrate_gate(model_dir: str, checkpoint: str, trajectories: str, *, max_ac
             questions.append(prepared.messages)
         texts = [qz.processor.apply_chat_template(chat, add_generation_prompt=True) for chat in questions]
         qz.processor.tokenizer.padding_side = "left"
-        inputs = qz.processor(text=texts, images=[i[0] for i in images], return_tensors="pt", padding=True)
+        inputs = qz.processor(text=texts, images=[i[0] for i in images], return_tensors="pt",
+                              padding=True).to(qz.device)
         with torch.inference_mode():
             state = prefill(qz.model, branches=("gate",), **inputs)
         probs += torch.sigmoid(state.gate_logit).float().tolist()
@@ -343,20 +366,24 @@ def calibrate_gate(model_dir: str, checkpoint: str, trajectories: str, *, max_ac
             low_ok.append(bool(correct[at_or_below[-1] if at_or_below else 0]))
             zoom_ok.append(bool(correct[-1]))  # the top budget stands in for the zoomed answer
     curve = calibration_curve(probs, low_ok, zoom_ok)
-    chosen = choose_threshold(curve, max_accuracy_drop=max_accuracy_drop, target_skip_ratio=target_skip_ratio)
+    chosen, plateau = choose_threshold(curve, max_accuracy_drop=max_accuracy_drop,
+                                       target_skip_ratio=target_skip_ratio, rule=rule)
     config = QZoomConfig.load(checkpoint)
     config.tau_gate = chosen.tau
     config.extra["gate_calibration"] = {"samples": len(probs), "accuracy": chosen.accuracy,
                                         "zoom_correctness": "top trajectory budget (estimate, no zoomed answer run)",
                                         "skip_ratio": chosen.skip_ratio, "max_accuracy_drop": max_accuracy_drop,
-                                        "target_skip_ratio": target_skip_ratio}
+                                        "target_skip_ratio": target_skip_ratio, "rule": rule,
+                                        "plateau": [plateau.low, plateau.high]}
     path = config.save(checkpoint)
     write_model_card(checkpoint, config, saved_branches(checkpoint))  # the card shows the new threshold
     png_path = Path(png) if png else Path(checkpoint) / "gate_calibration.png"
     _plot_curve(curve, chosen, png_path)
     write_json_atomic(Path(checkpoint) / "gate_calibration.json",
-                      {"chosen": asdict(chosen), "curve": [asdict(p) for p in curve]})
-    return CalibrationResult(chosen.tau, chosen.accuracy, chosen.skip_ratio, len(probs), str(png_path), str(path))
+                      {"chosen": asdict(chosen), "rule": rule, "plateau": asdict(plateau),
+                       "curve": [asdict(p) for p in curve]})
+    return CalibrationResult(chosen.tau, chosen.accuracy, chosen.skip_ratio, len(probs), str(png_path), str(path),
+                             rule, (plateau.low, plateau.high))
 
 
 def _plot_curve(curve, chosen, path: Path) -> None:

@@ -37,7 +37,9 @@ JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
 REJECTS_FILE = "rejects.jsonl"
 SHARD_PATTERN = "shard-{:05d}.jsonl"
-_SHARD_RE = re.compile(r"^shard-(\d{5})\.jsonl$")
+_SHARD_RE = re.compile(r"^shard-(?:(p\d+of\d+)-)?(\d{5})\.jsonl$")
+_REJECTS_RE = re.compile(r"^rejects(?:-(p\d+of\d+))?\.jsonl$")
+_PART_SUMMARY_RE = re.compile(r"^summary-(p\d+of\d+)\.json$")
 _HEAD_RE = re.compile(r'^\{"qzoom_id": "([^"]+)", "qzoom_status": "([^"]+)"')
 _REASON_RE = re.compile(r'"reason": "([^"]+)"')
 STATUS_REJECTED = "rejected"
@@ -47,6 +49,61 @@ FINGERPRINT_KEY = "dataset_fingerprint"
 
 class JobError(RuntimeError):
     """A problem with the whole job (settings, output directory, model): nothing per-record."""
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """What every job's options share: where the model runs, and which part of the records this process labels.
+
+    ``num_shards`` / ``shard_index`` split a job over independent processes (a Slurm array, one per GPU);
+    under ``torchrun --nproc_per_node N`` (or ms-swift's ``NPROC_PER_NODE=N``) they come from ``RANK`` and
+    ``WORLD_SIZE``. None = one process labels everything.
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    attn_implementation: str = "auto"
+    num_shards: int | None = None
+    shard_index: int | None = None
+
+
+@dataclass(frozen=True)
+class Part:
+    """One process's share of a job: the blocks ``k`` with ``k % count == index`` (blocks of ``batch_size``).
+
+    Whole blocks are assigned, so every batch is the batch an uninterrupted single process builds and a
+    sharded run computes exactly its results.
+    """
+
+    index: int
+    count: int
+
+    @property
+    def tag(self) -> str:
+        """The file-name mark of this part's outputs (``shard-p1of4-00000.jsonl``, ``rejects-p1of4.jsonl``)."""
+        return f"p{self.index}of{self.count}"
+
+    def owns(self, block_number: int) -> bool:
+        return block_number % self.count == self.index
+
+
+def resolve_part(opts: Any) -> tuple[Part | None, int | None]:
+    """(this process's part or None, the torchrun local rank or None): explicit flags first, then torchrun."""
+    from qzoom_swift.config import read_launch_rank
+
+    count, index = getattr(opts, "num_shards", None), getattr(opts, "shard_index", None)
+    try:
+        launch = read_launch_rank()
+    except ValueError as exc:
+        raise JobError(str(exc)) from exc
+    local_rank = launch.local_rank if launch else None
+    if count is None and index is None:
+        return (Part(launch.rank, launch.world_size) if launch else None), local_rank
+    if count is None or index is None:
+        raise JobError("--num-shards and --shard-index go together (e.g. --num-shards 8 --shard-index 3)")
+    if count < 1 or not 0 <= index < count:
+        raise JobError(f"--shard-index {index} --num-shards {count}: need 0 <= shard index < number of shards")
+    return (Part(index, count) if count > 1 else None), local_rank
 
 
 DEFAULT_TEXT_TOKENS = 4096
@@ -189,8 +246,11 @@ def prepare_record(record: Any, base_dir: Path, rewrite_question: Callable[[str]
     return Prepared(chat, image, str(path))
 
 
-def _scan_jsonl(path: Path) -> list[tuple[str, str, str | None]]:
-    """(id, status, reason) of every complete line; a partial or unparsable last line is cut off the file."""
+def _scan_jsonl(path: Path, repair: bool = True) -> list[tuple[str, str, str | None]]:
+    """(id, status, reason) of every complete line; a partial or unparsable last line is cut off the file.
+
+    ``repair=False`` reads another process's file: its last line may be in mid-write and is skipped, never cut.
+    """
     if not path.is_file():
         return []
     data = path.read_bytes()
@@ -204,7 +264,7 @@ def _scan_jsonl(path: Path) -> list[tuple[str, str, str | None]]:
         line = data[pos:nl].decode("utf-8", errors="replace")
         head = _HEAD_RE.match(line)
         if head is None or not line.endswith("}"):
-            if data.find(b"\n", nl + 1) >= 0:
+            if repair and data.find(b"\n", nl + 1) >= 0:
                 raise JobError(f"{path}: corrupted line in the middle of the file (byte {pos}); cannot resume, "
                                "use --overwrite to start again")
             break
@@ -216,18 +276,23 @@ def _scan_jsonl(path: Path) -> list[tuple[str, str, str | None]]:
         reason = _REASON_RE.search(line[:400])
         out.append((head.group(1), head.group(2), reason.group(1) if reason else None))
         pos = good_end = nl + 1
-    if good_end < len(data):
+    if repair and good_end < len(data):
         with open(path, "r+b") as f:
             f.truncate(good_end)
     return out
 
 
 class OutputDir:
-    """Shards + rejects of one job: resume scan, appends, shard rotation."""
+    """Shards + rejects of one job: resume scan, appends, shard rotation.
 
-    def __init__(self, root: Path, shard_size: int):
+    With a :class:`Part`, this process appends only to its own files (``shard-p1of4-NNNNN.jsonl``,
+    ``rejects-p1of4.jsonl``) but reads every part's, so ``done`` is the whole job's progress.
+    """
+
+    def __init__(self, root: Path, shard_size: int, part: Part | None = None):
         self.root = root
         self.shard_size = shard_size
+        self.part = part
         self.done: dict[str, str] = {}  # id -> status
         self.reject_reasons: Counter = Counter()
         self._shard_f = None
@@ -235,23 +300,42 @@ class OutputDir:
         self._shard_count = 0
         self._rejects_f = None
 
+    @property
+    def _tag(self) -> str | None:
+        return self.part.tag if self.part else None
+
     def shards(self) -> list[Path]:
+        """Every part's shard files (the job's output), in name order."""
         return sorted(p for p in self.root.iterdir() if _SHARD_RE.match(p.name))
 
+    def rejects_files(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if _REJECTS_RE.match(p.name))
+
+    def _shard_name(self, index: int) -> str:
+        return f"shard-{self._tag}-{index:05d}.jsonl" if self._tag else SHARD_PATTERN.format(index)
+
+    def _rejects_name(self) -> str:
+        return f"rejects-{self._tag}.jsonl" if self._tag else REJECTS_FILE
+
     def scan(self) -> None:
-        shards = self.shards()
-        for path in shards:
-            entries = _scan_jsonl(path)
+        """Read every part's shards and rejects; only this process's own files are repaired (cut)."""
+        self.done, self.reject_reasons = {}, Counter()
+        own_count = None
+        for path in self.shards():
+            mine = _SHARD_RE.match(path.name).group(1) == self._tag
+            entries = _scan_jsonl(path, repair=mine)
             for rid, status, _ in entries:
                 if rid in self.done:
                     raise JobError(f"{path}: record {rid} appears twice in the output; use --overwrite")
                 self.done[rid] = status
-            self._shard_index = int(_SHARD_RE.match(path.name).group(1))
-            self._shard_count = len(entries)
-        for rid, _status, reason in _scan_jsonl(self.root / REJECTS_FILE):
-            self.done[rid] = STATUS_REJECTED
-            self.reject_reasons[reason or "unknown"] += 1
-        if shards and self._shard_count >= self.shard_size:
+            if mine:
+                self._shard_index = int(_SHARD_RE.match(path.name).group(2))
+                own_count = self._shard_count = len(entries)
+        for path in self.rejects_files():
+            for rid, _status, reason in _scan_jsonl(path, repair=_REJECTS_RE.match(path.name).group(1) == self._tag):
+                self.done[rid] = STATUS_REJECTED
+                self.reject_reasons[reason or "unknown"] += 1
+        if own_count is not None and self._shard_count >= self.shard_size:
             self._shard_index, self._shard_count = self._shard_index + 1, 0
 
     def write_record(self, data: dict) -> None:
@@ -259,14 +343,14 @@ class OutputDir:
             if self._shard_f is not None:
                 self._shard_f.close()
                 self._shard_index, self._shard_count = self._shard_index + 1, 0
-            self._shard_f = open(self.root / SHARD_PATTERN.format(self._shard_index), "a", encoding="utf-8")
+            self._shard_f = open(self.root / self._shard_name(self._shard_index), "a", encoding="utf-8")
         append_jsonl_line(self._shard_f, data)
         self._shard_count += 1
         self.done[data["qzoom_id"]] = data["qzoom_status"]
 
     def write_reject(self, rid: str, index: int, reject: Reject) -> None:
         if self._rejects_f is None:
-            self._rejects_f = open(self.root / REJECTS_FILE, "a", encoding="utf-8")
+            self._rejects_f = open(self.root / self._rejects_name(), "a", encoding="utf-8")
         append_jsonl_line(self._rejects_f, {"qzoom_id": rid, "qzoom_status": STATUS_REJECTED, "reason": reject.reason,
                                       "index": index, "detail": reject.detail})
         self.done[rid] = STATUS_REJECTED
@@ -279,27 +363,36 @@ class OutputDir:
         self._shard_f = self._rejects_f = None
 
 
+def _is_job_output(name: str) -> bool:
+    """A file every job writes (any part's shards, rejects and summaries, job.json, temporaries)."""
+    return (name in (JOB_FILE, SUMMARY_FILE) or name.endswith(".tmp") or bool(
+        _SHARD_RE.match(name) or _REJECTS_RE.match(name) or _PART_SUMMARY_RE.match(name)))
+
+
 def prepare_out_dir(out: str | Path, overwrite: bool, settings: dict, resume_keys: tuple[str, ...],
                     job_name: str, own_files: tuple[str, ...] = (),
-                    dataset: Path | None = None) -> tuple[Path, dict | None]:
+                    dataset: Path | None = None, part: Part | None = None) -> tuple[Path, dict | None]:
     """Create/validate the output dir; returns (dir, the previous job.json when resuming).
 
     A non-empty directory that is not a job of this kind is never touched without ``overwrite``; a job
     with other settings (``resume_keys``) is not resumed. ``own_files`` are the job's other outputs
     (e.g. ``gate_train.jsonl``), which ``overwrite`` deletes too. ``dataset`` is the job's input file: an
-    earlier job with the same content fingerprint read the same dataset, wherever it was.
+    earlier job with the same content fingerprint read the same dataset, wherever it was. A ``part`` of a
+    sharded job never deletes (the other parts write beside it) and tolerates their files appearing.
     """
     root = Path(out)
+    if overwrite and part is not None:
+        raise JobError(f"--overwrite with several shards would delete the other processes' output while they "
+                       f"write it: delete {root} first (or start a new --out), then start the shards without "
+                       "--overwrite")
     if root.exists() and not root.is_dir():
         raise JobError(f"output {root} exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
-    entries = [p for p in root.iterdir()]
+    entries = [p for p in root.iterdir() if not p.name.endswith(".tmp")]
     job_path = root / JOB_FILE
     if overwrite:
-        for p in entries:
-            if p.name in (JOB_FILE, SUMMARY_FILE, REJECTS_FILE, *own_files) or _SHARD_RE.match(p.name):
-                p.unlink()
-            elif p.name.endswith(".tmp"):
+        for p in root.iterdir():
+            if p.name in own_files or (_is_job_output(p.name) and p.is_file()):
                 p.unlink()
             elif p.name == IMAGE_CACHE_DIR and p.is_dir():
                 shutil.rmtree(p)
@@ -308,8 +401,9 @@ def prepare_out_dir(out: str | Path, overwrite: bool, settings: dict, resume_key
             raise JobError(f"--overwrite removed this job's files from {root}, but it also holds {leftover[:5]}: "
                            "choose an empty or new output directory")
         return root, None
-    if not entries:
-        return root, None
+    if not entries or (part is not None and not job_path.is_file() and
+                       all(_is_job_output(p.name) or p.name == IMAGE_CACHE_DIR for p in entries)):
+        return root, None  # new, or another part of this job is starting beside this one
     if not job_path.is_file():
         raise JobError(f"output directory {root} is not empty and holds no {JOB_FILE} of a {job_name} job: "
                        "pass --overwrite to start a new job there (its shards, rejects and summary are deleted), "
@@ -413,6 +507,8 @@ class LabelJob:
 
     job_name = "labelling"
     """How ``prepare_out_dir``'s messages name the job (``a pseudo-label job``)."""
+    kind = "labelling"
+    """The subcommand, recorded in ``job.json`` (``qzoom merge-shards`` finds the job's code by it)."""
     progress_desc = "records"
     progress_unit = "rec"
     own_files: tuple[str, ...] = ()
@@ -433,6 +529,9 @@ class LabelJob:
         self.processed = 0
         self.consecutive_failures = 0
         self.bar: Any = None
+        self.part: Part | None = None
+        self.local_rank: int | None = None
+        self.t_ready = self.t_start
 
     # ----------------------------------------------------------------------------------------- hooks
 
@@ -458,46 +557,91 @@ class LabelJob:
         """The summary (written to ``summary.json`` and returned)."""
         raise NotImplementedError
 
+    def restore(self, job: dict) -> None:
+        """Set what :meth:`summarize` needs from ``job.json`` instead of a loaded model (``qzoom merge-shards``)."""
+
     # ----------------------------------------------------------------------------------------- loop
 
     def run(self) -> dict:
-        """Run (or resume) the job; returns the summary, also written to ``summary.json``."""
+        """Run (or resume) the job; returns the summary, also written to ``summary.json``.
+
+        A part of a sharded job labels its own blocks, writes ``summary-pIofN.json``, and merges the whole
+        job's ``summary.json`` (and the job's other outputs) when it finds every part done.
+        """
         self.t_start = time.perf_counter()
+        self.part, self.local_rank = resolve_part(self.opts)
         self.settings = self.configure()
         self.root, self.previous = prepare_out_dir(self.opts.out, self.opts.overwrite, self.settings,
                                                    self.opts.RESUME_KEYS, self.job_name, self.own_files,
-                                                   self.dataset if self.dataset.is_file() else None)
+                                                   self.dataset if self.dataset.is_file() else None, self.part)
         try:
             self.setup()
             self.records = self.read_records()[: self.opts.limit]
         except BaseException:
-            if self.previous is None:  # a start that failed leaves nothing a corrected rerun would be refused by
+            if self.previous is None and self.part is None:  # a failed start leaves nothing to refuse a rerun
                 (self.root / JOB_FILE).unlink(missing_ok=True)
                 shutil.rmtree(self.root / IMAGE_CACHE_DIR, ignore_errors=True)
             raise
-        self.out = OutputDir(self.root, self.opts.shard_size)
+        self.t_ready = time.perf_counter()
+        self.out = OutputDir(self.root, self.opts.shard_size, self.part)
         self.out.scan()
         self.check_resume()
-        self.done_before = sum(1 for _, rid, _ in self.records if self.is_done(rid))
-        self.bar = self._progress_bar()
+        blocks = self.own_blocks()
+        self.done_before = sum(1 for block in blocks for _, rid, _ in block if self.is_done(rid))
+        self.bar = self._progress_bar(sum(len(block) for block in blocks))
         try:
-            bs = self.opts.batch_size
-            for start in range(0, len(self.records), bs):
-                block = self.records[start:start + bs]
+            for block in blocks:
                 if not all(self.is_done(rid) for _, rid, _ in block):
                     self.process_block(block)
             self.finish()
         finally:
             self.out.close()
             self.bar.close()
+        if self.part is not None:
+            return self._finish_part(blocks)
         summary = self.summarize()
+        summary["labelling_s"] = self.labelling_seconds()
         write_json_atomic(self.root / SUMMARY_FILE, summary)
         return summary
 
-    def _progress_bar(self):
+    def labelling_seconds(self) -> float:
+        """This run's time after the model load and dataset read (what sharding divides)."""
+        return round(time.perf_counter() - self.t_ready, 3)
+
+    def own_blocks(self) -> list[Block]:
+        """The fixed blocks of ``batch_size`` input records this process labels (all of them without a part)."""
+        bs = self.opts.batch_size
+        blocks = [self.records[start:start + bs] for start in range(0, len(self.records), bs)]
+        return [b for number, b in enumerate(blocks) if self.part is None or self.part.owns(number)]
+
+    def _finish_part(self, blocks: list[Block]) -> dict:
+        """This part's summary; the merged job summary too when a fresh scan finds every part done."""
+        mine = [rid for block in blocks for _, rid, _ in block]
+        part = {"part": self.part.tag, "shard_index": self.part.index, "num_shards": self.part.count,
+                "records": len(mine), "records_done": sum(1 for rid in mine if self.is_done(rid)),
+                "resumed_from": self.done_before, "processed": self.processed,
+                "seconds": round(self.elapsed(), 3), "labelling_s": self.labelling_seconds()}
+        write_json_atomic(self.root / f"summary-{self.part.tag}.json", part)
+        merged = self.merge_if_complete()
+        return merged if merged is not None else {**part, "complete": False, "output": str(self.root)}
+
+    def merge_if_complete(self) -> dict | None:
+        """The job's ``summary.json`` (and other outputs) once every record is done by some part, else None."""
+        self.out = OutputDir(self.root, self.opts.shard_size, self.part)
+        self.out.scan()
+        missing = [rid for _, rid, _ in self.records if not self.is_done(rid)]
+        if missing:
+            return None
+        summary = self.summarize()
+        summary["parts"] = [json.loads(p.read_text()) for p in sorted(self.root.glob("summary-p*of*.json"))]
+        write_json_atomic(self.root / SUMMARY_FILE, summary)
+        return summary
+
+    def _progress_bar(self, total: int):
         from tqdm import tqdm
 
-        return tqdm(total=len(self.records), initial=self.done_before, desc=self.progress_desc,
+        desc = self.progress_desc + (f" [{self.part.tag}]" if self.part is not None else "")
+        return tqdm(total=total, initial=self.done_before, desc=desc,
                     unit=self.progress_unit, dynamic_ncols=True, disable=not self.opts.progress)
 
     # ----------------------------------------------------------------------------------------- helpers
@@ -527,6 +671,29 @@ class LabelJob:
             self.opts.dataset = str(dataset)
         return dataset
 
+    def merge(self) -> dict:
+        """``qzoom merge-shards``: the job's ``summary.json`` and other outputs from every part's files.
+
+        No model is loaded (:meth:`restore` reads what the summary needs from ``job.json``); a job with
+        records still missing is an error that says how many, and which parts have not finished.
+        """
+        self.t_start = time.perf_counter()
+        self.settings = self.configure()
+        self.root = Path(self.opts.out)
+        self.restore(json.loads((self.root / JOB_FILE).read_text()))
+        self.records = self.read_records()[: self.opts.limit]
+        merged = self.merge_if_complete()
+        if merged is not None:
+            return merged
+        missing = [n for n, (_, rid, _) in enumerate(self.records) if not self.is_done(rid)]
+        counts = {int(m.group(1)) for p in self.root.iterdir()
+                  if (m := re.match(r"^(?:shard|rejects|summary)-p\d+of(\d+)", p.name))}
+        blocks = sorted({n // self.opts.batch_size for n in missing})
+        where = (f"shards {sorted({b % c for b in blocks for c in counts})} of {sorted(counts)}" if counts
+                 else f"blocks {blocks[:8]}")
+        raise JobError(f"{len(missing)} of {len(self.records)} records are not done yet ({where}): start or resume "
+                       "those shards (rerun their command), then merge again")
+
     def read_records(self) -> Block:
         """(index, id, record) of the dataset: a local file line by line, anything else through ms-swift."""
         if self.dataset.is_file():
@@ -538,10 +705,28 @@ class LabelJob:
         return [(i, record_id(i, _canonical(identity)), rec) for i, (rec, identity) in enumerate(rows)]
 
     def write_job(self, job: dict) -> None:
-        """Write ``job.json``, with the dataset's content fingerprint (a moved, unchanged dataset still resumes)."""
+        """Write ``job.json``, with the dataset's content fingerprint (a moved, unchanged dataset still resumes).
+
+        It also keeps the job's kind and every option, so ``qzoom merge-shards`` can rebuild the job.
+        """
+        from dataclasses import asdict, is_dataclass
+
+        job.setdefault("kind", self.kind)
+        if is_dataclass(self.opts):
+            job["options"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.opts).items()
+                              if k not in ("overwrite", "num_shards", "shard_index")}
         if self.dataset.is_file():
             job.setdefault(FINGERPRINT_KEY, file_fingerprint(self.dataset))
         write_json_atomic(self.root / JOB_FILE, job)
+
+    def model_device(self) -> str:
+        """``--device`` made concrete (under torchrun, auto is this process's GPU, ``cuda:LOCAL_RANK``)."""
+        from qzoom_swift.loading import ModelLoadError, resolve_device
+
+        try:
+            return resolve_device(self.opts.device, self.local_rank)
+        except ModelLoadError as exc:
+            raise JobError(str(exc)) from exc
 
     def is_done(self, rid: str) -> bool:
         return rid in self.out.done
@@ -667,4 +852,5 @@ class ReferenceJob(LabelJob):
             return None
         from qzoom_swift.labels.judge import LLMJudge
 
-        return LLMJudge(self.opts.judge_model, self.opts.judge_model_type)
+        return LLMJudge(self.opts.judge_model, self.opts.judge_model_type,
+                        max_batch_size=getattr(self.opts, "judge_batch_size", 8))

@@ -23,6 +23,7 @@ from qzoom_swift.labels.jobs import (
     JobError,
     ReferenceJob,
     Reject,
+    RunOptions,
     model_context,
     question_text,
     text_tokens,
@@ -34,7 +35,7 @@ CATEGORIES = ("regression", "improvement", "both_right", "both_wrong", "no_roi",
 
 
 @dataclass
-class MineOptions:
+class MineOptions(RunOptions):
     model: str
     checkpoint: str | None
     dataset: str
@@ -42,6 +43,8 @@ class MineOptions:
     judge_model: str | None = None
     """A local model for the LLM judge (ms-swift loads it); None = the rule ``matcher``."""
     judge_model_type: str | None = None
+    judge_batch_size: int = 8
+    """Answer pairs per judge call (ms-swift's engine batch)."""
     matcher: str = "exact"
     correct_threshold: float = 0.5
     batch_size: int = 4
@@ -80,6 +83,7 @@ class MineHardJob(ReferenceJob):
     """Per block: answers without and with the RoI, judged; the Post-SFT file is built as the summary."""
 
     job_name = "mine-hard"
+    kind = "mine-hard"
     progress_desc = "mine-hard"
     progress_unit = "q"
     opts: MineOptions
@@ -104,10 +108,11 @@ class MineHardJob(ReferenceJob):
         from qzoom_swift.model import QZoomModel
 
         opts = self.opts
-        self.write_job({"kind": "mine-hard", "settings": self.settings})
+        self.write_job({"kind": self.kind, "settings": self.settings})
         try:
             self.qz = QZoomModel.from_pretrained(opts.model, checkpoint=opts.checkpoint,
-                                                 config_overrides=opts.config_overrides)
+                                                 config_overrides=opts.config_overrides, device=self.model_device(),
+                                                 dtype=opts.dtype, attn_implementation=opts.attn_implementation)
         except (OSError, ValueError) as exc:
             raise JobError(f"cannot load --model {opts.model} (checkpoint {opts.checkpoint}): {exc}") from exc
         self.judge = self.load_judge()
@@ -116,6 +121,7 @@ class MineHardJob(ReferenceJob):
         self.low_kwargs = self.qz.adapter.budget_template_kwargs(cfg.low_min_tokens, cfg.low_max_tokens)
         tokens = opts.post_sft_tokens
         self.post_sft_kwargs = self.qz.adapter.budget_template_kwargs(tokens, tokens) if tokens else None
+        self.write_job({"kind": self.kind, "settings": self.settings, "post_sft_kwargs": self.post_sft_kwargs})
         self.context = model_context(self.qz.model)
 
     def process_block(self, block: Block) -> None:
@@ -158,6 +164,9 @@ class MineHardJob(ReferenceJob):
         threshold = self.opts.correct_threshold
         return [(is_correct(self.matcher(b.text, gt), threshold), is_correct(self.matcher(z.text, gt), threshold),
                  None) for gt, b, z in zip(refs, base, zoom)]
+
+    def restore(self, job: dict) -> None:
+        self.post_sft_kwargs = job.get("post_sft_kwargs")
 
     def summarize(self) -> dict[str, Any]:
         summary = build_post_sft_dataset(self.root, self.opts.mixing_ratio, self.opts.seed, self.post_sft_kwargs)

@@ -51,6 +51,7 @@ from qzoom_swift.labels.jobs import (
     OutputDir,
     Prepared,
     Reject,
+    RunOptions,
     read_dataset,
     record_id,
 )
@@ -95,7 +96,7 @@ def prepare_record(record: Any, base_dir: Path, grounding_prompt: bool) -> Prepa
 
 
 @dataclass
-class PseudoLabelOptions:
+class PseudoLabelOptions(RunOptions):
     model: str
     dataset: str
     out: str
@@ -132,8 +133,6 @@ class PseudoLabelOptions:
     shard_size: int = 1000
     overwrite: bool = False
     limit: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     max_prompt_tokens: int | None = None
@@ -149,24 +148,13 @@ class PseudoLabelOptions:
 # ------------------------------------------------------------------------------------------------- model
 
 
-def _resolve_device_dtype(device: str, dtype: str):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise JobError(f"--dtype {dtype!r}: choose from auto, {', '.join(table)}")
-    return device, table[dtype]
-
-
-def load_labelling_model(model_dir: str, device: str = "auto", dtype: str = "auto"):
+def load_labelling_model(model_dir: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "auto",
+                         local_rank: int | None = None):
     """(model, processor, family) with eager attention in the language model (the vision tower keeps sdpa)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig
 
     from qzoom_swift.families import family_of
+    from qzoom_swift.loading import LoadSettings, ModelLoadError, load_model
 
     try:
         config = AutoConfig.from_pretrained(model_dir)
@@ -176,11 +164,11 @@ def load_labelling_model(model_dir: str, device: str = "auto", dtype: str = "aut
         family = family_of(config)
     except ValueError as exc:
         raise JobError(f"unsupported model {model_dir}: {exc}") from exc
-    device, torch_dtype = _resolve_device_dtype(device, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_dir, dtype=torch_dtype, attn_implementation={"text_config": "eager", "vision_config": "sdpa"})
-    model = model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    try:
+        model, processor = load_model(model_dir, LoadSettings(device, dtype, attn_implementation),
+                                      reads_attention=True, local_rank=local_rank)
+    except ModelLoadError as exc:
+        raise JobError(str(exc)) from exc
     processor.tokenizer.padding_side = "left"
     return model, processor, family
 
@@ -282,6 +270,7 @@ class PseudoLabelJob(LabelJob):
     """
 
     job_name = "pseudo-label"
+    kind = "pseudo-labels"
     progress_desc = "pseudo-labels"
     progress_unit = "rec"
     opts: PseudoLabelOptions
@@ -321,7 +310,8 @@ class PseudoLabelJob(LabelJob):
         from qzoom_swift.labels.tristate import label_kwargs
 
         opts = self.opts
-        self.model, self.processor, self.family = load_labelling_model(opts.model, opts.device, opts.dtype)
+        self.model, self.processor, self.family = load_labelling_model(
+            opts.model, opts.device, opts.dtype, opts.attn_implementation, self.local_rank)
         self.t_loaded = time.perf_counter()
         adapter = get_adapter(self.model)
         text_cfg = adapter.text_config(self.model)
@@ -330,6 +320,10 @@ class PseudoLabelJob(LabelJob):
         self.selection, self.candidates = _resolve_selection(opts, self.family, num_layers, hidden, num_heads)
         if self.previous is not None and self.previous.get("head_selection"):
             self.selection = HeadSelection.from_dict(self.previous["head_selection"])
+        if self.selection is None and self.part is not None:
+            raise JobError("--heads auto chooses the layers on the first --calibration records, which one process "
+                           "must see: start the job as one process (it stores the choice in job.json), stop it "
+                           "once it has labelled them, then start the shards; or pass --heads LAYER:H,H")
         self.sink_method = _sink_method(opts, self.selection)
         self.grounding_prompt = opts.grounding_prompt == "on" or (opts.grounding_prompt == "auto" and
                                                                   opts.mode == "natural")
@@ -526,6 +520,10 @@ class PseudoLabelJob(LabelJob):
         self.job["auto_ranking"] = [[layer, round(score, 6)] for layer, score in ranking]
         self.job["auto_calibration_samples"] = len(maps)
         self.write_job(self.job)
+
+    def restore(self, job: dict) -> None:
+        self.job, self.family, self.sink_method = job, job.get("family"), job.get("sink_filter")
+        self.t_loaded = time.perf_counter()
 
     def summarize(self) -> dict:
         elapsed = self.elapsed()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,19 +40,18 @@ def _job_of(shard: Path) -> dict:
 
 
 def predict_heatmap(model_dir: str, checkpoint: str, record: dict, base_dir: Path, max_tokens: int,
-                    tau_roi: float | None = None):
+                    tau_roi: float | None = None, load: Any = None):
     """(sigmoid heatmap [h, w] numpy, grid box or None, tau_roi) of a trained RPN on the record's question."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from qzoom_swift.checkpoint import load_branch_checkpoint
     from qzoom_swift.labels.pseudo import Prepared, prepare_record, set_max_visual_tokens
+    from qzoom_swift.loading import load_model
     from qzoom_swift.prefill import prefill
     from qzoom_swift.roi import roi_box_from_heatmap
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    model, processor = load_model(model_dir, load)
     cfg = load_branch_checkpoint(model, checkpoint)
-    processor = AutoProcessor.from_pretrained(model_dir)
     set_max_visual_tokens(processor, max_tokens)
     prepared = prepare_record({k: v for k, v in record.items() if not k.startswith("qzoom_")}, base_dir, False)
     if not isinstance(prepared, Prepared):
@@ -63,7 +63,7 @@ def predict_heatmap(model_dir: str, checkpoint: str, record: dict, base_dir: Pat
         from qzoom_swift.roi import pad_to_square
 
         image = pad_to_square(image, RELEASED_PAD_FILL)
-    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    inputs = processor(text=[text], images=[image], return_tensors="pt").to(model.device)
     with torch.inference_mode():
         state = prefill(model, branches=("rpn",), **inputs)
     logits = state.heatmaps()[0].float()
@@ -71,7 +71,7 @@ def predict_heatmap(model_dir: str, checkpoint: str, record: dict, base_dir: Pat
     from qzoom_swift.zoom import sink_keep_mask
 
     box = roi_box_from_heatmap(logits, tau, cfg.blur_kernel, cfg.blur_sigma, sink_keep_mask(cfg, state, 0))
-    return torch.sigmoid(logits).numpy(), box, tau
+    return torch.sigmoid(logits).cpu().numpy(), box, tau
 
 
 def _record_image(record: dict, job: dict, shard: Path):
@@ -153,8 +153,11 @@ def _draw_prediction(ax, region, grid: tuple[int, int], heat: np.ndarray, box, t
 
 def render_record_png(shard: str | Path, out: str | Path, *, index: int = 0, record_id: str | None = None,
                       checkpoint: str | None = None, model: str | None = None, tau_roi: float | None = None,
-                      dpi: int = 100) -> tuple[Path, tuple[int, int]]:
-    """Write the PNG of one shard record; returns (path, (width, height) in pixels)."""
+                      dpi: int = 100, load: Any = None) -> tuple[Path, tuple[int, int]]:
+    """Write the PNG of one shard record; returns (path, (width, height) in pixels).
+
+    ``load`` (``loading.LoadSettings``) places the model that predicts the heatmap (default: auto).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,7 +183,7 @@ def render_record_png(shard: str | Path, out: str | Path, *, index: int = 0, rec
     _draw_label_panels(axes, image, region, record, attn)
     if checkpoint:
         heat, box, tau = predict_heatmap(model_dir, checkpoint, record, base_dir,
-                                         int(job.get("settings", {}).get("max_tokens", 576)), tau_roi)
+                                         int(job.get("settings", {}).get("max_tokens", 576)), tau_roi, load)
         _draw_prediction(axes[3], region, attn.shape, heat, box, tau)
     fig.suptitle(f"{record.get('qzoom_id', '')}  answer: {str(record.get('qzoom_answer', ''))[:60]!r}", fontsize=9)
     fig.tight_layout()

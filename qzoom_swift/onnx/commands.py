@@ -6,9 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from qzoom_swift.loading import add_model_args
+
 EXPORT_ONNX_HELP = "export a checkpoint's gate and RPN as ONNX graphs (fp32/fp16) with a parity report"
 EXPORT_ONNX_DESCRIPTION = (
-    "Load BASE_MODEL (CPU, float32) with the Q-Zoom branch checkpoint --checkpoint CKPT, export the gate and the RPN with the "
+    "Load BASE_MODEL (by default on the CPU in float32) with the Q-Zoom branch checkpoint --checkpoint CKPT, export the gate and the RPN with the "
     "torch dynamo exporter (dynamic batch and sequence axes), check them with onnx.checker and write to OUT: "
     "gate.onnx, rpn.onnx (and gate.fp16.onnx, rpn.fp16.onnx), qzoom_config.json and parity_report.json "
     "(onnxruntime vs torch on random and real inputs). Inputs of both graphs: hidden_states [B,S,d] after layer B, "
@@ -32,6 +34,8 @@ def export_onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default 18; the dynamo exporter needs >= 18, onnxruntime bounds it above)")
     p.add_argument("--no-parity", action="store_true", help="skip the onnxruntime-vs-torch parity report")
+    add_model_args(p, fixed_defaults=("cpu", "float32", "the graphs and their parity reference come from float32 "
+                                                        "weights"))
 
 
 def export_onnx_run(args: argparse.Namespace) -> int:
@@ -39,6 +43,7 @@ def export_onnx_run(args: argparse.Namespace) -> int:
 
     require_extra("onnx", "qzoom export-onnx")  # before the exporter's own imports
     from qzoom_swift.fileio import quiet_transformers
+    from qzoom_swift.loading import LoadSettings, ModelLoadError
     from qzoom_swift.onnx.export import DEFAULT_OPSET, REPORT_NAME, export_checkpoint
 
     if (args.checkpoint is None) == (args.positional_checkpoint is None):
@@ -49,8 +54,13 @@ def export_onnx_run(args: argparse.Namespace) -> int:
         args.checkpoint = args.positional_checkpoint
     quiet_transformers()
     precisions = tuple(dict.fromkeys(args.precisions or ("fp32", "fp16")))
-    result = export_checkpoint(args.checkpoint, args.model, args.out, precisions=precisions,
-                               opset=args.opset or DEFAULT_OPSET, parity=not args.no_parity)
+    try:
+        result = export_checkpoint(args.checkpoint, args.model, args.out, precisions=precisions,
+                                   opset=args.opset or DEFAULT_OPSET, parity=not args.no_parity,
+                                   load=LoadSettings.from_args(args))
+    except (ModelLoadError, FileNotFoundError) as exc:
+        print(f"qzoom export-onnx: error: {exc}", file=sys.stderr)
+        return 1
     for (branch, precision), path in result.files.items():
         print(f"{branch:<5} {precision:<5} {path}")
     ok = True

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -375,15 +376,16 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike, *, precisions: tup
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, base_model: str | os.PathLike, out_dir: str | os.PathLike,
-                      **kwargs) -> ExportResult:
-    """Load ``base_model`` (fp32, CPU) with the branch checkpoint ``checkpoint`` and export (``export_onnx``)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+                      load: Any = None, **kwargs) -> ExportResult:
+    """Load ``base_model`` with the branch checkpoint ``checkpoint`` and export (``export_onnx``).
 
+    ``load`` (``loading.LoadSettings``) defaults to the CPU in float32: the graphs are cast from these weights.
+    """
     from qzoom_swift.checkpoint import load_branch_checkpoint
+    from qzoom_swift.loading import LoadSettings, load_model
 
-    model = AutoModelForImageTextToText.from_pretrained(str(base_model), dtype=torch.float32).eval()
+    model, processor = load_model(str(base_model), load or LoadSettings("cpu", "float32"),
+                                  processor=kwargs.get("processor") is None)
     load_branch_checkpoint(model, checkpoint)
-    processor = kwargs.pop("processor", None)
-    if processor is None:
-        processor = AutoProcessor.from_pretrained(str(base_model))
+    processor = kwargs.pop("processor", None) or processor
     return export_onnx(model, out_dir, processor=processor, **kwargs)
