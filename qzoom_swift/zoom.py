@@ -11,7 +11,12 @@ if any sample zooms, the RPN). Each sample then takes one of two continuations:
 
 Layers [B, L) never run twice on the low-resolution sequence and layers [0, B) never run twice on the
 unchanged prefix. Decoding is ``model.generate`` continuing from the prepared cache, so generation
-configs, stopping criteria and streamers behave as usual. The continuations run sample by sample.
+configs, stopping criteria and streamers behave as usual. By default the continuations run batched: the
+zoomed samples' crops are encoded in one call and their new tokens run layers [0, B) in one call (padded to one
+length, masked); then every sample's sequence (pass 1's rows as they are, or the zoomed sequence) is left-padded
+to one length, layers [B, L) run once over the batch and one ``generate`` decodes it, each sample keeping its
+own positions (MRoPE deltas per row) and DeepStack rows. ``continuation="per_sample"`` runs them one by one (the earlier
+path, kept for comparison and for streamers, which take one sequence).
 """
 
 from __future__ import annotations
@@ -30,7 +35,14 @@ from qzoom_swift.config import QZoomConfig
 from qzoom_swift.families import Embedded, FamilyAdapter
 from qzoom_swift.families.registry import FAMILIES
 from qzoom_swift.prefill import BranchPrefill, gate_logits, prefill_to_branch, rpn_token_logits
-from qzoom_swift.roi import GridBox, crop_image, grid_region, region_pixel_box, roi_box_from_heatmap
+from qzoom_swift.roi import (
+    GridBox,
+    crop_image,
+    grid_region,
+    peak_region_box,
+    region_pixel_box,
+    roi_box_from_heatmap,
+)
 
 logger = logging.getLogger(__name__)
 _WARNED = {"no_sink_map": False, "gate_untrained": False}
@@ -56,7 +68,8 @@ class ZoomStats:
     fallback: str = ""
     """Why the sample ran another mode than asked: ``gate_untrained`` (mode ``zoom`` with a gate the checkpoint
     records as untrained ran ``always``, or ``never`` when the RPN is untrained too; ``reason`` is then
-    ``forced`` / ``never``); empty otherwise."""
+    ``forced`` / ``never``), or ``roi_peak`` (no cell passed tau_roi and ``roi_fallback="peak"`` boxed the region
+    around the heatmap's peak); joined with ``+`` when both apply; empty otherwise."""
     sink_cells: int = 0
     """Heatmap cells masked as attention sinks before the blur (the family's released rule; 0 when off)."""
     visual_tokens_low: int = 0
@@ -66,8 +79,12 @@ class ZoomStats:
     time_pass1_s: float = 0.0
     """This sample's share of the batched pass 1 (vision, layers [0, B), branches)."""
     time_pass2_s: float = 0.0
-    """Continuation prefill: crop encoding and the second pass, or layers [B, L) for direct answers."""
+    """Continuation prefill: the sample's own crop encoding and RoI pass over layers [0, B) (zoomed samples),
+    plus layers [B, L): its own time under ``per_sample``, its 1/batch share of the batched pass under
+    ``batched``."""
     time_decode_s: float = 0.0
+    """Decoding: its own ``generate`` under ``per_sample``, its 1/batch share of the batch's under ``batched``.
+    Counts (tokens, decisions, boxes) are exact per sample either way; only the times are shares."""
 
     @property
     def visual_tokens(self) -> int:
@@ -360,15 +377,23 @@ def _route(model: nn.Module, state: BranchPrefill, cfg: QZoomConfig,
     return probs, decisions
 
 
+CONTINUATIONS = ("batched", "per_sample")
+"""How samples continue after pass 1: one [B, L) pass and one ``generate`` for the batch, or one per sample."""
+
+
 def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list[list[Image.Image]],
-                  config: QZoomConfig | None = None, router=None, **generate_kwargs) -> ZoomOutput:
+                  config: QZoomConfig | None = None, router=None, continuation: str = "batched",
+                  **generate_kwargs) -> ZoomOutput:
     """Q-Zoom generation for a left-padded batch encoded at the low budget.
 
     ``inputs`` are the processor (or ms-swift template) outputs of pass 1; ``source_images`` the original,
     full-resolution images of each sample (crops are cut from these). ``config`` defaults to the branches'
-    config. ``router`` computes the gate and RPN outputs (default: ``TorchRouter``). Returns the new tokens
-    and a ``ZoomStats`` per sample.
+    config. ``router`` computes the gate and RPN outputs (default: ``TorchRouter``). ``continuation``:
+    ``batched`` (default) or ``per_sample`` (see the module docstring; a ``streamer`` forces per-sample).
+    Returns the new tokens and a ``ZoomStats`` per sample.
     """
+    if continuation not in CONTINUATIONS:
+        raise ValueError(f"continuation={continuation!r}; choose from {', '.join(CONTINUATIONS)}")
     router = router or TorchRouter()
     generate_kwargs = generation_settings(model, generate_kwargs)
     cfg = config or require_branches(model).qzoom_config
@@ -385,14 +410,16 @@ def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list
     pass1 = (time.perf_counter() - t0) / len(decisions)
 
     visual_counts = state.embedded.visual_mask.sum(dim=1).tolist()
-    out = ZoomOutput([])
-    for b, (zoom, reason) in enumerate(decisions):
-        st = ZoomStats(gate_prob=probs[b], reason=reason, visual_tokens_low=int(visual_counts[b]),
+    stats = [ZoomStats(gate_prob=probs[b], reason=reason, visual_tokens_low=int(visual_counts[b]),
                        time_pass1_s=pass1, fallback=GATE_UNTRAINED if fallback_mode else "")
-        plan = _plan_sample(processor, cfg, state, b, source_images[b], st) if zoom else None
-        out.generated.append(_answer(model, state, b, plan, st, generate_kwargs))
-        out.stats.append(st)
-    return out
+             for b, (_, reason) in enumerate(decisions)]
+    plans = [_plan_sample(processor, cfg, state, b, source_images[b], stats[b]) if zoom else None
+             for b, (zoom, _) in enumerate(decisions)]
+    if continuation == "per_sample" or generate_kwargs.get("streamer") is not None:
+        generated = [_answer(model, state, b, plan, stats[b], generate_kwargs) for b, plan in enumerate(plans)]
+    else:
+        generated = _answer_batched(model, state, plans, stats, generate_kwargs)
+    return ZoomOutput(generated, stats)
 
 
 def _plan_sample(processor, cfg: QZoomConfig, state: BranchPrefill, b: int, images: list[Image.Image],
@@ -421,11 +448,168 @@ def _answer(model: nn.Module, state: BranchPrefill, b: int, plan: ZoomPlan | Non
         prep = time.perf_counter() - t1
         new, t_pass2, t_dec = _continue_and_generate(model, state, seq, generate_kwargs)
         t_pass2 += prep + plan.encode_s
-        st.zoomed, st.box, st.grid_box, st.grid = True, plan.box_norm, plan.grid_box, plan.grid
-        st.visual_tokens_roi = seq.num_roi
+        _record_zoom(st, plan, seq)
     st.prompt_tokens = int(seq.input_ids.numel())
     st.time_pass2_s, st.time_decode_s = t_pass2, t_dec
     return new
+
+
+def _record_zoom(st: ZoomStats, plan: ZoomPlan, seq: SampleSequence) -> None:
+    st.zoomed, st.box, st.grid_box, st.grid = True, plan.box_norm, plan.grid_box, plan.grid
+    st.visual_tokens_roi = seq.num_roi
+
+
+def _answer_batched(model: nn.Module, state: BranchPrefill, plans: list[ZoomPlan | None], stats: list[ZoomStats],
+                    generate_kwargs: dict) -> list[torch.Tensor]:
+    """Every sample's new tokens from one [B, L) pass and one ``generate``; fills ``stats`` (times as shares).
+
+    The zoomed samples first build their sequences together (crop tokens through layers [0, B) on their
+    reused prefixes, ``_zoom_prefix_passes``); then all rows are left-padded to one length
+    (``_batched_continuation``). A zoomed sample's pass-2 time is its crop encoding, its share of the RoI pass
+    and its share of layers [B, L).
+    """
+    zoomed = [plan for plan in plans if plan is not None]
+    t0 = time.perf_counter()
+    seqs = dict(zip([p.sample for p in zoomed], _zoom_prefix_passes(model, state, zoomed) if zoomed else []))
+    roi_share = (time.perf_counter() - t0) / max(1, len(zoomed))
+    own = [0.0 if plan is None else plan.encode_s + roi_share for plan in plans]
+    for plan in zoomed:
+        _record_zoom(stats[plan.sample], plan, seqs[plan.sample])
+    t0 = time.perf_counter()
+    cont = _batched_continuation(model, state, seqs, generate_kwargs.get("generation_config"))
+    new, t_upper, t_dec = _continue_and_generate_batch(model, state, cont, generate_kwargs)
+    t_upper += time.perf_counter() - t0 - t_upper - t_dec  # the re-layout counts with layers [B, L)
+    lengths = cont.attention_mask.sum(dim=1).tolist()
+    for b, st in enumerate(stats):
+        st.prompt_tokens = int(lengths[b])
+        st.time_pass2_s = own[b] + t_upper / len(stats)
+        st.time_decode_s = t_dec / len(stats)
+    return new
+
+
+@dataclass
+class BatchContinuation:
+    """The whole batch after layers [0, B), left-padded to one length: what one [B, L) pass and one decode take."""
+
+    input_ids: torch.Tensor
+    """[batch, N] ids (padding on the left)."""
+    attention_mask: torch.Tensor
+    """[batch, N] 1 at real tokens."""
+    positions: torch.Tensor
+    """[3, batch, N] (MRoPE; float when a row holds interpolated RoI positions) or [batch, N]."""
+    hidden: torch.Tensor
+    """[batch, N, d] hidden state after layer B-1."""
+    embedded: Embedded
+    """Visual mask [batch, N] and DeepStack rows (sample by sample, in sequence order)."""
+    cache: object
+    """DynamicCache holding layers [0, B) of every row."""
+
+
+def _left_pad(x: torch.Tensor, pad: int, dim: int, value: float | bool = 0) -> torch.Tensor:
+    """``x`` with ``pad`` entries of ``value`` prepended along ``dim`` (a copy either way: rows are rewritten)."""
+    if pad == 0:
+        return x.clone()
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x.new_full(shape, value), x], dim=dim)
+
+
+def _pad_token_id(generation_config) -> int:
+    """An id for left padding (masked out everywhere, so any id works; the pad id reads best)."""
+    for value in (getattr(generation_config, "pad_token_id", None), getattr(generation_config, "eos_token_id", None)):
+        if isinstance(value, list | tuple):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _batched_continuation(model: nn.Module, state: BranchPrefill, seqs: dict[int, SampleSequence],
+                          generation_config=None) -> BatchContinuation:
+    """Pass 1's rows as they are, left-padded to the longest sequence, with each zoomed row replaced by its sequence.
+
+    Direct rows keep pass 1's layer-B state, positions and cache; a zoomed row takes its own (longer, with the
+    crop inserted and continuous positions), right-aligned.
+    """
+    batch, s = state.input_ids.shape
+    n = max([s] + [int(q.input_ids.numel()) for q in seqs.values()])
+    pad = n - s
+    pad_id = _pad_token_id(generation_config)
+    ids = _left_pad(state.input_ids, pad, 1, pad_id)
+    mask = _left_pad(state.attention_mask.long(), pad, 1)
+    positions = state.position_ids
+    if any(q.positions.is_floating_point() for q in seqs.values()):
+        positions = positions.float()
+    positions = _left_pad(positions, pad, positions.dim() - 1)
+    hidden = _left_pad(state.hidden, pad, 1)
+    visual = _left_pad(state.embedded.visual_mask, pad, 1, False)
+    kv = [[_left_pad(t, pad, 2) for t in (layer.keys, layer.values)]
+          for layer in state.cache.layers[:state.branch_layer]]
+    for b, q in seqs.items():
+        lo = n - int(q.input_ids.numel())
+        hidden[b, :lo], hidden[b, lo:] = 0, q.hidden[0]
+        for row, src, fill in ((ids[b], q.input_ids, pad_id), (mask[b], 1, 0),
+                               (visual[b], q.embedded.visual_mask[0], False),
+                               (positions[..., b, :], q.positions[..., 0, :], 0)):
+            row[..., :lo] = fill
+            row[..., lo:] = src
+        for i, pair in enumerate(kv):
+            for t, src in zip(pair, (q.cache.layers[i].keys, q.cache.layers[i].values)):
+                t[b, :, :lo] = 0
+                t[b, :, lo:] = src[0]
+    deepstack = None
+    if state.embedded.deepstack is not None:
+        rows = [seqs[b].embedded.deepstack if b in seqs else _deepstack_rows(state, b) for b in range(batch)]
+        deepstack = [torch.cat([r[level] for r in rows]) for level in range(len(state.embedded.deepstack))]
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=state.adapter.text_config(model))
+    for i, (keys, values) in enumerate(kv):
+        cache.layers[i].update(keys, values)
+    return BatchContinuation(ids, mask, positions, hidden, Embedded(torch.empty(0), visual, [], deepstack), cache)
+
+
+def _eos_ids(generation_config) -> set[int]:
+    eos = getattr(generation_config, "eos_token_id", None)
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])}
+
+
+def _until_eos(tokens: torch.Tensor, eos: set[int]) -> torch.Tensor:
+    """A batched row's new tokens up to its first end-of-sequence token (inclusive), as one-by-one ``generate``
+    returns them: after it, a finished row of a batch only holds padding."""
+    for i, token in enumerate(tokens.tolist()):
+        if token in eos:
+            return tokens[:i + 1]
+    return tokens
+
+
+@torch.no_grad()
+def _continue_and_generate_batch(model: nn.Module, state: BranchPrefill, cont: BatchContinuation,
+                                 generate_kwargs: dict) -> tuple[list[torch.Tensor], float, float]:
+    """Layers [B, L) over the padded batch, then one ``generate`` from its cache (as ``_continue_and_generate``).
+
+    Each row's MRoPE delta (Qwen) makes decoding continue that row's own positions.
+    """
+    adapter, b_layer = state.adapter, state.branch_layer
+    t0 = time.perf_counter()
+    mask = adapter.causal_mask(model, cont.hidden, cont.attention_mask, cont.cache, mask_layer_idx=b_layer)
+    rope = adapter.rotary(model, cont.hidden, cont.positions)
+    layers = adapter.decoder_layers(model)
+    adapter.run_layers(model, layers[b_layer:], b_layer, cont.hidden, rope, mask, cont.cache, cont.embedded)
+    for layer in cont.cache.layers:
+        layer.crop(-1)
+    n = cont.input_ids.shape[1]
+    last = cont.positions.reshape(-1, *cont.input_ids.shape)[0, :, -1].tolist()
+    adapter.prepare_batch_decode(model, last, cont.attention_mask.sum(dim=1).tolist())
+    t1 = time.perf_counter()
+    out = model.generate(input_ids=cont.input_ids, attention_mask=cont.attention_mask, past_key_values=cont.cache,
+                         **generate_kwargs)
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    per_sample = int(getattr(config, "num_return_sequences", None) or 1)  # rows b*k .. b*k+k-1 are sample b's
+    eos = _eos_ids(config)
+    new = [_until_eos(sequences[b * per_sample, n:], eos) for b in range(cont.input_ids.shape[0])]
+    return new, t1 - t0, time.perf_counter() - t1
 
 
 def sink_keep_mask(cfg: QZoomConfig, state: BranchPrefill, image_index: int) -> torch.Tensor | None:
@@ -458,6 +642,10 @@ def _plan_zoom(processor, cfg: QZoomConfig, state: BranchPrefill, b: int,
         stats.sink_cells = 0 if keep is None else int((~keep).sum())
     box = roi_box_from_heatmap(state.heatmaps()[image_index].float(), cfg.tau_roi, cfg.blur_kernel, cfg.blur_sigma,
                                keep)
+    if box is None and cfg.roi_fallback == "peak":  # the gate said zoom: crop around the peak, not pass 1
+        box = peak_region_box(state.heatmaps()[image_index].float(), cfg.blur_kernel, cfg.blur_sigma, keep)
+        if box is not None and stats is not None:
+            stats.fallback = "+".join(x for x in (stats.fallback, "roi_peak") if x)
     if box is None:
         return None
     t0 = time.perf_counter()
@@ -537,3 +725,78 @@ def _zoomed_embedded(state: BranchPrefill, plan: ZoomPlan, prefix_end: int, embe
         deepstack = [torch.cat([s, r]) for s, r in zip(src_rows, embedded_new.deepstack)]
     visual_mask = torch.cat([state.embedded.visual_mask[b:b + 1, start:start + prefix_end], embedded_new.visual_mask], dim=1)
     return Embedded(torch.empty(0), visual_mask, [], deepstack)
+
+
+@torch.no_grad()
+def _zoom_prefix_passes(model: nn.Module, state: BranchPrefill, plans: list[ZoomPlan]) -> list[SampleSequence]:
+    """``_zoom_prefix_pass`` of several zoomed samples at once: one crop embedding, one layers-[0, B) call.
+
+    Each sample's new tokens (crop + tail) sit right-aligned in a block of one length, after its reused
+    prefix right-aligned in a block of another; the 2-D mask hides both paddings. The result is split
+    back into per-sample sequences (``_batched_continuation`` lays them out again with the direct rows).
+    """
+    if len(plans) == 1:
+        return [_zoom_prefix_pass(model, state, plans[0])]
+    adapter = state.adapter
+    built = []
+    for plan in plans:
+        roi_grid = adapter.encoded_grid(model, plan.encoded)
+        built.append((roi_grid, *roi_augmented_sequence(
+            model, adapter, state.input_ids[plan.sample, plan.start:],
+            _slice_positions(state.position_ids, plan.sample, plan.start), plan.visual_index, plan.grid, plan.box,
+            roi_grid)))
+    ends = [prefix_end for *_, prefix_end in built]
+    news = [int(ids.numel()) - end for (_, ids, _, end) in built]
+    p_max, n_max = max(ends), max(news)
+    first = plans[0].encoded
+    pixels = torch.cat([p.encoded["pixel_values"] for p in plans]) if "pixel_values" in first else None
+    grid_thw = torch.cat([p.encoded["image_grid_thw"] for p in plans]) if "image_grid_thw" in first else None
+    ids = torch.stack([_left_pad(full[end:], n_max - (full.numel() - end), 0, int(full[-1]))
+                       for (_, full, _, end) in built])  # padded with a text token: its embedding is masked
+    embedded = adapter.embed(model, ids, pixels, grid_thw)
+    positions = torch.stack([_left_pad(pos[..., 0, end:], n_max - (pos.shape[-1] - end), pos.dim() - 2)
+                             for (_, _, pos, end) in built], dim=-2)
+    mask2d = torch.zeros(len(plans), p_max + n_max, dtype=torch.long, device=ids.device)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=adapter.text_config(model))
+    for i in range(state.branch_layer):
+        layer = state.cache.layers[i]
+        keys, values = [torch.stack([_left_pad(t[p.sample, :, p.start:p.start + end], p_max - end, 1)
+                                     for p, end in zip(plans, ends)]) for t in (layer.keys, layer.values)]
+        cache.layers[i].update(keys, values)
+    for row, (end, new) in enumerate(zip(ends, news)):
+        mask2d[row, p_max - end:p_max] = 1
+        mask2d[row, p_max + n_max - new:] = 1
+    h_new = embedded.inputs_embeds
+    mask = adapter.causal_mask(model, h_new, mask2d, cache)
+    rope = adapter.rotary(model, h_new, positions)
+    h_new = adapter.run_layers(model, adapter.decoder_layers(model)[:state.branch_layer], 0, h_new, rope, mask,
+                               cache, embedded)
+    return [_split_zoomed(model, state, plan, built[row], row, cache, h_new, embedded, p_max)
+            for row, plan in enumerate(plans)]
+
+
+def _split_zoomed(model: nn.Module, state: BranchPrefill, plan: ZoomPlan, built: tuple, row: int, cache,
+                  h_new: torch.Tensor, embedded: Embedded, p_max: int) -> SampleSequence:
+    """Row ``row`` of the batched RoI pass as the batch-of-one sequence ``_zoom_prefix_pass`` would give."""
+    from transformers import DynamicCache
+
+    roi_grid, full_ids, positions, prefix_end = built
+    b, start, n_max = plan.sample, plan.start, h_new.shape[1]
+    new = int(full_ids.numel()) - prefix_end
+    keep = torch.cat([torch.arange(p_max - prefix_end, p_max), torch.arange(p_max + n_max - new, p_max + n_max)])
+    keep = keep.to(h_new.device)
+    out = DynamicCache(config=state.adapter.text_config(model))
+    for i in range(state.branch_layer):
+        layer = cache.layers[i]
+        out.layers[i].update(layer.keys[row:row + 1, :, keep], layer.values[row:row + 1, :, keep])
+    deepstack = None
+    if embedded.deepstack is not None:
+        counts = embedded.visual_mask.sum(dim=1).tolist()
+        offset = int(sum(counts[:row]))
+        deepstack = [level[offset:offset + int(counts[row])] for level in embedded.deepstack]
+    own = Embedded(torch.empty(0), embedded.visual_mask[row:row + 1, n_max - new:], [], deepstack)
+    hidden = torch.cat([state.hidden[b:b + 1, start:start + prefix_end], h_new[row:row + 1, n_max - new:]], dim=1)
+    return SampleSequence(full_ids, positions, hidden, _zoomed_embedded(state, plan, prefix_end, own), out,
+                          num_roi=roi_grid[0] * roi_grid[1])

@@ -144,33 +144,73 @@ def test_mode_never_equals_the_plain_model(loaded, family):
     assert st.visual_tokens_low == int((inputs["input_ids"] == model.config.image_token_id).sum())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_mixed_batch_gives_the_same_answers_as_one_by_one(loaded, family):
-    model, processor = loaded(family)
-    imgs = [_image(seed=4), _image(size=(480, 640), seed=5)]
-    questions = ["What colour is the box on the left?", "Colour?"]
-    batch = chat_inputs(processor, [[imgs[0]], [imgs[1]]], questions)
-    state = prefill(model, **batch)
-    probs = torch.sigmoid(state.gate_logit.detach()).tolist()
-    assert abs(probs[0] - probs[1]) > 3e-4  # well above batch-vs-single numerical noise (< 1e-4)
-    tau_gate = (probs[0] + probs[1]) / 2  # exactly one sample zooms
+MIX_QUESTIONS = ["What colour is the box on the left?", "Colour?", "Which shape is the largest one here?",
+                 "Say hello."]
+
+
+def _mixed_batch(model, processor, family, mix: str):
+    """Four samples (three images, one text-only) and a config giving the ``mix`` of continuations.
+
+    ``mixed``: the gate zooms the two most likely samples, one of which has no original to crop (no region),
+    the third stays below the gate, the fourth has no image. ``all`` / ``none``: mode always / never.
+    """
     from qzoom_swift.roi import heatmap_probabilities
 
-    zooming = int(probs[1] > probs[0])
-    blurred = heatmap_probabilities(state.heatmaps()[zooming].detach()).flatten()
+    imgs = [_image(seed=4), _image(size=(480, 640), seed=5), _image(size=(560, 420), seed=8)]
+    prompt_images = [[imgs[0]], [imgs[1]], [imgs[2]], []]
+    state = prefill(model, **chat_inputs(processor, prompt_images, MIX_QUESTIONS))
+    probs = torch.sigmoid(state.gate_logit.detach())[:3].tolist()
+    order = sorted(range(3), key=lambda i: -probs[i])
+    blurred = heatmap_probabilities(state.heatmaps()[order[0]].detach()).flatten()
     tau_roi = float(blurred.kthvalue(int(blurred.numel() * 0.75)).values)  # a real sub-region of that image
-    cfg = QZoomConfig(mode="zoom", tau_gate=tau_gate, tau_roi=tau_roi, roi_min_tokens=16,
+    sources = [list(images) for images in prompt_images]
+    if mix == "mixed":
+        second, third = probs[order[1]], probs[order[2]]
+        assert second - third > 3e-4  # well above batch-vs-single numerical noise (< 1e-4)
+        tau_gate, sources[order[1]] = (second + third) / 2, []
+    cfg = QZoomConfig(mode={"mixed": "zoom", "all": "always", "none": "never"}[mix],
+                      tau_gate=tau_gate if mix == "mixed" else 0.5, tau_roi=tau_roi, roi_min_tokens=16,
                       roi_max_tokens=64).resolved_for(family, 8, 128)
-    together = zoom_generate(model, processor, batch, [[imgs[0]], [imgs[1]]], cfg, max_new_tokens=4,
-                             do_sample=False)
-    assert sorted(s.zoomed for s in together.stats) == [False, True]
-    for i in range(2):
-        alone = zoom_generate(model, processor, chat_inputs(processor, [[imgs[i]]], [questions[i]]), [[imgs[i]]], cfg,
-                              max_new_tokens=4, do_sample=False)
-        assert alone.generated[0].tolist() == together.generated[i].tolist()
-        assert alone.stats[0].zoomed == together.stats[i].zoomed
-        assert alone.stats[0].grid_box == together.stats[i].grid_box
-        assert abs(alone.stats[0].gate_prob - together.stats[i].gate_prob) < 1e-4
+    return prompt_images, sources, cfg
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("mix", ["mixed", "all", "none"])
+def test_batched_continuation_gives_the_same_answers_as_one_by_one(loaded, family, attn, mix):
+    """The contract of the batched continuation: a batch answers each sample as a batch of one would."""
+    if mix != "mixed" and attn == "eager":
+        pytest.skip("the all/none mixes run once per family (sdpa); the full mix covers both attentions")
+    model, processor = loaded(family, attn)
+    prompt_images, sources, cfg = _mixed_batch(model, processor, family, mix)
+    batch = chat_inputs(processor, prompt_images, MIX_QUESTIONS)
+    gen = dict(max_new_tokens=4, do_sample=False)
+    together = zoom_generate(model, processor, batch, sources, cfg, **gen)
+    per_sample = zoom_generate(model, processor, batch, sources, cfg, continuation="per_sample", **gen)
+    reasons = [s.reason for s in together.stats]
+    expected = {"mixed": {"gate", "no_roi", "below_gate", "no_image"}, "all": {"forced", "no_image"},
+                "none": {"never"}}[mix]
+    assert set(reasons) == expected, reasons
+    for i in range(len(MIX_QUESTIONS)):
+        alone = zoom_generate(model, processor, chat_inputs(processor, [prompt_images[i]], [MIX_QUESTIONS[i]]),
+                              [sources[i]], cfg, **gen)
+        for out in (together, per_sample):
+            assert out.generated[i].tolist() == alone.generated[0].tolist(), (i, reasons[i])
+            got, ref = out.stats[i], alone.stats[0]
+            assert (got.zoomed, got.reason, got.grid_box, got.visual_tokens_roi, got.prompt_tokens) == \
+                (ref.zoomed, ref.reason, ref.grid_box, ref.visual_tokens_roi, ref.prompt_tokens)
+            assert (got.gate_prob is None) == (ref.gate_prob is None)
+            if ref.gate_prob is not None:
+                assert abs(got.gate_prob - ref.gate_prob) < 1e-4
+    assert sum(s.zoomed for s in together.stats) == {"mixed": 1, "all": 3, "none": 0}[mix]
+    assert all(s.time_pass2_s > 0 and s.time_decode_s > 0 for s in together.stats)
+
+
+def test_unknown_continuation_is_refused(loaded):
+    model, processor = loaded("llava")
+    with pytest.raises(ValueError, match="continuation"):
+        zoom_generate(model, processor, chat_inputs(processor, [_image()], "Colour?"), [[_image()]],
+                      continuation="sideways", max_new_tokens=1)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])

@@ -313,3 +313,10 @@ class FamilyAdapter:
     def prepare_decode(self, model: nn.Module, last_position: float, num_tokens: int) -> None:
         """Make ``generate`` continue positions after ``last_position`` for a sequence of ``num_tokens``."""
 
+    def prepare_batch_decode(self, model: nn.Module, last_positions: list[float], num_tokens: list[int]) -> None:
+        """``prepare_decode`` for a left-padded batch: row b's last prompt position and its real token count.
+
+        Nothing by default: ``generate`` counts a row's real tokens from the attention mask, which gives 1-D
+        positions that continue every row (LLaVA).
+        """
+

@@ -221,9 +221,12 @@ class _QwenVLAdapter(FamilyAdapter):
 
     def prepare_decode(self, model, last_position, num_tokens):
         """``generate`` adds ``rope_deltas`` to the running token count to get MRoPE positions."""
-        inner = self.inner_model(model)
-        delta = int(round(last_position)) + 1 - num_tokens
-        inner.rope_deltas = torch.tensor([[delta]], device=next(model.parameters()).device)
+        self.prepare_batch_decode(model, [last_position], [num_tokens])
+
+    def prepare_batch_decode(self, model, last_positions, num_tokens):
+        """One delta per row: ``generate`` counts each row's real tokens (attention mask) and adds its delta."""
+        deltas = [[int(round(p)) + 1 - int(n)] for p, n in zip(last_positions, num_tokens)]
+        self.inner_model(model).rope_deltas = torch.tensor(deltas, device=next(model.parameters()).device)
 
 
 class Qwen2_5VLAdapter(_QwenVLAdapter):
