@@ -6,7 +6,10 @@ with the hub offline variables set. The worker loads the model once and runs one
 benchmark (``qzoom_swift.eval.model_api``), storing ``<out>/runs/<run>/bench/<benchmark>.json`` after each,
 so an interrupted run resumes at the next benchmark. A benchmark result is reused only while its settings
 fingerprint (model, checkpoint, dataset path, Q-Zoom config, limit, generation) is unchanged;
-``--overwrite`` redoes everything. Standard library only at import (``qzoom --help`` stays fast).
+``--overwrite`` redoes everything. With ``--devices`` each pending (run, benchmark) pair is a worker of its
+own, up to one per listed device at a time (``qzoom_swift.eval.devices``), storing the same per-benchmark
+results; the summary is written once, at the end, atomically. Standard library only at import (``qzoom
+--help`` stays fast).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.eval.devices import Job, cpu_threads, device_kind, parse_devices, run_on_devices
 from qzoom_swift.eval.local_data import folder_fingerprint
 from qzoom_swift.eval.progress import progress_path, progress_printer, track_evalscope_progress
 from qzoom_swift.eval.suite import (
@@ -40,6 +44,7 @@ from qzoom_swift.eval.suite import (
     preset_for,
     resolve_run,
 )
+from qzoom_swift.loading import add_model_args
 from qzoom_swift.procs import die_with_parent, run_child
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -70,6 +75,9 @@ family) unless a run sets them. Throughput is relative to --reference (default: 
 Datasets are never downloaded: --data-root DIR must hold one folder per benchmark (or name a folder with
 --dataset NAME=DIR), each a local copy of the hub dataset in Hugging Face layout, as evalscope reads it:
 {layout}
+
+With --devices cuda:0,cuda:1,... the (run x benchmark) jobs run in parallel, one worker process per device
+(cpu,cpu: two CPU workers); --eval-batch-size N answers N samples per model call.
 
 Results are stored per run and benchmark under <out>/runs/<run>/ (evalscope's predictions with per-sample
 qzoom metadata: gate_prob, zoomed, box, visual_tokens, latency); a finished run is not redone on restart.
@@ -102,12 +110,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="short: direct-answer V* prompt (as the paper); evalscope: its chain-of-thought prompt "
                         "(needs --max-new-tokens ~1024). Other benchmarks always use evalscope's prompts")
     p.add_argument("--reference", default=None, help="run name throughput is relative to (default: first baseline)")
-    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 (default: auto)")
-    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default: auto)")
-    p.add_argument("--attn-implementation", default=None,
-                   help="e.g. sdpa (the paper's throughput runs) or flash_attention_2 (default: the model's)")
-    p.add_argument("--eval-batch-size", type=int, default=1,
-                   help="evalscope's concurrent requests; generation is serialised, keep 1 for latency (default: 1)")
+    add_model_args(p)
+    p.add_argument("--devices", default=None, metavar="DEV,DEV,...",
+                   help="run (run x benchmark) jobs in parallel, one worker process per listed device, e.g. "
+                        "cuda:0,cuda:1,cuda:2,cuda:3 (cpu,cpu: two CPU workers sharing the cores); results are "
+                        "stored and resumed per benchmark as without it (default: one worker at a time on --device)")
+    p.add_argument("--eval-batch-size", type=_positive_int, default=1, metavar="N",
+                   help="samples answered together: evalscope sends N concurrent requests and the model API "
+                        "groups them into one QZoomModel.generate batch (default: 1, per-sample latency)")
     p.add_argument("--progress-interval", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="while a run's worker runs, print its progress (benchmark, samples done/total, elapsed, "
                         "ETA, log path) at most this often (default: 30)")
@@ -115,6 +125,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary-only", action="store_true", help="only rebuild the summary from stored results")
     p.add_argument("--online", action="store_true",
                    help="do not force the Hugging Face offline variables in the run processes")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
+    return value
 
 
 def _positive_seconds(text: str) -> float:
@@ -172,12 +189,18 @@ def build_run_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
     paths = dataset_paths(names, args.data_root, _explicit_datasets(args.datasets))
     table = preset_for(args.preset, model_family(args.model))
     out = Path(args.out).resolve()
+    device = args.device
+    if getattr(args, "devices", None):
+        if args.device != "auto":
+            raise ValueError("give --device (one worker at a time) or --devices (parallel workers), not both")
+        device = device_kind(parse_devices(args.devices))  # the worker's own device is not part of a result's key
     specs = []
     for run in runs:
         checkpoint = run.checkpoint or (args.checkpoint if run.uses_checkpoint else None)
         common = {"model": str(args.model), "checkpoint": str(checkpoint) if checkpoint else None,
                   "limit": args.limit, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
-                  "device": args.device, "attn_implementation": args.attn_implementation,
+                  "device": device,  # auto attention = sdpa; stored as None, as results stored before the loader
+                  "attn_implementation": None if args.attn_implementation == "auto" else args.attn_implementation,
                   "eval_batch_size": args.eval_batch_size, "prompts": args.prompts}
         benches = {}
         for name in names:
@@ -242,15 +265,9 @@ def _run_workers(specs: list[dict[str, Any]], args: argparse.Namespace) -> list[
     failures = []
     for spec in specs:
         name, run_dir = spec["run"]["name"], Path(spec["run_dir"])
-        if args.overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        pending = _pending(spec)
+        pending = _prepare_run(spec, args)
         if not pending:
-            print(f"[qzoom eval] {name}: stored results are current, skipped (--overwrite to redo)")
             continue
-        if spec["run"]["mode"] != "baseline" and not spec["checkpoint"]:
-            print(f"[qzoom eval] {name}: warning: no --checkpoint, the branches are fresh (untrained) copies",
-                  file=sys.stderr)
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path = run_dir / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2) + "\n")
@@ -271,6 +288,64 @@ def _run_workers(specs: list[dict[str, Any]], args: argparse.Namespace) -> list[
         else:
             print(f"[qzoom eval] {name}: done in {dt:.0f} s", flush=True)
     return failures
+
+
+def _prepare_run(spec: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The run's pending benchmarks (after ``--overwrite`` cleared it), with the skip/warning lines printed."""
+    name, run_dir = spec["run"]["name"], Path(spec["run_dir"])
+    if args.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    pending = _pending(spec)
+    if not pending:
+        print(f"[qzoom eval] {name}: stored results are current, skipped (--overwrite to redo)")
+    elif spec["run"]["mode"] != "baseline" and not spec["checkpoint"]:
+        print(f"[qzoom eval] {name}: warning: no --checkpoint, the branches are fresh (untrained) copies",
+              file=sys.stderr)
+    return pending
+
+
+def _run_on_devices(specs: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """``--devices``: every pending (run, benchmark) in its own worker, one per device at a time; the failed jobs."""
+    devices = parse_devices(args.devices)
+    by_run = {spec["run"]["name"]: spec for spec in specs}
+    jobs = [Job(spec["run"]["name"], bench, Path(spec["run_dir"])) for spec in specs
+            for bench in _prepare_run(spec, args)]
+    if not jobs:
+        return []
+    print(f"[qzoom eval] {len(jobs)} job(s) (run x benchmark) on {len(devices)} worker(s): {', '.join(devices)}",
+          flush=True)
+    env = _child_env(args.online)
+    threads = cpu_threads(devices)
+    printers: dict[int, Any] = {}
+
+    def launch(job: Job, device: str, slot: int) -> subprocess.Popen:
+        spec = {**by_run[job.run], "device": device, "benchmarks": {job.benchmark: by_run[job.run]["benchmarks"][
+            job.benchmark]}, "progress_file": str(job.progress), "worker": {"slot": slot, "device": device}}
+        job.dir.mkdir(parents=True, exist_ok=True)
+        job.spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+        job.progress.unlink(missing_ok=True)
+        child_env = dict(env)
+        if device == "cpu" and threads is not None:
+            child_env.setdefault("OMP_NUM_THREADS", str(threads))
+        with open(job.log, "a", encoding="utf-8") as f:  # the child keeps its own handle
+            proc = subprocess.Popen([sys.executable, "-m", "qzoom_swift.eval.command", "worker", str(job.spec_path),
+                                     str(os.getpid())], stdout=f, stderr=subprocess.STDOUT, env=child_env)
+        tag = f"{job.run} on {device}#{slot}"
+        printers[id(job)] = progress_printer(tag, job.run_dir, job.log, path=job.progress)
+        print(f"[qzoom eval] {job.label}: started on {device} (worker {slot}, pid {proc.pid}; log: {job.log})",
+              flush=True)
+        return proc
+
+    def on_exit(job: Job) -> None:
+        if job.returncode == 0:
+            print(f"[qzoom eval] {job.label}: done in {job.elapsed_s:.0f} s on {job.device}", flush=True)
+        else:
+            print(f"[qzoom eval] {job.label}: FAILED (exit {job.returncode}) after {job.elapsed_s:.0f} s on "
+                  f"{job.device}; last lines of {job.log}:\n{_tail(job.log)}", file=sys.stderr)
+
+    failed = run_on_devices(jobs, devices, launch, poll_s=args.progress_interval,
+                            on_poll=lambda job: printers[id(job)](), on_exit=on_exit)
+    return [job.label for job in failed]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -298,7 +373,12 @@ def run(args: argparse.Namespace) -> int:
     preset = (family if family in PRESETS else "none") if args.preset == "auto" else args.preset
     print(f"[qzoom eval] {len(specs)} run(s) x {len(names)} benchmark(s); thresholds: "
           + ("the checkpoint's own (no preset)" if preset == "none" else f"official {preset} table"), flush=True)
-    failures = [] if args.summary_only else _run_workers(specs, args)
+    if args.summary_only:
+        failures = []
+    elif args.devices:
+        failures = _run_on_devices(specs, args)
+    else:
+        failures = _run_workers(specs, args)
 
     results = []
     for spec in specs:
@@ -343,47 +423,56 @@ def worker(spec_path: str | Path, parent_pid: int | None = None) -> int:
         die_with_parent(signal.SIGTERM, parent_pid)
 
     spec = json.loads(Path(spec_path).read_text())
-    from evalscope import TaskConfig, run_task
-
     import qzoom_swift.eval.model_api  # noqa: F401  (registers the model API and the plugin benchmarks)
-    from qzoom_swift.eval.local_data import HF_CACHE_DIR, local_datasets_cache
-    from qzoom_swift.eval.report import collect_benchmark
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    run_spec = spec["run"]
-    run_dir = Path(spec["run_dir"])
-    model_id = run_spec["name"]
+    model_id = spec["run"]["name"]
+    print(f"[worker {model_id}] pid {os.getpid()} on {spec['device']}", flush=True)
     pending = _pending(spec)
     for index, name in enumerate(pending, 1):
-        bench = spec["benchmarks"][name]
-        work = run_dir / "evalscope" / name
-        if work.exists():
-            shutil.rmtree(work)  # a half-finished task: redo it whole (latency of cached samples is lost)
-        model_args = {"checkpoint": spec["checkpoint"], "max_new_tokens": spec["max_new_tokens"],
-                      "dtype": spec["dtype"], "device": spec["device"],
-                      "attn_implementation": spec["attn_implementation"], **bench["overrides"]}
-        dataset_args: dict[str, Any] = {"dataset_id": bench["dataset"]}
-        if bench.get("prompt_template"):
-            dataset_args["prompt_template"] = bench["prompt_template"]
-        print(f"[worker {model_id}] {name}: {json.dumps(bench['overrides'])}", flush=True)
-        t0 = time.perf_counter()
-        task = TaskConfig(eval_type="qzoom", model=spec["model"], model_id=model_id, model_args=model_args,
-                          datasets=[name], dataset_args={name: dataset_args},
-                          generation_config={"max_tokens": spec["max_new_tokens"], "do_sample": False},
-                          limit=spec["limit"], eval_batch_size=spec["eval_batch_size"], work_dir=str(work),
-                          no_timestamp=True, dataset_dir=str(run_dir / "evalscope" / ".datasets"))
-        with (local_datasets_cache(bench["dataset"], run_dir / "evalscope" / ".datasets" / HF_CACHE_DIR),
-              track_evalscope_progress(run_dir, name, index, len(pending))):
-            run_task(task)  # the folder as it is now, never a cache entry of another folder of the same name
-        result = collect_benchmark(work, model_id, name)
-        record = {"benchmark": name, "run": run_spec, "fingerprint": bench["fingerprint"], "settings": bench,
-                  "elapsed_s": time.perf_counter() - t0, "result": result}
-        from qzoom_swift.fileio import write_json_atomic
-
-        write_json_atomic(run_dir / "bench" / f"{name}.json", record)
+        result = _run_benchmark(spec, name, index, len(pending))
         print(f"[worker {model_id}] {name}: score {result['score']:.4f}, {result['samples']} samples, "
               f"zoom rate {result['zoom_rate']:.2f}", flush=True)
     return 0
+
+
+def _run_benchmark(spec: dict[str, Any], name: str, index: int, count: int) -> dict[str, Any]:
+    """One evalscope task of the worker's run; stores ``<run_dir>/bench/<name>.json`` atomically; its numbers."""
+    from evalscope import TaskConfig, run_task
+
+    from qzoom_swift.eval.local_data import HF_CACHE_DIR, local_datasets_cache
+    from qzoom_swift.eval.report import collect_benchmark
+    from qzoom_swift.fileio import write_json_atomic
+
+    run_dir, model_id, bench = Path(spec["run_dir"]), spec["run"]["name"], spec["benchmarks"][name]
+    work = run_dir / "evalscope" / name
+    if work.exists():
+        shutil.rmtree(work)  # a half-finished task: redo it whole (latency of cached samples is lost)
+    model_args = {"checkpoint": spec["checkpoint"], "max_new_tokens": spec["max_new_tokens"],
+                  "dtype": spec["dtype"], "device": spec["device"],
+                  "attn_implementation": spec["attn_implementation"],
+                  "max_batch_size": spec["eval_batch_size"], **bench["overrides"]}
+    dataset_args: dict[str, Any] = {"dataset_id": bench["dataset"]}
+    if bench.get("prompt_template"):
+        dataset_args["prompt_template"] = bench["prompt_template"]
+    print(f"[worker {model_id}] {name}: {json.dumps(bench['overrides'])}", flush=True)
+    started, t0 = time.time(), time.perf_counter()
+    datasets_dir = run_dir / "evalscope" / ".datasets" / name  # one per benchmark: parallel workers never share it
+    task = TaskConfig(eval_type="qzoom", model=spec["model"], model_id=model_id, model_args=model_args,
+                      datasets=[name], dataset_args={name: dataset_args},
+                      generation_config={"max_tokens": spec["max_new_tokens"], "do_sample": False},
+                      limit=spec["limit"], eval_batch_size=spec["eval_batch_size"], work_dir=str(work),
+                      no_timestamp=True, dataset_dir=str(datasets_dir))
+    with (local_datasets_cache(bench["dataset"], datasets_dir / HF_CACHE_DIR),
+          track_evalscope_progress(run_dir, name, index, count, path=spec.get("progress_file"))):
+        run_task(task)  # the folder as it is now, never a cache entry of another folder of the same name
+    result = collect_benchmark(work, model_id, name)
+    worker_info = {"pid": os.getpid(), "device": spec["device"], "started": started, "finished": time.time(),
+                   **(spec.get("worker") or {})}
+    record = {"benchmark": name, "run": spec["run"], "fingerprint": bench["fingerprint"], "settings": bench,
+              "elapsed_s": time.perf_counter() - t0, "worker": worker_info, "result": result}
+    write_json_atomic(run_dir / "bench" / f"{name}.json", record)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,9 +23,13 @@ decision, the box and the visual tokens go to ``ModelOutput.metadata["qzoom"]``,
 ``predictions/<model_id>/<benchmark>_<subset>.jsonl``.
 
 Loaded models are shared per process (keyed by path, checkpoint, dtype, device): the per-benchmark
-instances that differ only in thresholds or budgets reuse one set of weights. ``generate`` holds a lock,
-so evalscope's concurrent calls (``eval_batch_size`` > 1) are serialised; keep ``eval_batch_size=1`` for
-latency numbers (with more, the wait for the lock is not counted, but the GPU is shared by nobody else).
+instances that differ only in thresholds or budgets reuse one set of weights, and one batcher
+(``qzoom_swift.eval.batcher``) per model. evalscope's concurrent calls (``eval_batch_size`` > 1) are
+grouped into one ``QZoomModel.generate`` batch of up to ``max_batch_size`` samples (model_args; set it to
+``eval_batch_size``, as ``qzoom eval --eval-batch-size`` does), collected for at most ``batch_window_s``;
+one batch runs at a time, and a batch that fails is retried sample by sample. ``latency`` is then the
+sample's share of its batch (the sum over a benchmark is the model time, so throughput counts the
+batching gain); ``max_batch_size=1`` (the default) answers one sample at a time, for per-sample latency.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +53,49 @@ from PIL import Image
 
 import qzoom_swift.eval.benchmarks  # noqa: F401  (registers textvqa, hr_bench_*, mme_realworld_lite)
 from qzoom_swift.config import effective_config
+from qzoom_swift.eval.batcher import Batcher
 
 MODEL_API_NAME = "qzoom"
 # QZoomConfig fields that may be set per evalscope task (inference knobs).
 CONFIG_KEYS = ("mode", "tau_gate", "tau_roi", "blur_kernel", "blur_sigma", "min_box_side", "low_max_tokens",
                "low_min_tokens", "roi_max_tokens", "roi_min_tokens")
 
+DEFAULT_MAX_BATCH_SIZE = 1
+"""Samples per ``QZoomModel.generate`` call (model_args ``max_batch_size``); 1 = one sample at a time."""
+DEFAULT_BATCH_WINDOW_S = 0.05
+"""Seconds a call waits for companions before its batch runs anyway (model_args ``batch_window_s``)."""
+
 _MODELS: dict[tuple, Any] = {}
 _MODELS_LOCK = threading.Lock()
+
+
+@dataclass
+class _Request:
+    """One sample for the batcher; calls with equal ``key`` (generation settings) may share a batch."""
+
+    images: list[Image.Image]
+    question: str
+    overrides: dict[str, Any]
+    max_new_tokens: int
+    kwargs: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.overrides, self.max_new_tokens, self.kwargs], sort_keys=True, default=str)
+
+
+def _batch_runner(qz):
+    """``run_batch`` for the batcher of ``qz``: one ``generate`` over the batch, timed; (answer, size, wall) each."""
+    def run_batch(_key: str, requests: list[_Request]) -> list[tuple[Any, int, float]]:
+        first = requests[0]
+        t0 = time.perf_counter()
+        answers = qz.generate([r.images for r in requests], [r.question for r in requests],
+                              config_overrides=first.overrides, max_new_tokens=first.max_new_tokens, **first.kwargs)
+        _sync(qz)
+        wall = time.perf_counter() - t0
+        return [(answer, len(requests), wall) for answer in answers]
+
+    return run_batch
 
 
 def decode_image(uri: str) -> Image.Image:
@@ -120,44 +161,24 @@ def split_messages(messages: list[ChatMessage]) -> tuple[list[Image.Image], str]
     return images, "\n".join(system + texts)
 
 
-def _torch_dtype(dtype: str | None):
-    import torch
-
-    if dtype in (None, "", "auto"):
-        return "auto"
-    value = getattr(torch, str(dtype).replace("torch.", ""), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype {dtype!r}: use auto, bfloat16, float16 or float32")
-    return value
-
-
-def _resolve_device(device: str | None) -> str:
-    import torch
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
 def load_qzoom_model(model_path: str, checkpoint: str | None = None, dtype: str | None = "auto",
                      device: str | None = "auto", attn_implementation: str | None = None):
-    """``QZoomModel.from_pretrained`` once per (path, checkpoint, dtype, device, attention) in this process."""
+    """``QZoomModel.from_pretrained`` once per (path, checkpoint, dtype, device, attention) in this process.
+
+    Returns (model, its batcher): every task on these weights batches through the same queue.
+    """
+    from qzoom_swift.loading import LoadSettings, resolve_load
     from qzoom_swift.model import QZoomModel
 
-    device = _resolve_device(device)
-    key = (str(model_path), str(checkpoint) if checkpoint else None, str(dtype), device, attn_implementation)
+    resolved = resolve_load(LoadSettings(device or "auto", dtype or "auto", attn_implementation or "auto"))
+    key = (str(model_path), str(checkpoint) if checkpoint else None, str(resolved.dtype), resolved.device,
+           str(resolved.attn_implementation))
     with _MODELS_LOCK:
         if key not in _MODELS:
-            torch_dtype = _torch_dtype(dtype)
-            if torch_dtype == "auto" and device == "cpu":
-                import torch
-
-                torch_dtype = torch.float32  # bf16 checkpoints are slow on CPU
-            qz = QZoomModel.from_pretrained(model_path, checkpoint=checkpoint or None, dtype=torch_dtype,
-                                            attn_implementation=attn_implementation,
-                                            device_map=None if device == "cpu" else device)
-            qz.model.to(device)  # the branches are attached after loading
-            _MODELS[key] = (qz, threading.Lock())
+            qz = QZoomModel.from_pretrained(model_path, checkpoint=checkpoint or None, dtype=resolved.dtype,
+                                            attn_implementation=resolved.attn_implementation,
+                                            device=resolved.device)
+            _MODELS[key] = (qz, Batcher(_batch_runner(qz), name=f"qzoom-batcher:{Path(str(model_path)).name}"))
         return _MODELS[key]
 
 
@@ -173,18 +194,25 @@ class QZoomAPI(ModelAPI):
         max_new_tokens: default answer length when the generation config sets no ``max_tokens``.
         dtype: auto | bfloat16 | float16 | float32. device: auto | cuda | cuda:N | cpu.
         attn_implementation: e.g. sdpa (the paper's throughput runs) or flash_attention_2.
+        max_batch_size: most concurrent samples answered in one ``generate`` batch (default 1; set it to
+            evalscope's ``eval_batch_size``). batch_window_s: longest wait for companions (default 0.05 s).
     """
 
     def __init__(self, model_name: str, base_url: str | None = None, api_key: str | None = None,
                  config: GenerateConfig | None = None, *, checkpoint: str | None = None,
                  max_new_tokens: int = 128, dtype: str | None = "auto", device: str | None = "auto",
-                 attn_implementation: str | None = None, **model_args: Any) -> None:
+                 attn_implementation: str | None = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 batch_window_s: float = DEFAULT_BATCH_WINDOW_S, **model_args: Any) -> None:
         super().__init__(model_name, base_url, api_key, config if config is not None else GenerateConfig())
         unknown = sorted(k for k in model_args if k not in CONFIG_KEYS)
         if unknown:
             raise ValueError(f"qzoom model_args: unknown keys {unknown}; known: checkpoint, max_new_tokens, dtype, "
-                             f"device, attn_implementation, {', '.join(CONFIG_KEYS)}")
-        self.qz, self._lock = load_qzoom_model(model_name, checkpoint, dtype, device, attn_implementation)
+                             f"device, attn_implementation, max_batch_size, batch_window_s, {', '.join(CONFIG_KEYS)}")
+        if int(max_batch_size) < 1 or float(batch_window_s) < 0:
+            raise ValueError(f"qzoom model_args: max_batch_size {max_batch_size} must be >= 1 and batch_window_s "
+                             f"{batch_window_s} >= 0")
+        self.max_batch_size, self.batch_window_s = int(max_batch_size), float(batch_window_s)
+        self.qz, self._batcher = load_qzoom_model(model_name, checkpoint, dtype, device, attn_implementation)
         self.overrides = dict(model_args)
         # what QZoomModel.generate will use: checkpoint < QZOOM_* environment < this task's model_args
         self.effective_config = effective_config(self.qz.config, self.overrides)
@@ -206,12 +234,10 @@ class QZoomAPI(ModelAPI):
                     kwargs[name] = getattr(config, name)
         if config.repetition_penalty is not None:
             kwargs["repetition_penalty"] = config.repetition_penalty
-        with self._lock:
-            t0 = time.perf_counter()
-            answer = self.qz.generate(images, question, config_overrides=self.overrides, max_new_tokens=max_new,
-                                      **kwargs)[0]
-            _sync(self.qz)
-            wall = time.perf_counter() - t0
+        request = _Request(images, question, dict(self.overrides), max_new, kwargs)
+        answer, batch_size, batch_wall = self._batcher.submit(request, request.key, max_batch=self.max_batch_size,
+                                                              window_s=self.batch_window_s)
+        wall = batch_wall / batch_size  # this sample's share of its batch
         st = answer.stats
         text = answer.text
         out_tokens = len(answer.token_ids or [])  # the generated tokens themselves (incl. a final end token)
@@ -228,7 +254,8 @@ class QZoomAPI(ModelAPI):
         cfg = self.effective_config
         output.metadata = {"qzoom": {
             **st.to_dict(),
-            "latency_s": latency, "wall_s": wall, "output_tokens": out_tokens,
+            "latency_s": latency, "wall_s": wall, "output_tokens": out_tokens, "batch_size": batch_size,
+            "batch_wall_s": batch_wall,
             "mode": cfg.mode, "tau_gate": cfg.tau_gate, "tau_roi": cfg.tau_roi,
             "low_tokens": [cfg.low_min_tokens, cfg.low_max_tokens],
             "roi_tokens": [cfg.roi_min_tokens, cfg.roi_max_tokens],

@@ -26,25 +26,27 @@ def progress_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / PROGRESS_NAME
 
 
-def read_progress(run_dir: str | Path) -> dict[str, Any] | None:
-    """The worker's last record, or None before its first one (the model is still loading)."""
+def read_progress(run_dir: str | Path, path: str | Path | None = None) -> dict[str, Any] | None:
+    """The worker's last record (``path``, default ``progress_path(run_dir)``), or None before its first one."""
     try:
-        return json.loads(progress_path(run_dir).read_text())
+        return json.loads(Path(path or progress_path(run_dir)).read_text())
     except (OSError, ValueError):
         return None
 
 
 @contextlib.contextmanager
-def track_evalscope_progress(run_dir: str | Path, benchmark: str, index: int, count: int) -> Iterator[None]:
+def track_evalscope_progress(run_dir: str | Path, benchmark: str, index: int, count: int,
+                             path: str | Path | None = None) -> Iterator[None]:
     """Write ``progress.json`` for each sample evalscope's evaluator finishes while the block runs.
 
     Wraps ``run_in_threads_with_progress`` as evalscope's evaluator module imported it (its one work pool
-    over all subsets); an evalscope without it just gives no per-sample counts.
+    over all subsets); an evalscope without it just gives no per-sample counts. ``path`` (default
+    ``progress_path(run_dir)``) lets parallel workers of one run keep one file each.
     """
     from evalscope.evaluator import evaluator as module
 
     original = getattr(module, "run_in_threads_with_progress", None)
-    path = progress_path(run_dir)
+    path = Path(path or progress_path(run_dir))
     record = {"benchmark": benchmark, "index": index, "count": count, "done": 0, "total": None,
               "started": time.time()}
     write_json_atomic(path, record)
@@ -86,13 +88,13 @@ def progress_line(run: str, progress: dict[str, Any] | None, log: Path, now: flo
 
 
 def progress_printer(run: str, run_dir: Path, log: Path, heartbeat_s: float = HEARTBEAT_S,
-                     emit: Callable[[str], None] | None = None) -> Callable[[], None]:
+                     emit: Callable[[str], None] | None = None, path: Path | None = None) -> Callable[[], None]:
     """A poll function for ``procs.run_child``: prints a line when the progress changed, or every ``heartbeat_s``."""
     emit = emit or (lambda line: print(line, flush=True))
     last: dict[str, Any] = {"key": (), "at": 0.0}
 
     def poll() -> None:
-        progress = read_progress(run_dir)
+        progress = read_progress(run_dir, path)
         key = (None,) if progress is None else (progress.get("benchmark"), progress.get("done"), progress.get("total"))
         now = time.monotonic()
         if key != last["key"] or now - last["at"] >= heartbeat_s:

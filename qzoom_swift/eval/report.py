@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qzoom_swift.eval.suite import BENCHMARKS, GROUP_TITLES
+from qzoom_swift.fileio import atomic_path, write_text_atomic
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -253,8 +254,10 @@ def write_summary(summary: dict[str, Any], out_dir: str | Path, title: str = "Q-
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out_dir / "summary.md", "csv": out_dir / "summary.csv", "json": out_dir / "summary.json",
              "plot": out_dir / "pareto.png"}
-    paths["markdown"].write_text(to_markdown(summary, title))
-    paths["csv"].write_text(to_csv(summary))
-    paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
-    pareto_plot(summary, paths["plot"])
+    # each file whole or not at all: a reader (or a run stopped half-way) never sees a torn summary
+    write_text_atomic(paths["markdown"], to_markdown(summary, title))
+    write_text_atomic(paths["csv"], to_csv(summary))
+    write_text_atomic(paths["json"], json.dumps(summary, indent=2) + "\n")
+    with atomic_path(paths["plot"], suffix=".png") as tmp:
+        pareto_plot(summary, tmp)
     return paths
