@@ -71,4 +71,18 @@ def register_models() -> None:
             architectures=[],  # never auto-selected: Q-Zoom is asked for with --model_type
             is_multimodal=True,
         )
+        globals()[meta.loader.__name__] = meta.loader  # importable by name: swift eval pickles the model meta
         register_model(meta, exist_ok=True)
+
+
+def __getattr__(name: str):
+    """Loader classes exist once ``register_models`` ran; a spawned process unpickles them before that.
+
+    ``swift eval`` hands its arguments (model meta included) to a ``spawn``ed ``swift deploy`` process,
+    which looks the loader up here before it re-imports the plugin.
+    """
+    if name.startswith("QZoom") and name.endswith("Loader"):
+        register_models()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,10 +15,8 @@ import torch
 
 from qzoom_swift.families.registry import FAMILIES
 from qzoom_swift.losses import IGNORE_INDEX
+from qzoom_swift.swift_plugin.backends import UNSUPPORTED_BACKENDS, backend_refusal
 from qzoom_swift.training import is_branch_batch
-
-UNSUPPORTED_BACKENDS = ("vllm", "lmdeploy", "sglang")
-"""ms-swift inference engines that encode with the template but generate without it."""
 
 
 def _nesting_depth(value) -> int:
@@ -152,16 +150,12 @@ class QZoomTemplateMixin(PairingGuardMixin):
     def set_mode(self, mode):
         """Refuse the engines that never call ``generate``: zoom would be silently off there.
 
-        ms-swift's vLLM engine sets the mode before it builds the engine, so vLLM is stopped before any weights
-        load; LMDeploy and SGLang set it per request, so they are stopped at the first request with this message
-        instead of answering without Q-Zoom. Training and transformers inference pass through.
+        The last line of defence: ``backends.install_backend_guard`` refuses them before any engine is built
+        (vLLM also sets the mode before building; LMDeploy and SGLang only per request, which this still stops
+        when an engine is built around the guard, e.g. from Python). Training and transformers pass through.
         """
         if mode in UNSUPPORTED_BACKENDS:
-            raise ValueError(
-                f"the Q-Zoom template {self.template_meta.template_type!r} needs --infer_backend transformers "
-                f"(got {mode}): Q-Zoom decides and zooms inside the transformers engine's generate, which the {mode} "
-                "engine never calls. Use --infer_backend transformers, or the stock model type and template "
-                "without Q-Zoom.")
+            raise backend_refusal(f"the Q-Zoom template {self.template_meta.template_type!r}", mode)
         return super().set_mode(mode)
 
     def _qzoom_config(self, model=None):
@@ -362,3 +356,12 @@ def register_templates() -> None:
         guarded.__qzoom_stock__ = stock_cls
         globals()[guarded.__name__] = guarded
         register_template(dataclasses.replace(base_meta, template_cls=guarded), exist_ok=True)
+
+
+def __getattr__(name: str):
+    """Template classes exist once ``register_templates`` ran; a spawned process may unpickle them before."""
+    if name.startswith("QZoom"):
+        register_templates()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,10 +6,12 @@ both), set in a recipe's ``ENV:`` block or with ``--model_kwargs '{"QZOOM_TRAIN"
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from swift.tuner_plugin import Tuner, tuners_map
 
 from qzoom_swift.branches import BRANCH_NAMES, branch_parameters, copy_gate_layers, require_branches
-from qzoom_swift.checkpoint import load_branch_checkpoint, save_branch_checkpoint
+from qzoom_swift.checkpoint import is_branch_checkpoint, load_branch_checkpoint, save_branch_checkpoint
 from qzoom_swift.config import read_env
 from qzoom_swift.families.registry import FAMILIES
 from qzoom_swift.swift_plugin.models import check_router
@@ -68,7 +70,13 @@ class QZoomTuner(Tuner):
         A checkpoint whose gate never trained (stage 1) holds copies of the layers of the model stage 1 ran on;
         stage 3 runs on the Post-SFT model, so its gate is copied from this model's layers instead, whatever
         checkpoint supplies the RPN. A gate that has trained (a resumed stage 3) is kept.
+
+        ms-swift loads every ``--adapters`` entry with the tuner of the first one, so a PEFT (LoRA) adapter
+        listed after a branch checkpoint arrives here: it is handed to ms-swift's own loader, which makes
+        ``--adapters BRANCH_CKPT LORA_DIR`` serve an unmerged Post-SFT LoRA with the branches.
         """
+        if is_peft_adapter(model_id):
+            return load_peft_adapter(model, model_id, **kwargs)
         config = load_branch_checkpoint(model, model_id)
         if kwargs.get("is_trainable"):
             which = branches_to_train()
@@ -78,6 +86,24 @@ class QZoomTuner(Tuner):
         else:
             check_router(model)  # inference (--adapters): the router must fit these branches before serving
         return model
+
+
+def is_peft_adapter(path) -> bool:
+    """A PEFT adapter folder (LoRA from ``swift sft --tuner_type lora``), not a Q-Zoom branch checkpoint."""
+    return (Path(path) / "adapter_config.json").is_file() and not is_branch_checkpoint(path)
+
+
+def load_peft_adapter(model, adapter_dir, **kwargs):
+    """Apply a LoRA on top of a model whose branches are loaded; the branches stay outside the adapter.
+
+    Training with ``--tuner_type qzoom`` freezes every base weight, so a LoRA here can only serve inference.
+    """
+    from swift.tuners import Swift
+
+    if kwargs.get("is_trainable"):
+        raise ValueError(f"{adapter_dir} is a LoRA adapter: --tuner_type qzoom trains branches only; merge the LoRA "
+                         "first (swift export --adapters LORA_DIR --merge_lora true) and train on the merged model")
+    return Swift.from_pretrained(model, str(adapter_dir))
 
 
 def register_tuner() -> None:
