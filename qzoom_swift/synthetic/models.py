@@ -95,25 +95,28 @@ def _llava_config(size: str, image_token_id: int, vocab_size: int) -> dict[str, 
                 vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
-# Full-size shapes of the checkpoints the paper uses (values of their public config.json files).
+# Full-size shapes of the checkpoints the paper uses (values of their public config.json files; the fields left
+# out equal the transformers defaults, checked in tests/test_full_width.py).
 FULL_SIZE_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "Qwen2.5-VL-3B-Instruct": ("qwen2_5_vl", dict(
         text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                          num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                         rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                           "mrope_section": [16, 24, 24]}),
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31]),
+                           tokens_per_second=2, fullatt_block_indexes=[7, 15, 23, 31]),
         tie_word_embeddings=True)),
     "Qwen2.5-VL-7B-Instruct": ("qwen2_5_vl", dict(
         text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                          num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                         rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                           "mrope_section": [16, 24, 24]}),
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31]),
+                           tokens_per_second=2, fullatt_block_indexes=[7, 15, 23, 31]),
         tie_word_embeddings=False)),
     "Qwen3-VL-4B-Instruct": ("qwen3_vl", dict(
         text_config=dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
@@ -142,11 +145,11 @@ def _llava_tiny_config(size: str) -> dict[str, Any]:
     return _llava_config(size, tok.convert_tokens_to_ids("<image>"), vocab)
 
 
-def _llava_processor(tokenizer):
+def _llava_processor(tokenizer, image_size: int = 224):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                         do_center_crop=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size}, do_center_crop=True)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=LLAVA_CHAT_TEMPLATE)
@@ -203,6 +206,8 @@ class _FamilyBuilder:
     """tokenizer -> processor."""
     generation: Callable[[Any], dict[str, Any]]
     """tokenizer -> ``GenerationConfig`` kwargs."""
+    full_size_processor: Callable[[Any], Any] | None = None
+    """tokenizer -> processor of the real checkpoints, where it differs from ``processor`` (image size)."""
 
 
 _BUILDERS: dict[str, _FamilyBuilder] = {
@@ -215,7 +220,7 @@ _BUILDERS: dict[str, _FamilyBuilder] = {
                        partial(build_qwen_tokenizer, None, chat_template=QWEN3_VL_CHAT_TEMPLATE),
                        _qwen3_vl_processor, _qwen_generation),
         _FamilyBuilder("llava", "LlavaConfig", _llava_tiny_config, partial(build_llava_tokenizer, None),
-                       _llava_processor, _llava_generation),
+                       _llava_processor, _llava_generation, partial(_llava_processor, image_size=336)),
     )
 }
 
@@ -241,6 +246,96 @@ def full_size_config(name: str):
         raise KeyError(f"no full-size shape named {name!r}; known: {sorted(FULL_SIZE_CONFIGS)}")
     family, kwargs = FULL_SIZE_CONFIGS[name]
     return family, make_config(family, kwargs)
+
+
+FULL_SIZE_SHORT_NAMES: dict[str, str] = {
+    "qwen2_5_vl_7b": "Qwen2.5-VL-7B-Instruct",
+    "qwen2_5_vl_3b": "Qwen2.5-VL-3B-Instruct",
+    "qwen3_vl_4b": "Qwen3-VL-4B-Instruct",
+    "llava1_5_7b": "llava-1.5-7b-hf",
+}
+"""Short names (the recipe folders under ``qzoom_swift/recipes/``) -> ``FULL_SIZE_CONFIGS`` keys."""
+
+
+@dataclass(frozen=True)
+class CutShape:
+    """A full-width shape with fewer text and vision layers, and the branch layout that still fits it."""
+
+    name: str
+    family: str
+    config: Any
+    """transformers config of the cut model (real widths, heads, vocab; fewer layers)."""
+    branch_layer: int
+    branch_depth: int
+    """B and R for the cut depth (``default_branch_layer``; B + R <= text layers)."""
+    full_attention_blocks: tuple[int, ...] = ()
+    """Qwen2.5-VL vision blocks with full attention kept by the cut (the rest are windowed)."""
+    deepstack_taps: tuple[int, ...] = ()
+    """Qwen3-VL vision blocks whose features are injected after LLM layers 0.. (one level each)."""
+
+
+def _cut_vision(kwargs: dict[str, Any], vision_layers: int, branch_layer: int) -> dict[str, Any]:
+    """Vision kwargs cut to ``vision_layers`` blocks, keeping the structure the Q-Zoom paths depend on.
+
+    Qwen2.5-VL keeps the full-attention blocks that still exist (else the last block becomes one); Qwen3-VL
+    keeps the DeepStack taps that still exist, at most B of them (injections after LLM layers >= B would
+    touch the branch layers, which the single prefill and the ONNX graphs do not support), else taps the
+    last block. LLaVA needs 2 CLIP layers (its features come from the second to last).
+    """
+    vision = dict(kwargs["vision_config"])
+    if "num_hidden_layers" in vision:  # CLIP (LLaVA)
+        if vision_layers < 2:
+            raise ValueError("LLaVA takes features from the second to last CLIP layer: keep >= 2 vision layers")
+        vision["num_hidden_layers"] = vision_layers
+        return vision
+    vision["depth"] = vision_layers
+    if "fullatt_block_indexes" in vision:
+        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision_layers] or [
+            vision_layers - 1]
+    if "deepstack_visual_indexes" in vision:
+        taps = [i for i in vision["deepstack_visual_indexes"] if i < vision_layers][:branch_layer]
+        vision["deepstack_visual_indexes"] = taps or [vision_layers - 1]
+    return vision
+
+
+def cut_full_size_config(name: str, text_layers: int, vision_layers: int, branch_depth: int = 3,
+                         image_token_id: int | None = None) -> CutShape:
+    """The shape ``name`` (a ``FULL_SIZE_CONFIGS`` key or a short name) at reduced depth, for CPU checks.
+
+    Widths, heads, KV heads, head_dim, rotary sections and the vocabulary stay real; B is what
+    ``QZoomConfig`` picks for the cut depth. ``image_token_id`` replaces LLaVA's image token (the locally
+    built tokenizer numbers ``<image>`` differently from the real one).
+    """
+    from qzoom_swift.config import default_branch_layer
+
+    name = FULL_SIZE_SHORT_NAMES.get(name, name)
+    if name not in FULL_SIZE_CONFIGS:
+        raise KeyError(f"no full-size shape named {name!r}; known: {sorted(FULL_SIZE_CONFIGS)}")
+    family, kwargs = FULL_SIZE_CONFIGS[name]
+    if text_layers < branch_depth + 1:
+        raise ValueError(f"{text_layers} text layers cannot hold B >= 1 base layer plus R={branch_depth} branch "
+                         f"layers: keep >= {branch_depth + 1}")
+    if vision_layers < 1:
+        raise ValueError("keep at least one vision layer")
+    kwargs = copy.deepcopy(kwargs)
+    text = kwargs["text_config"]
+    text["num_hidden_layers"] = text_layers
+    b = default_branch_layer(family, text_layers, int(text["hidden_size"]), branch_depth)
+    kwargs["vision_config"] = vision = _cut_vision(kwargs, vision_layers, b)
+    if image_token_id is not None and "image_token_index" in kwargs:
+        kwargs["image_token_index"] = image_token_id
+    return CutShape(name, family, make_config(family, kwargs), b, branch_depth,
+                    tuple(vision.get("fullatt_block_indexes", ())), tuple(vision.get("deepstack_visual_indexes", ())))
+
+
+def full_size_processor(name: str):
+    """(processor, generation-config kwargs) for a full-size shape: the locally built tokenizer and the real
+    image geometry (LLaVA-1.5: CLIP at 336 px, 576 image tokens)."""
+    name = FULL_SIZE_SHORT_NAMES.get(name, name)
+    family, _ = FULL_SIZE_CONFIGS[name]
+    builder = _builder(family)
+    tokenizer = builder.tokenizer()
+    return (builder.full_size_processor or builder.processor)(tokenizer), builder.generation(tokenizer)
 
 
 def _write_model_dir(family: str, config, out_dir: Path, seed: int) -> None:
