@@ -22,13 +22,14 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # runs the swift CLI or the demo: not in the quick loop (-m "not slow")
 
-STAGES = ["bench", "toy_base", "pseudo_labels", "rpn_train", "gate_labels", "gate_train", "calibrate", "evaluate"]
+STAGES = ["bench", "toy_base", "pseudo_labels", "rpn_train", "gate_labels", "gate_train", "calibrate", "evaluate",
+          "variants"]
 RUNS = ["baseline@16", "baseline@64", "baseline@256", "qzoom", "always"]
 
 
-def _demo(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+def _demo(out: Path, *extra: str, **env_extra: str) -> tuple[subprocess.CompletedProcess, float]:
     cmd = [sys.executable, "-m", "qzoom_swift.cli", "demo", "--preset", "quick", "--out", str(out), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), **env_extra)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=1200, env=env)
     return res, time.perf_counter() - t0
@@ -68,6 +69,7 @@ def test_demo_prints_progress_and_writes_report_summary_and_figures(demo):
     for heading in ("## Results on the test split", "## Localisation and routing", "## Acceptance", "## Stages"):
         assert heading in report
     assert "Reduced preset" in report
+    assert f"evalscope {summary['versions']['evalscope']}" in report and "seed 0 (bench splits: train 1" in report
     acceptance_rows = [line for line in report.splitlines() if line.endswith(" | yes |") or line.endswith(" | NO |")]
     assert len(acceptance_rows) == len(summary["acceptance"]) == 8
     assert sum(a["met"] for a in summary["acceptance"]) == sum(line.endswith("yes |") for line in acceptance_rows)
@@ -120,6 +122,11 @@ def test_stage3_gate_continues_stage1_and_is_calibrated(demo):
     cal = summary["stages"]["calibrate"]["outputs"]
     assert json.loads((ckpt / "qzoom_config.json").read_text())["tau_gate"] == pytest.approx(cal["tau_gate"])
     assert cal["samples"] == 12 and 0 <= cal["skip_ratio"] <= 1
+    low, high = cal["plateau"]
+    assert cal["rule"] == "plateau-middle" and low <= cal["tau_gate"] <= high
+    assert summary["calibration"] == {"rule": cal["rule"], "plateau": cal["plateau"], "tau_gate": cal["tau_gate"]}
+    stored = json.loads((ckpt / "gate_calibration.json").read_text())
+    assert stored["rule"] == "plateau-middle" and stored["plateau"] == {"low": low, "high": high}
 
 
 def test_evaluation_values(demo):
@@ -164,6 +171,23 @@ def test_rerun_skips_every_stage_and_a_killed_evaluation_resumes(demo):
     rows = _rows(answers)
     assert len(rows) == 16 * len(RUNS) and len({(r["run"], r["id"]) for r in rows}) == len(rows)
     assert [json.dumps(r) for r in rows[:30]] == [json.dumps(json.loads(line)) for line in kept]
+
+
+def test_two_runs_on_one_machine_write_the_same_summary(demo, tmp_path):
+    """Reproducible: a second run (own output folder, own toy cache, so the toy base is trained again) writes the
+    same summary.json as the first, compared without timings, throughput and paths (``reproducible_view``, whose
+    ``VOLATILE_KEYS`` say why each is left out)."""
+    from qzoom_swift.bench.report import reproducible_view
+
+    _, _, first = demo
+    res, _ = _demo(tmp_path / "run", QZOOM_CACHE=str(tmp_path / "cache"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    second = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert second["stages"]["toy_base"]["this_run"] == "ran"  # trained again, not read from the first run's cache
+    a, b = reproducible_view(first), reproducible_view(second)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key] == b[key], key
 
 
 def test_the_bench_test_split_runs_through_qzoom_eval_with_the_demo_answers(demo, tmp_path):

@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -339,11 +340,12 @@ def _stage_calibrate(ctx: Context) -> StageResult:
 
     ckpt = ctx.outputs("gate_train")["checkpoint"]
     res = calibrate_gate(_model_dir(ctx), ckpt, ctx.outputs("gate_labels")["heldout_dir"],
-                         max_accuracy_drop=ctx.cfg.max_accuracy_drop)
+                         max_accuracy_drop=ctx.cfg.max_accuracy_drop, rule=ctx.cfg.threshold_rule)
     outputs = {"checkpoint": ckpt, "tau_gate": res.tau_gate, "accuracy": res.accuracy, "skip_ratio": res.skip_ratio,
                "samples": res.samples, "curve_png": res.curve_png, "config": res.config,
-               "max_accuracy_drop": ctx.cfg.max_accuracy_drop}
-    line = (f"tau_gate {res.tau_gate:.4g} on {res.samples} held-out trajectories (estimated accuracy "
+               "max_accuracy_drop": ctx.cfg.max_accuracy_drop, "rule": res.rule, "plateau": list(res.plateau)}
+    line = (f"tau_gate {res.tau_gate:.4g} ({res.rule} of the plateau {res.plateau[0]:.3g} < tau <= "
+            f"{res.plateau[1]:.3g}) on {res.samples} held-out trajectories (estimated accuracy "
             f"{res.accuracy:.3f}, no-RoI ratio {res.skip_ratio:.2f}) -> {res.config}")
     return StageResult(line, outputs, [res.config, res.curve_png])
 
@@ -351,10 +353,10 @@ def _stage_calibrate(ctx: Context) -> StageResult:
 def eval_runs(cfg: DemoConfig):
     from qzoom_swift.bench.evaluate import EvalRun
 
-    low = cfg.low_tokens
+    low, fallback = cfg.low_tokens, cfg.roi_fallback
     return [EvalRun(f"baseline@{low}", "never", low), EvalRun(f"baseline@{4 * low}", "never", 4 * low),
-            EvalRun(f"baseline@{cfg.high_tokens}", "never", cfg.high_tokens), EvalRun("qzoom", "zoom", low),
-            EvalRun("always", "always", low)]
+            EvalRun(f"baseline@{cfg.high_tokens}", "never", cfg.high_tokens), EvalRun("qzoom", "zoom", low, fallback),
+            EvalRun("always", "always", low, fallback)]
 
 
 def _overlay_items(qz, records, rows: list[dict], n: int) -> list[dict]:
@@ -394,7 +396,7 @@ def _stage_evaluate(ctx: Context) -> StageResult:
 
     c = ctx.cfg
     root = ctx.outputs("bench")["root"]
-    records = read_split(root, "test")
+    records = read_split(root, c.eval_split)
     ckpt = ctx.outputs("calibrate")["checkpoint"]
     qz = QZoomModel.from_pretrained(_model_dir(ctx), checkpoint=ckpt)
     runs = eval_runs(c)
@@ -416,13 +418,53 @@ def _stage_evaluate(ctx: Context) -> StageResult:
     summary["overlays"] = _overlay_items(qz, records, rows, c.overlays)
     summary["config"] = {k: v for k, v in qz.config.to_dict().items() if k != "extra"}
     summary["threads"] = torch.get_num_threads()
+    summary["split"] = c.eval_split
     path = write_json_atomic(ctx.path("evaluate", "metrics.json"), summary)
     r = summary["runs"]
     q = r["qzoom"]
-    line = (f"{len(records)} test questions x {len(runs)} runs: Q-Zoom acc {q['accuracy']:.3f} at "
+    line = (f"{len(records)} {c.eval_split} questions x {len(runs)} runs: Q-Zoom acc {q['accuracy']:.3f} at "
             f"{q['relative_throughput']:.2f}x the {summary['reference']} throughput (baseline acc "
             f"{r[summary['reference']]['accuracy']:.3f}), zoom rate {q['zoom_rate']:.2f} -> {path}")
     return StageResult(line, {"metrics": str(path), "answers": str(answers)}, [str(path)])
+
+
+def _variant_dir(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_+-]", "-", name)
+
+
+def _stage_variants(ctx: Context) -> StageResult:
+    """The trained pipeline (no retraining) on harder test sets: every run of the evaluation, accuracy and boxes."""
+    from qzoom_swift.bench.dataset import read_split, write_bench
+    from qzoom_swift.bench.evaluate import answer_all, summarise
+    from qzoom_swift.bench.render import BenchSpec
+
+    c = ctx.cfg
+    specs = c.variant_specs()
+    if not specs:
+        path = write_json_atomic(ctx.path("variants", "metrics.json"), {"variants": {}})
+        return StageResult("none asked (--set variants=free_placement,distractors=2 adds them)", {"metrics": str(path)},
+                           [str(path)], run_id="none")
+    from qzoom_swift.model import QZoomModel
+
+    qz = QZoomModel.from_pretrained(_model_dir(ctx), checkpoint=ctx.outputs("calibrate")["checkpoint"])
+    runs, grid = eval_runs(c), int(round(c.low_tokens ** 0.5))
+    results = {}
+    for name, fields in specs.items():
+        spec = BenchSpec(**{"free_placement": c.free_placement, "distractors": c.distractors, **fields})
+        folder = ctx.path("variants", _variant_dir(name))
+        marker = write_bench(folder / "bench", {"test": c.test_images}, seed=c.seed, spec=spec, progress=True)
+        records = read_split(marker.parent, "test")
+        answers = folder / "answers.jsonl"
+        if ctx.fresh:
+            answers.unlink(missing_ok=True)
+        rows = answer_all(qz, records, runs, answers, max_new_tokens=c.eval_new_tokens)
+        metrics = summarise(rows, records, runs, f"baseline@{c.high_tokens}", grid)
+        results[name] = {"spec": spec.to_dict(), "questions": json.loads(marker.read_text())["questions"]["test"],
+                         "answers": str(answers), "runs": metrics["runs"]}
+    path = write_json_atomic(ctx.path("variants", "metrics.json"), {"variants": results})
+    line = "; ".join(f"{name}: Q-Zoom acc {r['runs']['qzoom']['accuracy']:.3f} (16x baseline "
+                     f"{r['runs'][f'baseline@{c.high_tokens}']['accuracy']:.3f})" for name, r in results.items())
+    return StageResult(f"{line} -> {path}", {"metrics": str(path)}, [str(path)])
 
 
 STAGES: tuple[Stage, ...] = (
@@ -441,9 +483,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("gate_train", "stage 3: gate training (swift sft)", ("toy_base", "rpn_train", "gate_labels"),
           ("gate_steps", "seed"), _stage_gate_train, recipe=STAGE3_RECIPE),
     Stage("calibrate", "stage 3: gate calibration", ("toy_base", "gate_labels", "gate_train"),
-          ("max_accuracy_drop",), _stage_calibrate),
+          ("max_accuracy_drop", "threshold_rule"), _stage_calibrate),
     Stage("evaluate", "evaluation (baselines, Q-Zoom)", ("bench", "toy_base", "pseudo_labels", "calibrate"),
-          ("low_tokens", "high_tokens", "eval_new_tokens", "overlays"), _stage_evaluate),
+          ("low_tokens", "high_tokens", "eval_new_tokens", "overlays", "roi_fallback", "eval_split"), _stage_evaluate),
+    Stage("variants", "evaluation on harder variants", ("bench", "toy_base", "calibrate"),
+          ("variants", "test_images", "seed", "free_placement", "distractors", "low_tokens", "high_tokens",
+           "eval_new_tokens", "roi_fallback"), _stage_variants),
 )
 
 
@@ -508,6 +553,47 @@ def _run_stage(ctx: Context, index: int, stage: Stage) -> dict:
 # ------------------------------------------------------------------------------------------------------- run
 
 
+def library_versions() -> dict[str, str]:
+    """The libraries whose behaviour the numbers depend on (the report states them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name, dist in (("torch", "torch"), ("transformers", "transformers"), ("ms-swift", "ms_swift"),
+                       ("evalscope", "evalscope")):
+        try:
+            out[name] = version(dist)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def demo_seeds(cfg: DemoConfig) -> dict[str, Any]:
+    """Every seed the demo sets, all derived from ``DemoConfig.seed`` (the report states them)."""
+    from qzoom_swift.bench.dataset import SPLITS, split_seed
+
+    return {"demo": cfg.seed, "bench_splits": {s: split_seed(cfg.seed, s) for s in SPLITS},
+            "toy_warmup_and_sft_rows": cfg.seed, "swift_sft": cfg.seed, "gate_label_draw": cfg.seed,
+            "variant_test_sets": split_seed(cfg.seed, "test")}
+
+
+def _summary(ctx: Context, metrics: dict[str, Any], figures: dict[str, str], total: float) -> dict[str, Any]:
+    args, cfg = ctx.args, ctx.cfg
+    this_run = Counter(r["this_run"] for r in ctx.records.values())
+    variants = json.loads(Path(ctx.outputs("variants")["metrics"]).read_text())["variants"]
+    return {
+        "command": " ".join(["qzoom", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "qzoom demo",
+        "preset": args.preset, "demo_config": dataclasses.asdict(cfg), "config": metrics["config"],
+        "sft": args.sft, "versions": library_versions(), "seeds": demo_seeds(cfg),
+        "bench": ctx.outputs("bench")["meta"], "metrics": {k: v for k, v in metrics.items() if k != "overlays"},
+        "variants": variants, "calibration": {k: ctx.outputs("calibrate").get(k) for k in ("rule", "plateau", "tau_gate")},
+        "model_dir": _model_dir(ctx), "checkpoint": ctx.outputs("calibrate")["checkpoint"],
+        "evalscope_data_root": ctx.outputs("bench")["evalscope_data_root"],
+        "acceptance": acceptance(metrics, cfg), "figures": figures,
+        "stages_ran": this_run.get("ran", 0), "stages_cached": this_run.get("cached", 0),
+        "stages": ctx.records, "total_s": round(total, 3),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     cfg = demo_config(args.preset, args.overrides)
@@ -527,11 +613,6 @@ def run(args: argparse.Namespace) -> int:
     for i, stage in enumerate(STAGES, 1):
         _run_stage(ctx, i, stage)
 
-    from importlib.metadata import version
-
-    import torch
-    import transformers
-
     from qzoom_swift.bench.plots import plot_overlays, plot_pareto
 
     metrics = json.loads(Path(ctx.outputs("evaluate")["metrics"]).read_text())
@@ -540,19 +621,7 @@ def run(args: argparse.Namespace) -> int:
     figures["gate_calibration"] = str(shutil.copyfile(ctx.outputs("calibrate")["curve_png"],
                                                       out / "gate_calibration.png"))
     total = time.perf_counter() - t_start
-    this_run = Counter(r["this_run"] for r in ctx.records.values())
-    summary = {
-        "command": " ".join(["qzoom", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "qzoom demo",
-        "preset": args.preset, "demo_config": dataclasses.asdict(cfg), "config": metrics["config"],
-        "sft": args.sft, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                      "ms-swift": version("ms_swift")},
-        "bench": ctx.outputs("bench")["meta"], "metrics": {k: v for k, v in metrics.items() if k != "overlays"},
-        "model_dir": _model_dir(ctx), "checkpoint": ctx.outputs("calibrate")["checkpoint"],
-        "evalscope_data_root": ctx.outputs("bench")["evalscope_data_root"],
-        "acceptance": acceptance(metrics, cfg), "figures": figures,
-        "stages_ran": this_run.get("ran", 0), "stages_cached": this_run.get("cached", 0),
-        "stages": ctx.records, "total_s": round(total, 3),
-    }
+    summary = _summary(ctx, metrics, figures, total)
     summary["metrics"]["threads"] = metrics["threads"]
     report = write_text_atomic(out / "report.md", render_report(summary))
     summary["report"] = str(report)

@@ -29,9 +29,12 @@ class EvalRun:
     """never (the base model at ``tokens``), zoom (gated Q-Zoom), always (Q-Zoom, every sample zoomed)."""
     tokens: int
     """Visual-token budget of the first (or only) pass."""
+    roi_fallback: str = "none"
+    """``QZoomConfig.roi_fallback`` of a zooming run (none: no cell above tau_roi answers from the low pass)."""
 
     def overrides(self) -> dict[str, Any]:
-        return {"mode": self.mode, "low_min_tokens": self.tokens, "low_max_tokens": self.tokens}
+        out = {"mode": self.mode, "low_min_tokens": self.tokens, "low_max_tokens": self.tokens}
+        return out if self.mode == "never" else {**out, "roi_fallback": self.roi_fallback}
 
 
 def normalise_answer(text: str) -> str:
@@ -142,6 +145,7 @@ def run_metrics(rows: list[dict[str, Any]], records: dict[str, BenchRecord], low
         "zoom_rate": _mean([float(r["zoomed"]) for r in rows]),
         "zoom_rate_fine": _mean([float(r["zoomed"]) for r in by_kind["fine"]]),
         "zoom_rate_coarse": _mean([float(r["zoomed"]) for r in by_kind["coarse"]]),
+        "peak_box_rate_fine": _mean([float("roi_peak" in (r.get("fallback") or "")) for r in by_kind["fine"]]),
         "reasons": {},
     }
     for r in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from qzoom_swift.bench.settings import DemoConfig
@@ -39,6 +40,89 @@ def _num(v: float | None, digits: int = 3) -> str:
 RUN_LABELS = {"qzoom": "Q-Zoom (gated)", "always": "Q-Zoom, always zoom"}
 
 
+def _provenance(summary: dict[str, Any]) -> str:
+    """Seeds and library versions: what a rerun needs to reproduce ``summary.json``."""
+    v = summary["versions"]
+    seeds = summary.get("seeds") or {}
+    splits = ", ".join(f"{k} {x}" for k, x in (seeds.get("bench_splits") or {}).items())
+    return (f"Reproducibility: seed {seeds.get('demo', summary['demo_config']['seed'])} (bench splits: {splits}; toy "
+            f"warm-up, toy SFT rows, every swift sft --seed and the gate-label draw: {seeds.get('swift_sft', '-')}); "
+            f"torch {v['torch']}, transformers {v['transformers']}, ms-swift {v['ms-swift']}, evalscope "
+            f"{v.get('evalscope', '-')}. A rerun with the same settings on the same machine writes the same "
+            f"summary.json except for timings and paths (`bench.report.reproducible_view`).")
+
+
+def _calibration_row(summary: dict[str, Any], cfg: dict[str, Any]) -> str:
+    cal = summary.get("calibration") or {}
+    plateau = cal.get("plateau")
+    where = "" if not plateau else (f" ({cal.get('rule')} of the plateau {_num(plateau[0])} < tau <= "
+                                    f"{_num(plateau[1])}: at least as accurate on val, within max_accuracy_drop of its no-RoI ratio)")
+    return f"| tau_gate (calibrated){where} / tau_roi | {_num(cfg['tau_gate'])} / {_num(cfg['tau_roi'])} |"
+
+
+def _acceptance_rows(summary: dict[str, Any]) -> list[str]:
+    lines = ["", "## Acceptance", "", f"Targets of issue #10, measured by this run ({summary['preset']} preset).", "",
+             "| target | measured | met |", "|---|---:|---|"]
+    for a in summary["acceptance"]:
+        v = a["measured"]
+        text = "-" if v is None else (f"{v:.2f}x" if "throughput" in a["target"] else
+                                      f"{100 * v:+.1f} points" if "within" in a["target"] else _pct(v))
+        lines.append(f"| {a['target']} | {text} | {'yes' if a['met'] else 'NO'} |")
+    return lines
+
+
+def variant_rows(variants: dict[str, Any]) -> list[str]:
+    """The harder test sets (``DemoConfig.variants``), answered by the same trained pipeline: one row per run."""
+    if not variants:
+        return []
+    lines = ["", "## Harder variants (same trained models, no retraining)", "",
+             "Test sets rendered with other bench settings; the toy base, RPN and gate were trained on the default "
+             "bench. Box contains target: fine questions whose box (mode always: every one; gated: those zoomed or "
+             "finding no cell) contains the GT digit box.", "",
+             "| variant | run | questions (fine / coarse) | accuracy all | fine | coarse | box contains target (fine) "
+             "| zoom rate fine / coarse |", "|---|---|---|---:|---:|---:|---:|---|"]
+    for name, v in variants.items():
+        q = v.get("questions") or {}
+        for run, r in v["runs"].items():
+            label = RUN_LABELS.get(run, run)
+            zr = "-" if r["mode"] == "never" else f"{_pct(r['zoom_rate_fine'])} / {_pct(r['zoom_rate_coarse'])}"
+            box = (r.get("box") or {}).get("contains_target")
+            lines.append(f"| {name} | {label} | {q.get('fine', '-')} / {q.get('coarse', '-')} | {_pct(r['accuracy'])} "
+                         f"| {_pct(r['accuracy_fine'])} | {_pct(r['accuracy_coarse'])} | {_pct(box)} | {zr} |")
+    return lines
+
+
+VOLATILE_KEYS = frozenset({
+    "total_s", "seconds", "finished", "run_id", "line", "this_run", "reused", "stages_ran", "stages_cached",
+    "samples_per_s", "mean_latency_ms", "mean_prefill_ms", "mean_decode_ms", "relative_throughput",
+    "relative_prefill_throughput", "train_runtime_s", "warmup_seconds", "sft_seconds", "latency_s", "upstream",
+})
+"""``summary.json`` keys that legitimately differ between two runs with the same settings on one machine:
+wall-clock timings and what derives from them (throughput), time-based run ids (and the stage keys' ``upstream``
+that lists them), the one-line progress texts that quote timings, and whether a stage ran or was found cached
+(the toy model's cache is shared between runs)."""
+
+
+def reproducible_view(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` without ``VOLATILE_KEYS`` (and the throughput target's measured value), with the run's output
+    folder and the toy cache written as ``<out>`` and ``<cache>``: what two runs of one setting must share."""
+    roots = {str(Path(summary["report"]).parent): "<out>", str(summary["model_dir"]).rsplit("/toy/", 1)[0]: "<cache>"}
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            if "throughput" in str(value.get("target", "")):
+                return {"target": value["target"]}
+            return {k: clean(v) for k, v in value.items() if k not in VOLATILE_KEYS}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, str):
+            for root, name in roots.items():
+                value = value.replace(root, name)
+        return value
+
+    return clean(summary)
+
+
 def render_report(summary: dict[str, Any]) -> str:
     m = summary["metrics"]
     cfg = summary["config"]
@@ -46,15 +130,15 @@ def render_report(summary: dict[str, Any]) -> str:
     low = f"baseline@{summary['demo_config']['low_tokens']}"
     lines = [f"# Q-Zoom demo: the zoom bench ({summary['preset']} preset)", "",
              f"Command: `{summary['command']}` - total {summary['total_s']:.1f} s this run (stages run now: "
-             f"{summary['stages_ran']}, cached: {summary['stages_cached']}), CPU threads {m['threads']}, torch "
-             f"{summary['versions']['torch']}, transformers {summary['versions']['transformers']}, ms-swift "
-             f"{summary['versions']['ms-swift']}.", ""]
+             f"{summary['stages_ran']}, cached: {summary['stages_cached']}), CPU threads {m['threads']}.", "",
+             _provenance(summary), ""]
     if summary["preset"] != "full":
         lines += ["> Reduced preset: every stage ran on a handful of samples and a few steps; the numbers below are "
                   "not meaningful. `qzoom demo` without arguments runs the measured configuration.", ""]
-    lines += ["## Results on the test split", "",
-              f"{runs[low]['samples']} questions ({summary['bench']['questions']['test']['fine']} fine: the digit in "
-              f"the red box; {summary['bench']['questions']['test']['coarse']} coarse: the colour of the large "
+    split = m.get("split", "test")
+    lines += [f"## Results on the {split} split", "",
+              f"{runs[low]['samples']} questions ({summary['bench']['questions'][split]['fine']} fine: the digit in "
+              f"the red box; {summary['bench']['questions'][split]['coarse']} coarse: the colour of the large "
               f"shape), one at a time (batch 1), runs interleaved per question. Throughput is relative to "
               f"{m['reference']}. `never` (Q-Zoom without zoom) is {low}: the same computation.", "",
               "| run | visual tokens (mean) | accuracy all | fine | coarse | throughput vs 16x | ms / question "
@@ -84,15 +168,11 @@ def render_report(summary: dict[str, Any]) -> str:
               f"| gate AUC, fine (zoom) vs coarse (no zoom) | {_num(q.get('gate_auc_fine_vs_coarse'))} |",
               f"| zoom rate of Q-Zoom: fine / coarse / all | {_pct(q['zoom_rate_fine'])} / {_pct(q['zoom_rate_coarse'])} "
               f"/ {_pct(q['zoom_rate'])} |",
-              f"| tau_gate (calibrated) / tau_roi | {_num(cfg['tau_gate'])} / {_num(cfg['tau_roi'])} |",
-              "", "## Acceptance", "", f"Targets of issue #10, measured by this run ({summary['preset']} preset).", "",
-              "| target | measured | met |", "|---|---:|---|"]
-    for a in summary["acceptance"]:
-        v = a["measured"]
-        text = "-" if v is None else (f"{v:.2f}x" if "throughput" in a["target"] else
-                                      f"{100 * v:+.1f} points" if "within" in a["target"] else _pct(v))
-        lines.append(f"| {a['target']} | {text} | {'yes' if a['met'] else 'NO'} |")
-    lines += ["", "## The same test split through evalscope", "",
+              f"| gated zooms on the peak region (no cell above tau_roi; roi_fallback={cfg.get('roi_fallback', 'none')}),"
+              f" fine | {_pct(q.get('peak_box_rate_fine'))} |",
+              _calibration_row(summary, cfg),
+              *_acceptance_rows(summary), *variant_rows(summary.get("variants") or {}),
+              "", "## The same test split through evalscope", "",
               f"`qzoom eval --model {summary['model_dir']} --checkpoint {summary['checkpoint']} --data-root "
               f"{summary['evalscope_data_root']} --benchmarks qzoom_bench --run baseline:{summary['demo_config']['high_tokens']} "
               f"--run zoom:{summary['demo_config']['low_tokens']}:low_min_tokens={summary['demo_config']['low_tokens']}"
@@ -106,5 +186,5 @@ def render_report(summary: dict[str, Any]) -> str:
         lines.append(f"| {i} | {st['title']} | {st['this_run']} | {st['seconds']:.1f} | {st['line'].replace('|', '/')} |")
     lines += ["", "Q-Zoom settings used: " + ", ".join(f"{k}={cfg[k]}" for k in (
         "branch_layer", "branch_depth", "low_min_tokens", "low_max_tokens", "roi_min_tokens", "roi_max_tokens",
-        "tau_roi", "blur_kernel", "tau_gate")) + ".", ""]
+        "tau_roi", "blur_kernel", "tau_gate", "roi_fallback") if k in cfg) + ".", ""]
     return "\n".join(lines)

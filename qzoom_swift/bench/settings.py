@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from qzoom_swift.config import parse_bool
 
@@ -62,7 +63,20 @@ class DemoConfig:
     """The toy reads digits only at native scale (256 tokens): one top budget is the stable reference."""
     gate_steps: int = 200
     max_accuracy_drop: float = 0.01
-    """Calibration: the highest tau_gate within this accuracy of the best on held-out trajectories."""
+    """Calibration: the decisions that skip most within this accuracy of the best on held-out trajectories."""
+    threshold_rule: str = "plateau-middle"
+    """Calibration (``labels.gate.THRESHOLD_RULES``): edge put tau_gate on a fine val question's probability (0.846
+    in the last full run, fine questions at 0.842-0.88, coarse below 5e-4), spending the 1% allowed drop on skipping
+    3 fine questions; plateau-middle: 0.048 on the same curve (plateau 4.6e-4 < tau <= 0.846), val 100% / 0.50."""
+    roi_fallback: str = "peak"
+    """``QZoomConfig.roi_fallback`` of the Q-Zoom runs (gated and always): none (released) or peak. Chosen on val
+    on the full preset's trained pipeline: peak 98.3% vs none 95.7% (with plateau-middle); the library default
+    stays none (the released behaviour) until a real model says otherwise."""
+    eval_split: str = "test"
+    """Split the evaluation answers: test (reporting) or val (choosing settings such as roi_fallback)."""
+    variants: str = "free_placement,distractors=2"
+    """Harder test sets the trained pipeline is also evaluated on, without retraining: comma-separated, each a
+    ``+``-joined list of bench settings, e.g. ``free_placement,distractors=2``. Empty: none."""
     eval_new_tokens: int = 4
     overlays: int = 6
     """Test questions drawn in overlays.png."""
@@ -71,11 +85,40 @@ class DemoConfig:
     def budgets(self) -> tuple[int, ...]:
         return tuple(int(b) for b in self.gate_budgets.split(","))
 
+    def variant_specs(self) -> dict[str, dict[str, Any]]:
+        """``variants`` parsed: name -> BenchSpec fields (free_placement, distractors) overriding this bench's."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in (v.strip() for v in self.variants.split(",")):
+            if not name:
+                continue
+            fields: dict[str, Any] = {}
+            for item in name.split("+"):
+                key, sep, raw = item.strip().partition("=")
+                if key == "free_placement":
+                    fields[key] = parse_bool(key, raw) if sep else True
+                elif key == "distractors" and sep and raw.strip().isdigit():
+                    fields[key] = int(raw)
+                else:
+                    raise ValueError(f"variants: {item!r}: expected free_placement[=BOOL] or distractors=N")
+            out[name] = fields
+        return out
+
+    def __post_init__(self) -> None:
+        from qzoom_swift.config import ROI_FALLBACKS
+        from qzoom_swift.labels.gate import THRESHOLD_RULES
+
+        for key, allowed in (("threshold_rule", THRESHOLD_RULES), ("roi_fallback", ROI_FALLBACKS),
+                             ("eval_split", ("test", "val"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r}: choose from {', '.join(allowed)}")
+        self.variant_specs()
+
 
 PRESETS: dict[str, DemoConfig] = {
     "full": DemoConfig(),
     "quick": DemoConfig(train_images=40, val_images=12, test_images=16, warmup_steps=20, toy_steps=40,
-                        toy_batch=4, label_images=10, rpn_steps=6, gate_images=10, gate_steps=4, overlays=2),
+                        toy_batch=4, label_images=10, rpn_steps=6, gate_images=10, gate_steps=4, overlays=2,
+                        variants=""),
 }
 
 def demo_config(preset: str, overrides: list[str]) -> DemoConfig:
@@ -91,4 +134,7 @@ def demo_config(preset: str, overrides: list[str]) -> DemoConfig:
             values[key] = parse_bool(key, raw) if types[key] is bool else types[key](raw)
         except ValueError as exc:
             raise SystemExit(f"qzoom demo: --set {item!r}: {exc}") from exc
-    return dataclasses.replace(cfg, **values)
+    try:
+        return dataclasses.replace(cfg, **values)
+    except ValueError as exc:
+        raise SystemExit(f"qzoom demo: --set: {exc}") from exc
