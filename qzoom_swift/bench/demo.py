@@ -167,7 +167,11 @@ def _sft(ctx: Context, recipe: Path, overrides: list[str], workdir: Path, env: d
 
 
 def _recipe_rel(recipe: Path) -> str:
-    return str(recipe.relative_to(RECIPES.parents[1]))
+    """``recipes/...`` of a recipe path, also of one that a cached stage recorded in another checkout."""
+    if recipe.is_relative_to(RECIPES.parents[1]):
+        return str(recipe.relative_to(RECIPES.parents[1]))
+    parts = recipe.parts
+    return str(Path(*parts[parts.index(RECIPES.parent.name):])) if RECIPES.parent.name in parts else str(recipe)
 
 
 def _model_dir(ctx: Context) -> str:
