@@ -15,7 +15,8 @@ def test_variants_roi_fallback_threshold_rule_and_eval_split_settings():
                                    "free_placement+distractors=1": {"free_placement": True, "distractors": 1}}
     assert demo_config("quick", []).variant_specs() == {}
     defaults = demo_config("full", [])
-    assert (defaults.roi_fallback, defaults.threshold_rule, defaults.eval_split) == ("none", "plateau-middle", "test")
+    assert (defaults.roi_fallback, defaults.threshold_rule, defaults.eval_split) == ("peak", "plateau-middle", "test")
+    assert set(defaults.variant_specs()) == {"free_placement", "distractors=2"}  # the report's harder-variant rows
     for bad in ("variants=distractors", "variants=blur=3", "roi_fallback=nearest", "threshold_rule=lowest",
                 "eval_split=train"):
         with pytest.raises(SystemExit, match="qzoom demo: --set"):

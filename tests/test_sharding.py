@@ -172,3 +172,26 @@ def test_merge_shards_rebuilds_a_job_without_its_model(tiny_dir, data, single, t
     merged = job.merge()
     reference = json.loads((single["pseudo"] / "summary.json").read_text())
     assert merged["outcomes"] == reference["outcomes"] and merged["records_done"] == 7
+
+
+def test_batch_size_does_not_change_gate_labels_or_mined_answers(tiny_dir, data, single, tmp_path):
+    """--batch-size is a speed knob: batches of 3 (left-padded together) answer as batch 1 under greedy decoding."""
+    from qzoom_swift.labels.mining import MineOptions, run_mine_hard
+
+    model = str(tiny_dir("qwen2_5_vl"))
+    answers = {}
+    for bs in (1, 3):
+        run_gate_labels(GateLabelOptions(model=model, dataset=str(data), out=str(tmp_path / f"gate{bs}"),
+                                         **{**GATE, "batch_size": bs}))
+        answers[bs] = {k: r["qzoom_answers"] for k, r in _records(tmp_path / f"gate{bs}").items()}
+    assert answers[1] == answers[3] and len(answers[1]) == 7
+    mined = {}
+    for bs in (1, 3):
+        run_mine_hard(MineOptions(model=model, checkpoint=None, dataset=str(data), out=str(tmp_path / f"mine{bs}"),
+                                  max_new_tokens=2, batch_size=bs, progress=False,
+                                  config_overrides={"low_min_tokens": 16, "low_max_tokens": 64,
+                                                    "roi_min_tokens": 16, "roi_max_tokens": 64,
+                                                    "tau_roi": 0.0}))
+        mined[bs] = {k: (r["qzoom_base_answer"], r["qzoom_roi_answer"], r["qzoom_status"])
+                     for k, r in _records(tmp_path / f"mine{bs}").items()}
+    assert mined[1] == mined[3] and len(mined[1]) == 7

@@ -125,7 +125,9 @@ def reproducible_view(summary: dict[str, Any]) -> dict[str, Any]:
 
 def render_report(summary: dict[str, Any]) -> str:
     m = summary["metrics"]
-    cfg = summary["config"]
+    # the checkpoint's config, with the fallback the Q-Zoom runs were given (a per-run override, DemoConfig)
+    cfg = {**summary["config"], "roi_fallback": summary["demo_config"].get(
+        "roi_fallback", summary["config"].get("roi_fallback", "none"))}
     runs = m["runs"]
     low = f"baseline@{summary['demo_config']['low_tokens']}"
     lines = [f"# Q-Zoom demo: the zoom bench ({summary['preset']} preset)", "",
