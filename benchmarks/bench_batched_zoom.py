@@ -32,20 +32,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import sys
 import time
 from pathlib import Path
 
 import _bench_env  # noqa: F401  (environment before torch)
-from _bench_env import command_line, setup_torch
+from _bench_env import run_per_family
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_branch_prefill import quartiles, synthetic_image  # noqa: E402
 
 from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES  # noqa: E402
-from qzoom_swift.fileio import write_json_atomic  # noqa: E402
 
 BATCH = 8
 SIZES = [(1344, 1344), (1344, 1008), (1008, 1344), (1200, 900), (900, 1200), (1120, 1120), (1400, 1050),
@@ -212,32 +210,10 @@ def print_summary(results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-    import transformers
-
-    setup_torch(args.threads)
-    command = command_line("bench_batched_zoom.py", argv)
-    print(f"command: {command}")
-    print(f"torch {torch.__version__} threads={torch.get_num_threads()}, transformers {transformers.__version__}, "
-          f"python {platform.python_version()}, {platform.machine()} cpus={os.cpu_count()}; size={args.size}, "
-          f"low={args.low_tokens} tokens, repeats={args.repeats}, warmup={args.warmup}, order shuffled per round "
-          f"(seed {args.seed}); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
-          f"load average at start {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
-    t0 = time.perf_counter()
-    results = []
-    for family in args.families:
-        res = bench_family(family, args)
-        print_family(res, args)
-        results.append(res)
-    print_summary(results)
-    wall = time.perf_counter() - t0
-    print(f"\nwall time {wall:.1f} s")
-    if args.out:
-        write_json_atomic(args.out, {"command": command, "torch": torch.__version__,
-                                     "transformers": transformers.__version__, "threads": args.threads,
-                                     "args": vars(args), "wall_s": wall, "results": results})
-        print(f"wrote {args.out}")
-    return 0
+    settings = (f"size={args.size}, low={args.low_tokens} tokens, repeats={args.repeats}, warmup={args.warmup}, "
+                f"order shuffled per round (seed {args.seed})")
+    return run_per_family("bench_batched_zoom.py", argv, args, args.families, settings, bench_family,
+                          lambda res: print_family(res, args), print_summary)
 
 
 if __name__ == "__main__":

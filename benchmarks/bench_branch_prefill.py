@@ -32,16 +32,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import sys
 import time
 
 import _bench_env  # noqa: F401  (environment before torch)
-from _bench_env import command_line, setup_torch
+from _bench_env import run_per_family
 
 from qzoom_swift.families.registry import FAMILY_NAMES as FAMILIES
-from qzoom_swift.fileio import write_json_atomic
 
 QUESTION = "What is written on the small sign in the lower right corner?"
 
@@ -339,36 +337,12 @@ def print_summary(results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-    import transformers
-
-    setup_torch(args.threads)
-    command = command_line("bench_branch_prefill.py", argv)
-    print(f"command: {command}")
-    print(f"torch {torch.__version__} threads={torch.get_num_threads()}, transformers {transformers.__version__}, "
-          f"python {platform.python_version()}, {platform.machine()} cpus={os.cpu_count()}; size={args.size}, "
-          f"image={args.image_wh[0]}x{args.image_wh[1]}, repeats={args.repeats}, warmup={args.warmup}, "
-          f"variant order shuffled per round (seed {args.seed}); load average at start "
-          f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("(a) passes logits_to_keep=1 and (b) uses continue_prefill(last_only=True): both run the LM head on "
-          "the last position only.")
+    settings = (f"size={args.size}, image={args.image_wh[0]}x{args.image_wh[1]}, repeats={args.repeats}, "
+                f"warmup={args.warmup}, variant order shuffled per round (seed {args.seed})")
     families = FAMILIES if args.family == "all" else (args.family,)
-    t0 = time.perf_counter()
-    results = []
-    for family in families:
-        res = bench_family(family, args)
-        print_family(res)
-        results.append(res)
-    print_summary(results)
-    wall = time.perf_counter() - t0
-    print(f"\nwall time {wall:.1f} s")
-    if args.out:
-        write_json_atomic(args.out, {"command": command, "torch": torch.__version__,
-                                     "transformers": transformers.__version__, "threads": args.threads,
-                                     "args": {k: v for k, v in vars(args).items() if k != "image_wh"},
-                                     "wall_s": wall, "results": results})
-        print(f"wrote {args.out}")
-    return 0
+    return run_per_family("bench_branch_prefill.py", argv, args, families, settings, bench_family, print_family,
+                          print_summary, notes=("(a) passes logits_to_keep=1 and (b) uses continue_prefill("
+                                                "last_only=True): both run the LM head on the last position only.",))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
@@ -67,6 +67,31 @@ def stop_with_swift_launcher() -> bool:
     return die_with_parent(signal.SIGTERM, os.getppid())
 
 
+def forward_stop_signals(received: list[int], children: Callable[[], Iterable[subprocess.Popen]]) -> dict:
+    """Handle SIGTERM/SIGINT/SIGHUP by recording the signal in ``received`` and terminating ``children()``.
+
+    Returns the previous handlers for :func:`restore_signals`; off the main thread nothing is installed.
+    """
+    def forward(signum, _frame):
+        received.append(signum)
+        for proc in list(children()):
+            if proc.poll() is None:
+                proc.terminate()
+
+    previous = {}
+    for sig in FORWARDED_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread: the caller keeps its own handling
+            break
+    return previous
+
+
+def restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 class ChildStopped(SystemExit):
     """Raised by :func:`run_child` after it stopped the child because this process was asked to stop."""
 
@@ -82,18 +107,7 @@ def run_child(cmd: Sequence[str], *, on_poll: Callable[[], None] | None = None, 
     """
     proc = subprocess.Popen(list(cmd), **popen_kwargs)
     received: list[int] = []
-
-    def forward(signum, _frame):
-        received.append(signum)
-        if proc.poll() is None:
-            proc.terminate()
-
-    previous = {}
-    for sig in FORWARDED_SIGNALS:
-        try:
-            previous[sig] = signal.signal(sig, forward)
-        except ValueError:  # not the main thread: the caller keeps its own handling
-            break
+    previous = forward_stop_signals(received, lambda: [proc])
     try:
         while True:
             stopping = bool(received)
@@ -106,8 +120,7 @@ def run_child(cmd: Sequence[str], *, on_poll: Callable[[], None] | None = None, 
                 elif on_poll is not None and not received:
                     on_poll()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_signals(previous)
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -179,8 +179,6 @@ def _mixed_batch(model, processor, family, mix: str):
 @pytest.mark.parametrize("mix", ["mixed", "all", "none"])
 def test_batched_continuation_gives_the_same_answers_as_one_by_one(loaded, family, attn, mix):
     """The contract of the batched continuation: a batch answers each sample as a batch of one would."""
-    if mix != "mixed" and attn == "eager":
-        pytest.skip("the all/none mixes run once per family (sdpa); the full mix covers both attentions")
     model, processor = loaded(family, attn)
     prompt_images, sources, cfg = _mixed_batch(model, processor, family, mix)
     batch = chat_inputs(processor, prompt_images, MIX_QUESTIONS)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import time
 from collections import deque
@@ -22,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qzoom_swift.procs import FORWARDED_SIGNALS, STOP_GRACE_S, ChildStopped
+from qzoom_swift.procs import STOP_GRACE_S, ChildStopped, forward_stop_signals, restore_signals
 
 DEVICE_RE = re.compile(r"^(cpu|mps|(cuda|xpu|npu)(:\d+)?)$")
 TICK_S = 0.2
@@ -104,7 +103,7 @@ def run_on_devices(jobs: list[Job], devices: list[str], launch: Launch, *, poll_
     queue, free = deque(jobs), list(range(len(devices)))
     running: dict[int, tuple[Job, subprocess.Popen, float]] = {}
     received: list[int] = []
-    previous = _forward_signals(received, running)
+    previous = forward_stop_signals(received, lambda: [proc for _, proc, _ in running.values()])
     last_poll = time.monotonic()
     try:
         while (queue and not received) or running:
@@ -125,8 +124,7 @@ def run_on_devices(jobs: list[Job], devices: list[str], launch: Launch, *, poll_
                     on_poll(job)
             time.sleep(TICK_S)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_signals(previous)
         for _, proc, _ in running.values():
             if proc.poll() is None:
                 proc.kill()
@@ -134,22 +132,6 @@ def run_on_devices(jobs: list[Job], devices: list[str], launch: Launch, *, poll_
     if received:
         raise ChildStopped(128 + received[0])
     return [job for job in jobs if job.returncode not in (0, None)]
-
-
-def _forward_signals(received: list[int], running: dict) -> dict:
-    def forward(signum, _frame):
-        received.append(signum)
-        for _, proc, _ in list(running.values()):
-            if proc.poll() is None:
-                proc.terminate()
-
-    previous = {}
-    for sig in FORWARDED_SIGNALS:
-        try:
-            previous[sig] = signal.signal(sig, forward)
-        except ValueError:  # not the main thread: the caller keeps its own handling
-            break
-    return previous
 
 
 def _reap(running: dict, free: list[int], on_exit: Callable[[Job], None] | None) -> None:
