@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from qzoom_swift.bench.sft import CPU_TRAIN_FLAGS
+from qzoom_swift.testing.serving import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -196,12 +197,6 @@ class Run:
         return self.text()[-4000:] or "(no output: not run, an earlier step failed)"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Runner:
     def __init__(self, work: Path, base_env: dict[str, str]):
         self.work, self.base_env = work, base_env
@@ -280,7 +275,7 @@ def examples(tiny_dir, tmp_path_factory) -> tuple[Path, dict[str, Run], dict[str
                QZOOM_ROI_MAX_TOKENS="64")
     r = Runner(work, env)
     sft = shlex.join(SFT)
-    port = _free_port()
+    port = free_port()
     extra = {"deploy_port": str(port)}
 
     def probe3() -> Run:  # the tiny model's answers along the stage-3 trajectory
@@ -303,7 +298,7 @@ def examples(tiny_dir, tmp_path_factory) -> tuple[Path, dict[str, Run], dict[str
             return probe
         answers = [row["qzoom_base_answer"] for row in _rows(work / "probe" / "mined" / "shard-00000.jsonl")]
         _write_rows(work / "data" / "stage2_pool.jsonl", _with_answers(rows, answers))
-        return r.script("stage2_post_sft.sh", MINE_ARGS=MINE, SFT_ARGS=sft, MASTER_PORT=str(_free_port()))
+        return r.script("stage2_post_sft.sh", MINE_ARGS=MINE, SFT_ARGS=sft, MASTER_PORT=str(free_port()))
 
     downstream = {
         "infer.sh": dict(MODEL_KWARGS='{"QZOOM_TAU_GATE": 0}', INFER_ARGS="--max_new_tokens 2 --max_batch_size 2"),
@@ -323,11 +318,11 @@ def examples(tiny_dir, tmp_path_factory) -> tuple[Path, dict[str, Run], dict[str
         p3 = pool.submit(probe3)
         s2 = pool.submit(r.after, s1, then=stage2, name="stage2_post_sft.sh")
         lora = pool.submit(r.after, s2, name="stage2_post_sft_lora.sh", then=lambda: r.script(
-            "stage2_post_sft_lora.sh", LORA_ARGS="--learning_rate 1e-3", SFT_ARGS=sft, MASTER_PORT=str(_free_port())))
+            "stage2_post_sft_lora.sh", LORA_ARGS="--learning_rate 1e-3", SFT_ARGS=sft, MASTER_PORT=str(free_port())))
         s3 = pool.submit(r.after, s1, p3, then=stage3, name="stage3_gate.sh")
         multi = pool.submit(r.after, s1, name="multi_gpu.sh", then=lambda: r.script(
             "multi_gpu.sh", NPROC_PER_NODE="1", GLOBAL_BATCH="2", PER_DEVICE="2", OUT="runs/multi_gpu",
-            LABELS=f"{S1}/labels", SFT_ARGS=sft, MASTER_PORT=str(_free_port())))
+            LABELS=f"{S1}/labels", SFT_ARGS=sft, MASTER_PORT=str(free_port())))
         later = {name: pool.submit(r.after, s3, name=name, then=lambda n=name, e=kw: r.script(n, **e))
                  for name, kw in downstream.items()}
         runs = {"stage1_sdrpn.sh": s1.result(), "stage2_post_sft.sh": s2.result(), "stage3_gate.sh": s3.result(),

@@ -15,6 +15,7 @@ from PIL import Image
 
 from qzoom_swift.checkpoint import BranchCheckpointError
 from qzoom_swift.config import CONFIG_NAME, QZoomConfig
+from qzoom_swift.testing.serving import free_port, wait_for_models
 
 
 @pytest.fixture(scope="module")
@@ -501,14 +502,6 @@ def test_2_mismatched_template_and_model_type_are_refused(tiny_dir, model_type, 
 # --------------------------------------------- swift deploy: start-up checks (6), media (10), usage (11), signals (7)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_deploy(tiny_dir, tmp_path, knobs: dict, env_extra: dict | None = None):
     """``swift deploy`` with the plugin on the tiny Qwen2.5-VL; returns (launcher, base url, log path)."""
     import os
@@ -517,7 +510,7 @@ def _start_deploy(tiny_dir, tmp_path, knobs: dict, env_extra: dict | None = None
     from qzoom_swift.bench.sft import swift_executable
     from qzoom_swift.swift_plugin import plugin_path
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path / f"deploy-{port}.log"
     env = dict(os.environ, MODELSCOPE_CACHE=str(tmp_path / "ms"), OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [str(swift_executable()), "deploy", "--external_plugins", plugin_path(), "--model",
@@ -526,21 +519,6 @@ def _start_deploy(tiny_dir, tmp_path, knobs: dict, env_extra: dict | None = None
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}", log
-
-
-def _wait_ready(proc, base: str, timeout: float = 240) -> str | None:
-    """The served model's name once ``/v1/models`` answers; None when the launcher exited first."""
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{base}/v1/models", timeout=5) as resp:
-                return json.loads(resp.read())["data"][0]["id"]
-        except OSError:
-            time.sleep(0.5)
-    return None
 
 
 def _stop(proc) -> None:
@@ -601,7 +579,7 @@ def deploy(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     proc, base, log = _start_deploy(tiny_dir, tmp, {"QZOOM_MODE": "always", "QZOOM_TAU_ROI": 0.0,
                                                     "QZOOM_ROI_MIN_TOKENS": 16, "QZOOM_ROI_MAX_TOKENS": 64})
-    name = _wait_ready(proc, base)
+    name = wait_for_models(base, proc, timeout=240)
     try:
         assert name is not None, log.read_text()[-3000:]
         yield base, name, log
@@ -645,7 +623,7 @@ def test_6_deploy_refuses_to_start_with_a_broken_router(tiny_dir, tmp_path):
     proc, base, log = _start_deploy(tiny_dir, tmp_path, {"QZOOM_MODE": "zoom"},
                                     {"QZOOM_ROUTER": "onnx", "QZOOM_ONNX_DIR": str(tmp_path / "no-onnx")})
     try:
-        name = _wait_ready(proc, base)
+        name = wait_for_models(base, proc, timeout=240)
         assert name is None, "the server started (and would answer every request with HTTP 400)"
         assert proc.wait(timeout=60) != 0
         assert f"no exported fp32 graph at {tmp_path / 'no-onnx'}" in log.read_text()
@@ -669,7 +647,7 @@ def test_7_sigterm_to_swift_deploy_stops_the_server(tiny_dir, tmp_path):
 
     proc, base, log = _start_deploy(tiny_dir, tmp_path, {"QZOOM_MODE": "never"})
     try:
-        assert _wait_ready(proc, base) is not None, log.read_text()[-3000:]
+        assert wait_for_models(base, proc, timeout=240) is not None, log.read_text()[-3000:]
         server = psutil.Process(proc.pid).children(recursive=True)
         assert server
         proc.terminate()  # SIGTERM to the `swift` launcher only, as a process manager sends it

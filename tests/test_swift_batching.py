@@ -14,10 +14,8 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from PIL import Image
 
 from qzoom_swift.bench.sft import run_swift_concurrently, swift_executable
 from qzoom_swift.swift_plugin import MODEL_TYPES, plugin_path
+from qzoom_swift.testing.serving import free_port, post_json, wait_for_models
 
 pytestmark = pytest.mark.slow  # runs the swift CLI: not in the quick loop (-m "not slow")
 
@@ -91,12 +90,6 @@ def test_swift_infer_max_batch_size_4_answers_as_batch_size_1(batch_runs, mixed_
     assert answers[4] == answers[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _image_uri(size: tuple[int, int], colour: tuple[int, int, int]) -> str:
     buf = io.BytesIO()
     image = Image.new("RGB", size, (235, 235, 235))
@@ -117,25 +110,11 @@ def _chat(base: str, name: str, request) -> str:
     payload = {"model": name, "max_tokens": 4, "temperature": 0,
                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_uri(size, colour)}},
                                                          {"type": "text", "text": question}]}]}
-    req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=180) as resp:
-        return json.loads(resp.read())["choices"][0]["message"]["content"]
-
-
-def _wait_for_models(base: str, proc: subprocess.Popen, log: Path) -> str:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{base}/v1/models", timeout=5) as resp:
-                return json.loads(resp.read())["data"][0]["id"]
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"swift deploy did not come up:\n{log.read_text(errors='replace')[-3000:]}")
+    return post_json(f"{base}/v1/chat/completions", payload, timeout=180)["choices"][0]["message"]["content"]
 
 
 def test_swift_deploy_batches_concurrent_requests_with_the_answers_of_sequential_ones(tiny_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "deploy.log"
     env = dict(os.environ, MODELSCOPE_CACHE=str(tmp_path / "ms"), OMP_NUM_THREADS="1")
     cmd = [str(swift_executable()), "deploy", "--external_plugins", plugin_path(), "--model",
@@ -145,7 +124,8 @@ def test_swift_deploy_batches_concurrent_requests_with_the_answers_of_sequential
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        name = _wait_for_models(base, proc, log)
+        name = wait_for_models(base, proc)
+        assert name, f"swift deploy did not come up:\n{log.read_text(errors='replace')[-3000:]}"
         sequential = [_chat(base, name, r) for r in REQUESTS]
         assert [len(b) for b in qzoom_batches(log)] == [1] * len(REQUESTS)
         for _ in range(3):  # requests queued while the engine is busy form one batch; retry if all came apart

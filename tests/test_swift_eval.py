@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from qzoom_swift.swift_plugin import plugin_path
+from qzoom_swift.testing.serving import free_port
 
 pytestmark = pytest.mark.slow  # runs swift eval (deploy + evalscope): not in the quick loop (-m "not slow")
 
@@ -42,12 +42,6 @@ if __name__ == "__main__":
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_swift_eval_runs_a_local_benchmark_on_the_qzoom_model(tiny_dir, tmp_path):
     from qzoom_swift.testing.eval_data import write_eval_datasets
 
@@ -58,7 +52,7 @@ def test_swift_eval_runs_a_local_benchmark_on_the_qzoom_model(tiny_dir, tmp_path
     cmd = [sys.executable, str(launcher), "--external_plugins", plugin_path(), "--model", str(tiny_dir("qwen2_5_vl")),
            "--model_type", "qzoom_qwen2_5_vl", "--eval_dataset", "docvqa",
            "--eval_dataset_args", json.dumps({"docvqa": {"dataset_id": str(folder)}}), "--eval_limit", "2",
-           "--eval_num_proc", "2", "--eval_output_dir", str(out), "--port", str(_free_port()),
+           "--eval_num_proc", "2", "--eval_output_dir", str(out), "--port", str(free_port()),
            "--max_new_tokens", "4", "--max_batch_size", "2", "--eval_generation_config", json.dumps({"max_tokens": 4}),
            "--model_kwargs", json.dumps({"QZOOM_MODE": "always", "QZOOM_ROI_MIN_TOKENS": 16,
                                          "QZOOM_ROI_MAX_TOKENS": 64})]

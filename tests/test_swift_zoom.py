@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,6 +15,7 @@ from PIL import Image
 
 from qzoom_swift.bench.sft import run_swift_concurrently, swift_executable
 from qzoom_swift.swift_plugin import MODEL_TYPES, plugin_path
+from qzoom_swift.testing.serving import free_port, post_json
 
 pytestmark = pytest.mark.slow  # runs the swift CLI or the demo: not in the quick loop (-m "not slow")
 
@@ -56,20 +56,8 @@ def test_swift_infer_runs_zoom(zoom_infer_runs, shape_dataset, family):
         assert all(4 <= n <= 64 for n in roi_tokens), roi_tokens
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, payload: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
 def test_swift_deploy_answers_an_image_request_with_zoom(tiny_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "deploy.log"
     env = dict(os.environ, MODELSCOPE_CACHE=str(tmp_path / "ms"), OMP_NUM_THREADS="1")
     cmd = [str(swift_executable()), "deploy", "--external_plugins", plugin_path(), "--model",
@@ -93,7 +81,7 @@ def test_swift_deploy_answers_an_image_request_with_zoom(tiny_dir, tmp_path):
         buf = io.BytesIO()
         Image.new("RGB", (320, 240), (30, 160, 60)).save(buf, format="PNG")
         uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        reply = _post(f"{base}/v1/chat/completions", {
+        reply = post_json(f"{base}/v1/chat/completions", {
             "model": name, "max_tokens": 3, "temperature": 0,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                                       {"type": "text", "text": "What colour is it?"}]}]})

@@ -22,6 +22,21 @@ PSEUDO_LABELS_DESCRIPTION = (
 )
 
 
+def add_job_args(p: argparse.ArgumentParser, reads_attention: bool = False) -> None:
+    """The flags every resumable labelling job shares: limit, shards, overwrite, prompt limit, model, split."""
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--shard-size", type=int, default=1000, help="records per output shard file (default 1000)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete this job's earlier output in --out and start again (default: resume)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="reject a record whose prompt (text + visual budget) is longer, before the model runs "
+                        "(default: the visual budget + 4096, within the model's context); a record that fails "
+                        "inside the model (out of memory included) is rejected too, and the job goes on")
+    add_model_args(p, reads_attention=reads_attention)
+    add_shard_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def add_shard_args(p: argparse.ArgumentParser) -> None:
     """The data-parallel flags every labelling job shares (``labels.jobs.Part``)."""
     p.add_argument("--num-shards", type=int, default=None,
@@ -56,8 +71,6 @@ def pseudo_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model dir (Qwen2.5-VL, Qwen3-VL or LLaVA-1.5-HF)")
     p.add_argument("--dataset", required=True, type=Path, help="ms-swift jsonl (or json list) with local images" + DATASET_SOURCES)
     p.add_argument("--out", required=True, type=Path, help="output dir (shards, rejects.jsonl, summary.json)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete this job's earlier output in --out and start again (default: resume)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="records per generate() call (default 1); higher is faster on GPUs, costs memory")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap (default 128, as released)")
@@ -94,16 +107,8 @@ def pseudo_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-box-fraction", type=float, default=None,
                    help="ignore a sample whose box covers >= this fraction of the grid (default 0.5)")
     p.add_argument("--min-peak", type=float, default=None, help="ignore a sample whose peak is below (default 5e-3)")
-    p.add_argument("--shard-size", type=int, default=1000, help="records per shard file (default 1000)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records")
-    add_model_args(p, reads_attention=True)
-    add_shard_args(p)
-    p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="reject a record whose prompt (text + visual budget) is longer, before the model runs "
-                        "(default: the visual budget + 4096, within the model's context); a record that fails "
-                        "inside the model (out of memory included) is rejected too, and the job goes on")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    add_job_args(p, reads_attention=True)
 
 def pseudo_labels_run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
@@ -218,16 +223,7 @@ def gate_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--easy-per-transition", type=float, default=1.0,
                    help="easy samples kept per transition sample (default 1.0; negative keeps all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-sample draws and the balancing")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records")
-    p.add_argument("--shard-size", type=int, default=1000, help="records per output shard")
-    p.add_argument("--overwrite", action="store_true", help="delete this job's earlier output and start again")
-    p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="reject a record whose prompt (text + visual budget) is longer, before the model runs "
-                        "(default: the visual budget + 4096, within the model's context); a record that fails "
-                        "inside the model (out of memory included) is rejected too, and the job goes on")
-    add_model_args(p)
-    add_shard_args(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_job_args(p)
 
 
 def gate_labels_run(args: argparse.Namespace) -> int:
@@ -347,16 +343,7 @@ def mine_hard_args(p: argparse.ArgumentParser) -> None:
                    help="override the RoI budget's minimum (must be <= --roi-max-tokens)")
     p.add_argument("--roi-max-tokens", type=int, default=None, help="override the RoI budget")
     p.add_argument("--seed", type=int, default=0, help="seed of the improvements mixed into the Post-SFT rows")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records")
-    p.add_argument("--shard-size", type=int, default=1000, help="records per output shard (default 1000)")
-    p.add_argument("--overwrite", action="store_true", help="delete this job's earlier output and start again")
-    p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="reject a record whose prompt (text + visual budget) is longer, before the model runs "
-                        "(default: the visual budget + 4096, within the model's context); a record that fails "
-                        "inside the model (out of memory included) is rejected too, and the job goes on")
-    add_model_args(p)
-    add_shard_args(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_job_args(p)
 
 
 def mine_hard_run(args: argparse.Namespace) -> int:
