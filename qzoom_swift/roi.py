@@ -221,18 +221,11 @@ def peak_region_box(
     peak = float(probs.max())
     if not peak > 0.0:
         return None
-    h, w = probs.shape
-    start = divmod(int(torch.argmax(probs)), w)
-    strong = (probs >= fraction * peak).tolist()
-    region = torch.zeros(h, w, dtype=torch.bool)
-    stack = [start]
-    while stack:
-        r, c = stack.pop()
-        if not (0 <= r < h and 0 <= c < w) or region[r, c] or not strong[r][c]:
-            continue
-        region[r, c] = True
-        stack += [(r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)]
-    return mask_bounding_box(region)
+    from scipy import ndimage
+
+    start = divmod(int(torch.argmax(probs)), probs.shape[1])
+    components, _ = ndimage.label((probs >= fraction * peak).numpy())  # default structure: 4-connected
+    return mask_bounding_box(torch.from_numpy(components == components[start]))
 
 
 def _grow_span(lo: int, hi: int, target: int, limit: int) -> tuple[int, int]:

@@ -659,6 +659,9 @@ def test_peak_box_follows_connected_cells_and_the_keep_mask():
     assert peak_region_box(logits, keep_mask=keep) == GridBox(5, 4, 8, 7)
     ridge = heatmap(5, 9, [(2, c) for c in range(1, 7)])  # a horizontal ridge is one region
     assert peak_region_box(ridge, blur_kernel=1) == GridBox(1, 2, 7, 3)
+    diagonal = heatmap(5, 9, [(1, 1), (2, 2)])  # touching only at a corner: 4-connected, so two regions
+    diagonal[1, 1] += 1.0
+    assert peak_region_box(diagonal, blur_kernel=1) == GridBox(1, 1, 2, 2)
 
 
 def test_peak_box_ties_flat_maps_and_refusals():
