@@ -88,6 +88,8 @@ def test_model_api_serialises_concurrent_calls_and_shares_weights(tiny_dir, monk
     assert QZoomAPI(model, mode="never", **knobs).qz is api.qz  # one set of weights per process
     with pytest.raises(ValueError, match="unknown keys"):
         QZoomAPI(model, tau_gat=0.1, **knobs)
+    assert api.effective_config.roi_fallback == "none"
+    assert QZoomAPI(model, mode="zoom", roi_fallback="peak", **knobs).effective_config.roi_fallback == "peak"
 
     def message(i):
         buf = io.BytesIO()
@@ -148,7 +150,9 @@ def test_run_specs_follow_the_paper_settings():
     assert (r["mode"], r["low_max_tokens"], r["low_min_tokens"], r["roi_min_tokens"], r["tau_roi"]) == \
         ("always", 1024, 300, 256, 0.2)
     assert "tau_gate" not in r  # no preset: the checkpoint's own threshold
-    for bad in ("zoom", "warp:576", "zoom:big", "zoom:576:tau_x=1", "zoom:576:tau_roi", "zoom:576:name=a b"):
+    assert resolve_run(parse_run("zoom:256:roi_fallback=peak"), "chartqa", {})["roi_fallback"] == "peak"
+    for bad in ("zoom", "warp:576", "zoom:big", "zoom:576:tau_x=1", "zoom:576:tau_roi", "zoom:576:name=a b",
+                "zoom:576:roi_fallback=nearest"):
         with pytest.raises(ValueError):
             parse_run(bad)
 

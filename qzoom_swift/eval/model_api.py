@@ -58,7 +58,7 @@ from qzoom_swift.eval.batcher import Batcher
 MODEL_API_NAME = "qzoom"
 # QZoomConfig fields that may be set per evalscope task (inference knobs).
 CONFIG_KEYS = ("mode", "tau_gate", "tau_roi", "blur_kernel", "blur_sigma", "min_box_side", "low_max_tokens",
-               "low_min_tokens", "roi_max_tokens", "roi_min_tokens")
+               "low_min_tokens", "roi_max_tokens", "roi_min_tokens", "roi_fallback")
 
 DEFAULT_MAX_BATCH_SIZE = 1
 """Samples per ``QZoomModel.generate`` call (model_args ``max_batch_size``); 1 = one sample at a time."""
@@ -190,7 +190,7 @@ class QZoomAPI(ModelAPI):
             None = fresh, untrained branches (enough for ``mode='never'``, the plain-model baseline).
         mode: ``zoom`` (gated), ``always`` or ``never`` (low-resolution only: the baseline).
         tau_gate, tau_roi, low_max_tokens, low_min_tokens, roi_max_tokens, roi_min_tokens, blur_kernel,
-            blur_sigma, min_box_side: QZoomConfig overrides for this task.
+            blur_sigma, min_box_side, roi_fallback: QZoomConfig overrides for this task.
         max_new_tokens: default answer length when the generation config sets no ``max_tokens``.
         dtype: auto | bfloat16 | float16 | float32. device: auto | cuda | cuda:N | cpu.
         attn_implementation: e.g. sdpa (the paper's throughput runs) or flash_attention_2.

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.config import ROI_FALLBACKS
+
 RUN_MODES = ("baseline", "zoom", "always", "never")
 DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
 
@@ -129,7 +131,7 @@ PRESET_CHOICES = ("auto", *PRESETS, "none")
 BASELINE_MIN_TOKENS = 256  # the paper's baselines keep min 256 at every max budget
 # QZoomConfig fields a run spec may override (inference knobs only).
 RUN_KEYS = ("tau_gate", "tau_roi", "low_min_tokens", "low_max_tokens", "roi_min_tokens", "roi_max_tokens",
-            "blur_kernel", "blur_sigma", "min_box_side")
+            "blur_kernel", "blur_sigma", "min_box_side", "roi_fallback")
 _INT_KEYS = {"low_min_tokens", "low_max_tokens", "roi_min_tokens", "roi_max_tokens", "blur_kernel", "min_box_side"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$")
 
@@ -188,6 +190,10 @@ def parse_run(text: str) -> RunSpec:
             name = value.strip()
         elif key == "checkpoint":
             checkpoint = value.strip()
+        elif key == "roi_fallback":
+            if value.strip() not in ROI_FALLBACKS:
+                raise ValueError(f"--run {text!r}: roi_fallback={value!r}; choose from {', '.join(ROI_FALLBACKS)}")
+            overrides[key] = value.strip()
         elif key in RUN_KEYS:
             try:
                 overrides[key] = int(value) if key in _INT_KEYS else float(value)
