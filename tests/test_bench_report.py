@@ -28,6 +28,10 @@ def test_eval_runs_carry_the_fallback_only_where_they_zoom():
                                                              "low_max_tokens": 16}
     assert EvalRun("q", "zoom", 16, "peak").overrides()["roi_fallback"] == "peak"
     assert EvalRun("q", "always", 16).overrides()["roi_fallback"] == "none"
+    assert "roi_max_tokens" not in EvalRun("q", "zoom", 16).overrides()  # the checkpoint's budget
+    assert EvalRun("q", "zoom", 16, "peak", 256).overrides()["roi_max_tokens"] == 256
+    assert "roi_max_tokens" not in EvalRun("b", "never", 16, "peak", 256).overrides()
+    assert demo_config("full", []).roi_max_tokens == 256
 
 
 def _run(mode: str, acc: float, box: float | None = None) -> dict:
@@ -63,3 +67,63 @@ def test_reproducible_view_drops_timings_and_names_the_run_folders():
     assert view["acceptance"][0] == {"target": "x >= 4x the 16x baseline's throughput"}
     b["stages"]["toy_base"]["outputs"]["loss_last"] = 9.2
     assert reproducible_view(a) != reproducible_view(b)
+
+
+def test_hires_preset_and_canvas_setting():
+    from qzoom_swift.bench.render import BenchSpec
+
+    hires = demo_config("hires", [])
+    assert (hires.canvas, hires.low_tokens, hires.high_tokens, hires.toy_preset) == (896, 64, 1024, "full")
+    assert hires.budgets == (64, 256, 1024) and hires.roi_max_tokens == 1024
+    # 112 px a token in the first pass and 28 px (native) in the baseline, as in the full preset
+    full = demo_config("full", [])
+    assert hires.canvas / hires.low_tokens ** 0.5 == full.canvas / full.low_tokens ** 0.5 == 112
+    assert hires.canvas / hires.high_tokens ** 0.5 == full.canvas / full.high_tokens ** 0.5 == 28
+    assert BenchSpec.for_canvas(448) == BenchSpec()  # the full preset's scenes (and its cached toy) unchanged
+    big = BenchSpec.for_canvas(896, distractors=2)
+    assert (big.shape_size, big.clutter, big.box_size, big.distractors) == ((220, 380), (32, 64), (18, 20), 2)
+    for bad in ("canvas=500", "toy_preset=hires"):
+        with pytest.raises(SystemExit, match="qzoom demo: --set"):
+            demo_config("quick", [bad])
+
+
+def test_serving_copy_raises_only_the_processor_cap(tmp_path):
+    import json
+
+    from qzoom_swift.bench.toy_model import serving_copy
+
+    model = tmp_path / "sft" / "checkpoint-40"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"weights")
+    processor = {"image_processor": {"size": {"longest_edge": 256 * 784, "shortest_edge": 4 * 784}}, "x": 1}
+    (model / "processor_config.json").write_text(json.dumps(processor))
+    copy = serving_copy(model, 1024)
+    assert copy == model.parent / "checkpoint-40-max1024"
+    saved = json.loads((copy / "processor_config.json").read_text())
+    assert saved["image_processor"]["size"] == {"longest_edge": 1024 * 784, "shortest_edge": 4 * 784}
+    assert saved["x"] == 1 and json.loads((model / "processor_config.json").read_text()) == processor
+    assert (copy / "model.safetensors").stat().st_ino == (model / "model.safetensors").stat().st_ino  # a link
+    assert serving_copy(model, 1024) == copy and not list(model.parent.glob(".checkpoint-40-max1024-*"))
+    (model / "processor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no processor config"):
+        serving_copy(model, 512)
+
+
+def test_throughput_ceiling_is_the_low_baseline_and_qzoom_share_of_it():
+    from qzoom_swift.bench.report import throughput_ceiling
+
+    metrics = {"runs": {"baseline@64": {"relative_throughput": 4.5, "relative_prefill_throughput": 8.8},
+                        "qzoom": {"relative_throughput": 3.6}}}
+    c = throughput_ceiling(metrics, demo_config("hires", []))
+    assert c == {"end_to_end": 4.5, "prefill": 8.8, "qzoom": 3.6, "qzoom_fraction": pytest.approx(0.8)}
+
+
+def test_toy_key_changes_with_a_frozen_vision_tower_only_when_asked():
+    from qzoom_swift.bench.toy_model import toy_base_key
+
+    meta = {"version": 1, "seed": 0, "sizes": {"train": 4}, "spec": {"canvas": 448}}
+    common = dict(seed=0, warmup_steps=200, steps=1000, batch=16, curriculum=0.15, low_tokens=16, high_tokens=256)
+    plain = toy_base_key(meta, **common)
+    assert toy_base_key(meta, **common, freeze_vision=False) == plain  # toys cached before the option keep their key
+    assert toy_base_key(meta, **common, freeze_vision=True) != plain
+    assert demo_config("full", ["toy_freeze_vision=true"]).toy_freeze_vision is True

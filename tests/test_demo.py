@@ -148,9 +148,12 @@ def test_evaluation_values(demo):
     always = m["runs"]["always"]
     assert set(always["reasons"]) <= {"forced", "no_roi"} and always["mean_visual_tokens"] >= 16
     assert set(m["runs"]["qzoom"]["reasons"]) <= {"gate", "below_gate", "no_roi"}
+    roi_max = summary["demo_config"]["roi_max_tokens"]
+    assert summary["config"]["roi_max_tokens"] == roi_max == 256  # the Q-Zoom runs' setting, not the checkpoint's 64
+    assert summary["config"]["roi_fallback"] == summary["demo_config"]["roi_fallback"] == "peak"
     for a in answers:
         if a["zoomed"]:
-            assert 16 <= a["visual_tokens_roi"] <= 64 and a["box"] is not None
+            assert 16 <= a["visual_tokens_roi"] <= roi_max and a["box"] is not None
     assert set(m["pseudo_labels"]) <= {"fine", "coarse"}
 
 
@@ -218,13 +221,49 @@ def test_the_bench_test_split_runs_through_qzoom_eval_with_the_demo_answers(demo
     assert table["benchmarks"] == ["qzoom_bench"]
 
 
+def test_a_larger_canvas_reuses_another_presets_toy_base_behind_a_raised_image_cap(demo, tmp_path):
+    """The hires preset's path, at quick sizes: 672 px scenes (6x6 tokens at the low budget, 24x24 at native
+    scale) answered by the quick preset's toy base (trained on 448 px scenes, found in the cache the module's run
+    filled), whose processor cap is raised to the 576-token baseline in a copy that shares the weight files."""
+    _, _, first = demo
+    out = tmp_path / "run"
+    res, _ = _demo(out, "--set", "canvas=672", "--set", "toy_preset=quick", "--set", "low_tokens=36",
+                   "--set", "high_tokens=576", "--set", "gate_budgets=36,144,576")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bench"]["spec"]["canvas"] == 672 and summary["bench"]["spec"]["shape_size"] == [165, 285]
+    toy = summary["stages"]["toy_base"]
+    trained = Path(first["stages"]["toy_base"]["outputs"]["model_dir"])
+    assert toy["this_run"] == "cached" and toy["outputs"]["trained_model_dir"] == str(trained)  # not retrained
+    assert toy["outputs"]["trained_on"] == 448 and toy["outputs"]["toy_preset"] == "quick"
+    served = Path(summary["model_dir"])
+    assert served == trained.parent / f"{trained.name}-max576"
+    cap = json.loads((served / "processor_config.json").read_text())["image_processor"]["size"]["longest_edge"]
+    assert cap == 576 * 784 and (served / "model.safetensors").stat().st_ino == (trained / "model.safetensors").stat().st_ino
+    labels = summary["stages"]["pseudo_labels"]["outputs"]
+    assert labels["label_tokens"] == 576
+    assert all(r["qzoom_attn_grid"] == [24, 24] for s in labels["shards"] for r in _rows(Path(s)))
+    ckpt = json.loads((Path(summary["stages"]["rpn_train"]["outputs"]["checkpoint"]) / "qzoom_config.json").read_text())
+    assert (ckpt["low_min_tokens"], ckpt["low_max_tokens"]) == (36, 36)
+    runs = summary["metrics"]["runs"]
+    assert list(runs) == ["baseline@36", "baseline@144", "baseline@576", "qzoom", "always"]
+    assert [runs[f"baseline@{t}"]["mean_visual_tokens"] for t in (36, 144, 576)] == [36, 144, 576]
+    for a in _rows(out / "evaluate" / "answers.jsonl"):
+        if a["run"] in ("qzoom", "always"):
+            assert a["visual_tokens_low"] == 36 and (a["grid"] is None or a["grid"] == [6, 6])
+    ceiling = summary["ceiling"]
+    assert ceiling["end_to_end"] == runs["baseline@36"]["relative_throughput"]
+    assert ceiling["qzoom_fraction"] == pytest.approx(runs["qzoom"]["relative_throughput"] / ceiling["end_to_end"])
+    assert "Attainable ceiling: the base model at the low budget alone" in (out / "report.md").read_text()
+
+
 def test_set_overrides_are_typed_and_unknown_keys_are_refused():
     from qzoom_swift.bench.settings import PRESETS, demo_config
 
     cfg = demo_config("full", ["toy_steps=1500", "free_placement=true", "tau_roi=0.1", "gate_budgets=16,256"])
     assert (cfg.toy_steps, cfg.free_placement, cfg.tau_roi, cfg.budgets) == (1500, True, 0.1, (16, 256))
     assert cfg.train_images == PRESETS["full"].train_images
-    with pytest.raises(SystemExit, match="KEY one of seed, free_placement"):
+    with pytest.raises(SystemExit, match="KEY one of seed, canvas, toy_preset, free_placement"):
         demo_config("full", ["toy_step=3"])
     with pytest.raises(SystemExit, match="expected true or false"):
         demo_config("quick", ["free_placement=maybe"])

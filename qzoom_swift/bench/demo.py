@@ -8,6 +8,8 @@ a stage whose record matches the current settings and whose files still exist, `
 1. ``bench``          the bench splits: PNGs, ms-swift jsonl questions, ground truth (``bench/``);
 2. ``toy_base``       the toy Qwen2.5-VL: vision warm-up, then ``swift sft recipes/toy/base_sft.yaml`` full
                       tuning at mixed resolutions (cached under ``$QZOOM_CACHE/toy/<settings hash>``);
+                      with ``toy_preset`` another preset's toy instead (``--preset hires``: the full preset's,
+                      trained on 448 px scenes, with its processor's image cap raised to ``high_tokens``);
 3. ``pseudo_labels``  stage 1: ``qzoom pseudo-labels`` on train questions, from a high-budget pass;
 4. ``rpn_train``      stage 1: ``swift sft recipes/toy/stage1_sdrpn.yaml`` at the low budget (labels pooled to
                       the low-resolution grid);
@@ -20,7 +22,8 @@ a stage whose record matches the current settings and whose files still exist, `
                       accuracy, throughput, visual tokens, zoom rate, box and gate quality against GT.
 
 Then ``report.md``, ``summary.json`` and the figures (``pareto.png``, ``overlays.png``,
-``gate_calibration.png``) are written. ``--preset quick`` is a reduced configuration (minutes; the test
+``gate_calibration.png``) are written. ``--preset hires`` is the same bench at 896 px, where visual tokens
+dominate the cost (64 against 1,024). ``--preset quick`` is a reduced configuration (minutes; the test
 suite runs it): every stage runs, numbers are not meaningful. Stage 2 (Post-SFT) is not part of the demo: the
 toy base is already trained on the zoomed layout it would adapt to.
 
@@ -44,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qzoom_swift.bench.report import RUN_LABELS, acceptance, render_report
+from qzoom_swift.bench.report import RUN_LABELS, acceptance, render_report, throughput_ceiling
 from qzoom_swift.bench.settings import PRESETS, DemoConfig, demo_config
 from qzoom_swift.fileio import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from qzoom_swift.recipes_command import RECIPES_DIR
@@ -58,8 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"),
                    help="output dir: every stage's files, report.md, summary.json, figures (default: runs/demo)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="full",
-                   help="full (default: the measured miniature, ~21 min on 2 cores the first time) or quick (every stage on a "
-                        "few samples, a few minutes; numbers are not meaningful)")
+                   help="full (default: the measured miniature, ~25-30 min on 2 cores the first time), hires (896 px "
+                        "scenes, 64-token first pass vs a 1,024-token baseline: the regime where visual tokens "
+                        "dominate the cost; reuses the full preset's toy base) or quick (every stage on a few "
+                        "samples, a few minutes; numbers are not meaningful)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a DemoConfig field, e.g. --set toy_steps=1500 (repeatable; see qzoom_swift/bench/settings.py)")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -186,7 +191,7 @@ def _stage_bench(ctx: Context) -> StageResult:
     from qzoom_swift.bench.render import BenchSpec
 
     c = ctx.cfg
-    spec = BenchSpec(free_placement=c.free_placement, distractors=c.distractors)
+    spec = BenchSpec.for_canvas(c.canvas, free_placement=c.free_placement, distractors=c.distractors)
     marker = write_bench(ctx.path("bench"), {"train": c.train_images, "val": c.val_images, "test": c.test_images},
                          seed=c.seed, spec=spec, progress=True)
     meta = json.loads(marker.read_text())
@@ -199,26 +204,54 @@ def _stage_bench(ctx: Context) -> StageResult:
     return StageResult(line, outputs, [str(marker), str(evalscope_root)], run_id=_sha(marker))
 
 
+def _toy_bench_root(ctx: Context) -> tuple[str, DemoConfig]:
+    """The bench the toy base learns from and the settings it is trained with: this preset's, or (``toy_preset``)
+    another preset's bench, written under ``toy_bench/`` exactly as that preset writes it, so its cached toy
+    base is found again."""
+    from qzoom_swift.bench.dataset import write_bench
+    from qzoom_swift.bench.render import BenchSpec
+
+    if not ctx.cfg.toy_preset:
+        return ctx.outputs("bench")["root"], ctx.cfg
+    t = PRESETS[ctx.cfg.toy_preset]
+    spec = BenchSpec.for_canvas(t.canvas, free_placement=t.free_placement, distractors=t.distractors)
+    marker = write_bench(ctx.path("toy_bench"), {"train": t.train_images, "val": t.val_images,
+                                                 "test": t.test_images}, seed=t.seed, spec=spec, progress=True)
+    return str(marker.parent), t
+
+
 def _stage_toy_base(ctx: Context) -> StageResult:
-    from qzoom_swift.bench.toy_model import train_toy_base
+    from qzoom_swift.bench.toy_model import serving_copy, train_toy_base
     from qzoom_swift.synthetic.models import cache_root
 
     c = ctx.cfg
     cache = Path(ctx.args.cache_dir) if ctx.args.cache_dir is not None else cache_root()
-    rec = train_toy_base(ctx.outputs("bench")["root"], cache, seed=c.seed, warmup_steps=c.warmup_steps,
-                         steps=c.toy_steps, batch=c.toy_batch, curriculum=c.curriculum, low_tokens=c.low_tokens,
-                         high_tokens=c.high_tokens, in_process=ctx.args.sft == "in-process")
+    bench_root, t = _toy_bench_root(ctx)
+    rec = train_toy_base(bench_root, cache, seed=t.seed, warmup_steps=t.warmup_steps, steps=t.toy_steps,
+                         batch=t.toy_batch, curriculum=t.curriculum, low_tokens=t.low_tokens,
+                         high_tokens=t.high_tokens, freeze_vision=t.toy_freeze_vision,
+                         in_process=ctx.args.sft == "in-process")
+    model_dir, key = rec["model_dir"], rec["key"]
+    served = ""
+    if c.high_tokens > t.high_tokens:  # the toy's processor caps images at the budget it was trained up to
+        model_dir = str(serving_copy(model_dir, c.high_tokens))
+        key = f"{key}-max{c.high_tokens}"
+        served = f"; served with a {c.high_tokens}-token image cap -> {model_dir}"
     w = rec["warmup"]
-    outputs = {"model_dir": rec["model_dir"], "params": w["params"],
+    outputs = {"model_dir": model_dir, "trained_model_dir": rec["model_dir"], "toy_preset": c.toy_preset or None,
+               "trained_on": json.loads((Path(bench_root) / "bench.json").read_text())["spec"]["canvas"],
+               "params": w["params"],
                "params_without_embedding": w["params_without_embedding"], "warmup_accuracy": w["ema_accuracy"],
                "warmup_seconds": w["seconds"], "sft_seconds": rec["sft_seconds"], "steps": rec["steps"],
                "batch": rec["batch"], "loss_first": rec["losses"][0][1] if rec["losses"] else None,
                "loss_last": rec["losses"][-1][1] if rec["losses"] else None, "recipe": _recipe_rel(Path(rec["recipe"])),
                "cache_key": rec["key"]}
-    line = (f"Qwen2.5-VL toy, {w['params_without_embedding'] / 1e6:.1f} M params + embedding; warm-up "
-            f"{w['seconds']:.0f} s (digit acc {w['ema_accuracy']:.2f}), swift sft {rec['steps']} x {rec['batch']} "
-            f"in {rec['sft_seconds']:.0f} s{' (cached)' if rec['reused'] else ''} -> {rec['model_dir']}")
-    return StageResult(line, outputs, [rec["model_dir"]], run_id=rec["key"], reused=rec["reused"])
+    origin = f"the {c.toy_preset} preset's, " if c.toy_preset else ""
+    line = (f"Qwen2.5-VL toy ({origin}trained on {outputs['trained_on']} px scenes), "
+            f"{w['params_without_embedding'] / 1e6:.1f} M params + embedding; warm-up {w['seconds']:.0f} s (digit acc "
+            f"{w['ema_accuracy']:.2f}), swift sft {rec['steps']} x {rec['batch']} in {rec['sft_seconds']:.0f} s"
+            f"{' (cached)' if rec['reused'] else ''} -> {rec['model_dir']}{served}")
+    return StageResult(line, outputs, [model_dir], run_id=key, reused=rec["reused"])
 
 
 def _stage_pseudo_labels(ctx: Context) -> StageResult:
@@ -261,7 +294,9 @@ def _stage_rpn_train(ctx: Context) -> StageResult:
     shutil.rmtree(out, ignore_errors=True)
     overrides = ["--model", _model_dir(ctx), "--dataset", str(train), "--output_dir", str(out),
                  "--max_steps", str(c.rpn_steps), "--save_steps", str(c.rpn_steps), "--seed", str(c.seed)]
-    log = _sft(ctx, STAGE1_RECIPE, overrides, ctx.path("stage1"), env={"QZOOM_TAU_ROI": str(c.tau_roi)})
+    env = {"QZOOM_TAU_ROI": str(c.tau_roi), "QZOOM_LOW_MIN_TOKENS": str(c.low_tokens),
+           "QZOOM_LOW_MAX_TOKENS": str(c.low_tokens)}  # saved into the checkpoint: the budget the RPN learns at
+    log = _sft(ctx, STAGE1_RECIPE, overrides, ctx.path("stage1"), env=env)
     outputs, ckpt = _train_outputs(out, c.rpn_steps, "qzoom_rpn_loss", log)
     outputs.update(recipe=_recipe_rel(STAGE1_RECIPE), rows=len(rows),
                    labelled_rows=sum(r["qzoom_rpn_labels"] is not None for r in rows))
@@ -357,10 +392,10 @@ def _stage_calibrate(ctx: Context) -> StageResult:
 def eval_runs(cfg: DemoConfig):
     from qzoom_swift.bench.evaluate import EvalRun
 
-    low, fallback = cfg.low_tokens, cfg.roi_fallback
+    low, fallback, roi_max = cfg.low_tokens, cfg.roi_fallback, cfg.roi_max_tokens
     return [EvalRun(f"baseline@{low}", "never", low), EvalRun(f"baseline@{4 * low}", "never", 4 * low),
-            EvalRun(f"baseline@{cfg.high_tokens}", "never", cfg.high_tokens), EvalRun("qzoom", "zoom", low, fallback),
-            EvalRun("always", "always", low, fallback)]
+            EvalRun(f"baseline@{cfg.high_tokens}", "never", cfg.high_tokens),
+            EvalRun("qzoom", "zoom", low, fallback, roi_max), EvalRun("always", "always", low, fallback, roi_max)]
 
 
 def _overlay_items(qz, records, rows: list[dict], n: int) -> list[dict]:
@@ -396,6 +431,7 @@ def _stage_evaluate(ctx: Context) -> StageResult:
 
     from qzoom_swift.bench.dataset import read_split
     from qzoom_swift.bench.evaluate import answer_all, pseudo_label_quality, summarise
+    from qzoom_swift.config import effective_config
     from qzoom_swift.model import QZoomModel
 
     c = ctx.cfg
@@ -420,7 +456,10 @@ def _stage_evaluate(ctx: Context) -> StageResult:
     shard_rows = [row for s in ctx.outputs("pseudo_labels")["shards"] for row in _rows(Path(s))]
     summary["pseudo_labels"] = pseudo_label_quality(shard_rows, gt)
     summary["overlays"] = _overlay_items(qz, records, rows, c.overlays)
-    summary["config"] = {k: v for k, v in qz.config.to_dict().items() if k != "extra"}
+    # the settings the gated run answered with: the checkpoint's, then the run's overrides (the report shows these)
+    qzoom_run = next(run for run in runs if run.name == "qzoom")
+    summary["config"] = {k: v for k, v in effective_config(qz.config, qzoom_run.overrides()).to_dict().items()
+                         if k != "extra"}
     summary["threads"] = torch.get_num_threads()
     summary["split"] = c.eval_split
     path = write_json_atomic(ctx.path("evaluate", "metrics.json"), summary)
@@ -428,7 +467,8 @@ def _stage_evaluate(ctx: Context) -> StageResult:
     q = r["qzoom"]
     line = (f"{len(records)} {c.eval_split} questions x {len(runs)} runs: Q-Zoom acc {q['accuracy']:.3f} at "
             f"{q['relative_throughput']:.2f}x the {summary['reference']} throughput (baseline acc "
-            f"{r[summary['reference']]['accuracy']:.3f}), zoom rate {q['zoom_rate']:.2f} -> {path}")
+            f"{r[summary['reference']]['accuracy']:.3f}; ceiling baseline@{c.low_tokens} "
+            f"{r[f'baseline@{c.low_tokens}']['relative_throughput']:.2f}x), zoom rate {q['zoom_rate']:.2f} -> {path}")
     return StageResult(line, {"metrics": str(path), "answers": str(answers)}, [str(path)])
 
 
@@ -454,7 +494,8 @@ def _stage_variants(ctx: Context) -> StageResult:
     runs, grid = eval_runs(c), int(round(c.low_tokens ** 0.5))
     results = {}
     for name, fields in specs.items():
-        spec = BenchSpec(**{"free_placement": c.free_placement, "distractors": c.distractors, **fields})
+        spec = BenchSpec.for_canvas(c.canvas, **{"free_placement": c.free_placement, "distractors": c.distractors,
+                                                  **fields})
         folder = ctx.path("variants", _variant_dir(name))
         marker = write_bench(folder / "bench", {"test": c.test_images}, seed=c.seed, spec=spec, progress=True)
         records = read_split(marker.parent, "test")
@@ -472,10 +513,11 @@ def _stage_variants(ctx: Context) -> StageResult:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("bench", "bench data", (), ("seed", "free_placement", "distractors", "train_images", "val_images",
-                                      "test_images"), _stage_bench),
+    Stage("bench", "bench data", (), ("seed", "canvas", "free_placement", "distractors", "train_images",
+                                      "val_images", "test_images"), _stage_bench),
     Stage("toy_base", "toy base VLM (warm-up + swift sft)", ("bench",),
-          ("seed", "warmup_steps", "toy_steps", "toy_batch", "curriculum", "low_tokens", "high_tokens"),
+          ("seed", "toy_preset", "warmup_steps", "toy_steps", "toy_batch", "curriculum", "toy_freeze_vision",
+           "low_tokens", "high_tokens"),
           _stage_toy_base, own_cache=True),
     Stage("pseudo_labels", "stage 1: pseudo labels", ("bench", "toy_base"),
           ("label_images", "label_new_tokens", "label_heads", "label_queries", "label_sink", "high_tokens"),
@@ -489,10 +531,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("calibrate", "stage 3: gate calibration", ("toy_base", "gate_labels", "gate_train"),
           ("max_accuracy_drop", "threshold_rule"), _stage_calibrate),
     Stage("evaluate", "evaluation (baselines, Q-Zoom)", ("bench", "toy_base", "pseudo_labels", "calibrate"),
-          ("low_tokens", "high_tokens", "eval_new_tokens", "overlays", "roi_fallback", "eval_split"), _stage_evaluate),
+          ("low_tokens", "high_tokens", "eval_new_tokens", "overlays", "roi_fallback", "roi_max_tokens", "eval_split"),
+          _stage_evaluate),
     Stage("variants", "evaluation on harder variants", ("bench", "toy_base", "calibrate"),
-          ("variants", "test_images", "seed", "free_placement", "distractors", "low_tokens", "high_tokens",
-           "eval_new_tokens", "roi_fallback"), _stage_variants),
+          ("variants", "test_images", "seed", "canvas", "free_placement", "distractors", "low_tokens", "high_tokens",
+           "eval_new_tokens", "roi_fallback", "roi_max_tokens"), _stage_variants),
 )
 
 
@@ -592,7 +635,7 @@ def _summary(ctx: Context, metrics: dict[str, Any], figures: dict[str, str], tot
         "variants": variants, "calibration": {k: ctx.outputs("calibrate").get(k) for k in ("rule", "plateau", "tau_gate")},
         "model_dir": _model_dir(ctx), "checkpoint": ctx.outputs("calibrate")["checkpoint"],
         "evalscope_data_root": ctx.outputs("bench")["evalscope_data_root"],
-        "acceptance": acceptance(metrics, cfg), "figures": figures,
+        "acceptance": acceptance(metrics, cfg), "ceiling": throughput_ceiling(metrics, cfg), "figures": figures,
         "stages_ran": this_run.get("ran", 0), "stages_cached": this_run.get("cached", 0),
         "stages": ctx.records, "total_s": round(total, 3),
     }
@@ -636,6 +679,10 @@ def run(args: argparse.Namespace) -> int:
         zr = "-" if r["mode"] == "never" else f"{r['zoom_rate_fine']:.2f}/{r['zoom_rate_coarse']:.2f}"
         print(f"{name:<16} {r['mean_visual_tokens']:>7.1f} {r['accuracy']:>6.3f} {r['accuracy_fine']:>6.3f} "
               f"{r['accuracy_coarse']:>6.3f} {r['relative_throughput']:>6.2f}x {zr:>11}")
+    ceiling = summary["ceiling"]
+    print(f"\nattainable ceiling (baseline@{cfg.low_tokens} vs 16x): {ceiling['end_to_end']:.2f}x end to end, "
+          f"{ceiling['prefill']:.2f}x prefill; Q-Zoom {ceiling['qzoom']:.2f}x = {100 * ceiling['qzoom_fraction']:.0f}% "
+          f"of it")
     met = sum(a["met"] for a in summary["acceptance"])
     print(f"\nacceptance targets met: {met}/{len(summary['acceptance'])} (see report)")
     print(f"total {total:.1f} s; wrote {report} and {path}")

@@ -31,10 +31,17 @@ class EvalRun:
     """Visual-token budget of the first (or only) pass."""
     roi_fallback: str = "none"
     """``QZoomConfig.roi_fallback`` of a zooming run (none: no cell above tau_roi answers from the low pass)."""
+    roi_max_tokens: int | None = None
+    """``QZoomConfig.roi_max_tokens`` of a zooming run (None: the checkpoint's)."""
 
     def overrides(self) -> dict[str, Any]:
-        out = {"mode": self.mode, "low_min_tokens": self.tokens, "low_max_tokens": self.tokens}
-        return out if self.mode == "never" else {**out, "roi_fallback": self.roi_fallback}
+        out: dict[str, Any] = {"mode": self.mode, "low_min_tokens": self.tokens, "low_max_tokens": self.tokens}
+        if self.mode == "never":
+            return out
+        out["roi_fallback"] = self.roi_fallback
+        if self.roi_max_tokens is not None:
+            out["roi_max_tokens"] = self.roi_max_tokens
+        return out
 
 
 def normalise_answer(text: str) -> str:

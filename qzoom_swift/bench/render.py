@@ -62,6 +62,16 @@ class BenchSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def for_canvas(cls, canvas: int, **fields: Any) -> BenchSpec:
+        """The default scene on a ``canvas`` px side: the big shape scaled with the side and the clutter with the
+        area, so a larger canvas is the same scene seen at a higher resolution, not an emptier one. The digit,
+        its box and the grid keep their pixel sizes: they are what must be read at native scale."""
+        base = cls()
+        scale = canvas / base.canvas
+        return cls(canvas=canvas, shape_size=tuple(round(v * scale) for v in base.shape_size),
+                   clutter=tuple(round(v * scale * scale) for v in base.clutter), **fields)
+
 
 DEFAULT_SPEC = BenchSpec()
 

@@ -18,6 +18,12 @@ class DemoConfig:
     """Every bench-specific setting of the demo (the method's own defaults live in ``QZoomConfig``)."""
 
     seed: int = 0
+    canvas: int = 448
+    """Side of the bench's square scenes in pixels (``BenchSpec.for_canvas``); the hires preset's is 896."""
+    toy_preset: str = ""
+    """The toy base to use: empty = trained on this bench with this preset's toy settings; a preset name (``full``)
+    = that preset's toy base (its bench and training, shared through the cache), served with its processor's
+    image cap raised to ``high_tokens``."""
     free_placement: bool = False
     """Harder bench: the digit box at any pixel offset, not on the token grid (the toy reads it far worse)."""
     distractors: int = 0
@@ -31,10 +37,14 @@ class DemoConfig:
     toy_batch: int = 16
     curriculum: float = 0.15
     """Fraction of toy steps that are native crops and zoom layouts only, before the full mixture."""
+    toy_freeze_vision: bool = False
+    """Keep the warmed-up vision tower and merger fixed during the toy's swift sft. A linear probe finds the red
+    box's low-resolution cell from the warm-up's visual tokens in 100% of val images, from the fully tuned toy's
+    in 88.7% (``benchmarks/toy_mark_probe.py``)."""
     low_tokens: int = 16
-    """Q-Zoom's first pass and the low baseline: the 448 px canvas as 4x4 tokens."""
+    """Q-Zoom's first pass and the low baseline: the 448 px canvas as 4x4 tokens (112 px a token)."""
     high_tokens: int = 256
-    """The 16x baseline: the canvas at native scale; also the pseudo-label pass."""
+    """The 16x baseline: the canvas at native scale (28 px a token); also the pseudo-label pass."""
     label_images: int = 1000
     """Train images whose two questions are pseudo-labelled (stage 1)."""
     label_new_tokens: int = 4
@@ -72,6 +82,12 @@ class DemoConfig:
     """``QZoomConfig.roi_fallback`` of the Q-Zoom runs (gated and always): none (released) or peak. Chosen on val
     on the full preset's trained pipeline: peak 98.3% vs none 95.7% (with plateau-middle); the library default
     stays none (the released behaviour) until a real model says otherwise."""
+    roi_max_tokens: int = 256
+    """``QZoomConfig.roi_max_tokens`` of the Q-Zoom runs: a box of up to 4x4 low-resolution cells is re-encoded at
+    native scale (the toy reads digits only there). With 64 (2x2 cells, the recipes' value) every wrong answer in
+    a box that held the digit was a box of 2x3 cells or more, down-sampled (8 of 200 fine test questions in the
+    run before this setting). Chosen on val: 98.3% at 64, 99.0% at 144 and at 256 (mean visual tokens 25.1 vs
+    25.6); 256 is the 16x baseline's budget, so a box never costs more than that baseline."""
     eval_split: str = "test"
     """Split the evaluation answers: test (reporting) or val (choosing settings such as roi_fallback)."""
     variants: str = "free_placement,distractors=2"
@@ -108,9 +124,11 @@ class DemoConfig:
         from qzoom_swift.labels.gate import THRESHOLD_RULES
 
         for key, allowed in (("threshold_rule", THRESHOLD_RULES), ("roi_fallback", ROI_FALLBACKS),
-                             ("eval_split", ("test", "val"))):
+                             ("eval_split", ("test", "val")), ("toy_preset", ("", "full", "quick"))):
             if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r}: choose from {', '.join(allowed)}")
+                raise ValueError(f"{key}={getattr(self, key)!r}: choose from {', '.join(map(repr, allowed))}")
+        if self.canvas % 112 or self.canvas < 112:
+            raise ValueError(f"canvas={self.canvas}: use a multiple of 112 px (4 merged tokens of 28 px)")
         self.variant_specs()
 
 
@@ -119,6 +137,13 @@ PRESETS: dict[str, DemoConfig] = {
     "quick": DemoConfig(train_images=40, val_images=12, test_images=16, warmup_steps=20, toy_steps=40,
                         toy_batch=4, label_images=10, rpn_steps=6, gate_images=10, gate_steps=4, overlays=2,
                         variants=""),
+    # The paper's regime: visual tokens dominate the cost. The same scenes at twice the side (896 px: 1,024 tokens at
+    # native scale, 64 at 112 px a token, the default's 16-token view four times over). The full preset's toy base
+    # (448 px scenes) reads them: 100% at 1,024 tokens, fine 10% / coarse 100% at 64, on 100 test scenes. Fewer
+    # labelled and evaluated images than the full preset: every high-budget pass costs about 4x.
+    "hires": DemoConfig(canvas=896, toy_preset="full", low_tokens=64, high_tokens=1024, gate_budgets="64,256,1024",
+                        roi_max_tokens=1024, train_images=800, val_images=150, test_images=200, label_images=500,
+                        gate_images=300, variants=""),
 }
 
 def demo_config(preset: str, overrides: list[str]) -> DemoConfig:

@@ -276,21 +276,29 @@ TOY_RECIPE = RECIPES_DIR / "toy" / "base_sft.yaml"  # shipped in the package
 
 
 def toy_base_key(bench_meta: dict[str, Any], *, seed: int, warmup_steps: int, steps: int, batch: int,
-                 curriculum: float, low_tokens: int, high_tokens: int) -> str:
+                 curriculum: float, low_tokens: int, high_tokens: int, freeze_vision: bool = False) -> str:
     """Identity of a trained toy base: the bench it learns from, every training setting and the recipe."""
     import hashlib
 
     recipe = TOY_RECIPE.read_text() if TOY_RECIPE.is_file() else ""
-    blob = json.dumps({"bench": bench_meta, "seed": seed, "warmup_steps": warmup_steps, "steps": steps,
-                       "batch": batch, "curriculum": curriculum, "low": low_tokens, "high": high_tokens,
-                       "recipe": recipe, "version": TOY_VERSION}, sort_keys=True)
+    fields = {"bench": bench_meta, "seed": seed, "warmup_steps": warmup_steps, "steps": steps, "batch": batch,
+              "curriculum": curriculum, "low": low_tokens, "high": high_tokens, "recipe": recipe,
+              "version": TOY_VERSION}
+    if freeze_vision:  # only when set: toys trained before the option existed keep their keys
+        fields["freeze_vision"] = True
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def train_toy_base(bench_root: str | Path, cache_dir: str | Path, *, seed: int = 0, warmup_steps: int = 300,
                    steps: int = 1000, batch: int = 16, curriculum: float = 0.15, low_tokens: int = 16,
-                   high_tokens: int = 256, in_process: bool = True, log=print) -> dict[str, Any]:
+                   high_tokens: int = 256, freeze_vision: bool = False, in_process: bool = True,
+                   log=print) -> dict[str, Any]:
     """The trained toy base for the bench at ``bench_root``, built once per settings under ``cache_dir``.
+
+    ``freeze_vision`` keeps the warmed-up vision tower and its merger fixed during ``swift sft``
+    (``--freeze_vit true --freeze_aligner true``): the warm-up's features locate the red mark, and full tuning
+    erodes that (``benchmarks/toy_mark_probe.py``).
 
     Steps (each reused when already done): vision warm-up -> ``init/``; rows -> ``sft_rows.jsonl``;
     ``swift sft recipes/toy/base_sft.yaml`` -> ``sft/checkpoint-<steps>``; ``toy.json`` (written last) names
@@ -303,7 +311,7 @@ def train_toy_base(bench_root: str | Path, cache_dir: str | Path, *, seed: int =
     meta = json.loads((bench_root / BENCH_FILE).read_text())
     spec = BenchSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()})
     key = toy_base_key(meta, seed=seed, warmup_steps=warmup_steps, steps=steps, batch=batch, curriculum=curriculum,
-                       low_tokens=low_tokens, high_tokens=high_tokens)
+                       low_tokens=low_tokens, high_tokens=high_tokens, freeze_vision=freeze_vision)
     root = Path(cache_dir) / "toy" / key
     done = root / "toy.json"
     if done.is_file():
@@ -327,7 +335,8 @@ def train_toy_base(bench_root: str | Path, cache_dir: str | Path, *, seed: int =
     t0 = time.perf_counter()
     sft_log = swift_sft(TOY_RECIPE, ["--model", str(init), "--dataset", str(rows_path), "--output_dir", str(out),
                                      "--max_steps", str(steps), "--save_steps", str(steps), "--seed", str(seed),
-                                     "--warmup_steps", str(min(60, max(1, steps // 10)))],
+                                     "--warmup_steps", str(min(60, max(1, steps // 10))),
+                                     *(["--freeze_vit", "true", "--freeze_aligner", "true"] if freeze_vision else [])],
                         root, in_process=in_process)
     model_dir = out / f"checkpoint-{steps}"
     if not (model_dir / "model.safetensors").is_file():
@@ -335,7 +344,42 @@ def train_toy_base(bench_root: str | Path, cache_dir: str | Path, *, seed: int =
     logs = [json.loads(line) for line in (out / "logging.jsonl").read_text().splitlines() if line.strip()]
     losses = [[row["global_step/max_steps"], row["loss"]] for row in logs if "loss" in row]
     record = {"key": key, "model_dir": str(model_dir), "warmup": warmup, "steps": steps, "batch": batch,
-              "curriculum": curriculum, "sft_seconds": round(time.perf_counter() - t0, 1),
+              "curriculum": curriculum, "freeze_vision": freeze_vision, "sft_seconds": round(time.perf_counter() - t0, 1),
               "losses": losses, "sft_log": str(sft_log), "recipe": str(TOY_RECIPE)}
     write_json_atomic(done, record)
     return {**record, "reused": False}
+
+
+def serving_copy(model_dir: str | Path, max_tokens: int) -> Path:
+    """The trained toy at ``model_dir`` with its processor's image cap raised to ``max_tokens`` visual tokens.
+
+    The processor saved with the toy caps images at the largest budget it was trained with; a bench at a higher
+    resolution (``DemoConfig.toy_preset``) needs larger images through. The weights are the same files
+    (hard links, a copy where links are impossible); only ``processor_config.json`` differs. Built next to the
+    model in a temporary folder and renamed into place, so a half-built copy is never used.
+    """
+    import os
+
+    model_dir = Path(model_dir)
+    target = model_dir.parent / f"{model_dir.name}-max{max_tokens}"
+    if (target / "processor_config.json").is_file():
+        return target
+    processor_file = model_dir / "processor_config.json"
+    if not processor_file.is_file():
+        raise FileNotFoundError(f"{processor_file}: the toy model has no processor config to raise the cap of")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=model_dir.parent))
+    try:
+        for src in model_dir.iterdir():
+            if src.is_file() and src.name != processor_file.name:
+                try:
+                    os.link(src, tmp / src.name)
+                except OSError:
+                    shutil.copy2(src, tmp / src.name)
+        config = json.loads(processor_file.read_text())
+        config["image_processor"]["size"]["longest_edge"] = max_tokens * PATCH_UNIT ** 2
+        write_json_atomic(tmp / processor_file.name, config)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
