@@ -97,8 +97,8 @@ COMMANDS: dict[str, Command] = {
                     "ground truth. Each stage is timed and cached under --out (a rerun skips finished stages, an "
                     "interrupted one resumes; --force redoes them); writes <out>/report.md, summary.json, "
                     "pareto.png, overlays.png and gate_calibration.png. About 25-30 min on 2 cores the first time "
-                    "(the toy model is cached in $QZOOM_CACHE/toy); --preset hires runs the same at 896 px (64 "
-                    "against 1,024 visual tokens) on the full preset's toy; --preset quick runs every stage in "
+                    "(the toy model is cached in $QZOOM_CACHE/toy); --preset hires runs the same at 1120 px (100 "
+                    "against 1,600 visual tokens) on the full preset's toy; --preset quick runs every stage in "
                     "minutes.",
         add_arguments=_demo_command.add_arguments,
         run=_demo_command.run,

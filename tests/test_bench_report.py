@@ -52,6 +52,7 @@ def test_variant_rows_one_per_variant_and_run():
 def test_reproducible_view_drops_timings_and_names_the_run_folders():
     def summary(out: str, cache: str, seconds: float) -> dict:
         return {"report": f"{out}/report.md", "model_dir": f"{cache}/toy/abc/sft/checkpoint-40", "total_s": seconds,
+                "ceiling": {"end_to_end": seconds, "qzoom_fraction": 1 / seconds},
                 "command": f"qzoom demo --out {out}", "stages": {"toy_base": {"seconds": seconds, "this_run": "ran",
                                                                               "outputs": {"loss_last": 9.1}}},
                 "metrics": {"runs": {"qzoom": {"accuracy": 0.5, "mean_latency_ms": seconds,
@@ -73,8 +74,9 @@ def test_hires_preset_and_canvas_setting():
     from qzoom_swift.bench.render import BenchSpec
 
     hires = demo_config("hires", [])
-    assert (hires.canvas, hires.low_tokens, hires.high_tokens, hires.toy_preset) == (896, 64, 1024, "full")
-    assert hires.budgets == (64, 256, 1024) and hires.roi_max_tokens == 1024
+    assert (hires.canvas, hires.low_tokens, hires.high_tokens, hires.toy_preset) == (1120, 100, 1600, "full")
+    assert hires.budgets == (100, 400, 1600) and hires.roi_max_tokens == 1600
+    assert hires.train_images >= hires.label_images + hires.gate_images  # both labelling stages get their images
     # 112 px a token in the first pass and 28 px (native) in the baseline, as in the full preset
     full = demo_config("full", [])
     assert hires.canvas / hires.low_tokens ** 0.5 == full.canvas / full.low_tokens ** 0.5 == 112
@@ -112,7 +114,7 @@ def test_serving_copy_raises_only_the_processor_cap(tmp_path):
 def test_throughput_ceiling_is_the_low_baseline_and_qzoom_share_of_it():
     from qzoom_swift.bench.report import throughput_ceiling
 
-    metrics = {"runs": {"baseline@64": {"relative_throughput": 4.5, "relative_prefill_throughput": 8.8},
+    metrics = {"runs": {"baseline@100": {"relative_throughput": 4.5, "relative_prefill_throughput": 8.8},
                         "qzoom": {"relative_throughput": 3.6}}}
     c = throughput_ceiling(metrics, demo_config("hires", []))
     assert c == {"end_to_end": 4.5, "prefill": 8.8, "qzoom": 3.6, "qzoom_fraction": pytest.approx(0.8)}

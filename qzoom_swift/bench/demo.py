@@ -22,8 +22,8 @@ a stage whose record matches the current settings and whose files still exist, `
                       accuracy, throughput, visual tokens, zoom rate, box and gate quality against GT.
 
 Then ``report.md``, ``summary.json`` and the figures (``pareto.png``, ``overlays.png``,
-``gate_calibration.png``) are written. ``--preset hires`` is the same bench at 896 px, where visual tokens
-dominate the cost (64 against 1,024). ``--preset quick`` is a reduced configuration (minutes; the test
+``gate_calibration.png``) are written. ``--preset hires`` is the same bench at 1120 px, where visual tokens
+dominate the cost (100 against 1,600). ``--preset quick`` is a reduced configuration (minutes; the test
 suite runs it): every stage runs, numbers are not meaningful. Stage 2 (Post-SFT) is not part of the demo: the
 toy base is already trained on the zoomed layout it would adapt to.
 
@@ -61,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"),
                    help="output dir: every stage's files, report.md, summary.json, figures (default: runs/demo)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="full",
-                   help="full (default: the measured miniature, ~25-30 min on 2 cores the first time), hires (896 px "
-                        "scenes, 64-token first pass vs a 1,024-token baseline: the regime where visual tokens "
+                   help="full (default: the measured miniature, ~25-30 min on 2 cores the first time), hires (1120 px "
+                        "scenes, 100-token first pass vs a 1,600-token baseline: the regime where visual tokens "
                         "dominate the cost; reuses the full preset's toy base) or quick (every stage on a few "
                         "samples, a few minutes; numbers are not meaningful)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

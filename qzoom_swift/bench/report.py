@@ -106,9 +106,10 @@ VOLATILE_KEYS = frozenset({
     "total_s", "seconds", "finished", "run_id", "line", "this_run", "reused", "stages_ran", "stages_cached",
     "samples_per_s", "mean_latency_ms", "mean_prefill_ms", "mean_decode_ms", "relative_throughput",
     "relative_prefill_throughput", "train_runtime_s", "warmup_seconds", "sft_seconds", "latency_s", "upstream",
+    "ceiling",
 })
 """``summary.json`` keys that legitimately differ between two runs with the same settings on one machine:
-wall-clock timings and what derives from them (throughput), time-based run ids (and the stage keys' ``upstream``
+wall-clock timings and what derives from them (throughput, the throughput ceiling), time-based run ids (and the stage keys' ``upstream``
 that lists them), the one-line progress texts that quote timings, and whether a stage ran or was found cached
 (the toy model's cache is shared between runs)."""
 

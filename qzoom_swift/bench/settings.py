@@ -19,7 +19,7 @@ class DemoConfig:
 
     seed: int = 0
     canvas: int = 448
-    """Side of the bench's square scenes in pixels (``BenchSpec.for_canvas``); the hires preset's is 896."""
+    """Side of the bench's square scenes in pixels (``BenchSpec.for_canvas``); the hires preset's is 1120."""
     toy_preset: str = ""
     """The toy base to use: empty = trained on this bench with this preset's toy settings; a preset name (``full``)
     = that preset's toy base (its bench and training, shared through the cache), served with its processor's
@@ -40,7 +40,9 @@ class DemoConfig:
     toy_freeze_vision: bool = False
     """Keep the warmed-up vision tower and merger fixed during the toy's swift sft. A linear probe finds the red
     box's low-resolution cell from the warm-up's visual tokens in 100% of val images, from the fully tuned toy's
-    in 88.7% (``benchmarks/toy_mark_probe.py``)."""
+    in 88.7% (``benchmarks/toy_mark_probe.py``). Frozen, the RPN's box held the digit on 100% of fine test
+    questions (94% tuned), but the toy base missed its own targets (coarse 66% at 16 tokens, fine 94% at 256;
+    Q-Zoom 74.8%): off by default."""
     low_tokens: int = 16
     """Q-Zoom's first pass and the low baseline: the 448 px canvas as 4x4 tokens (112 px a token)."""
     high_tokens: int = 256
@@ -137,13 +139,15 @@ PRESETS: dict[str, DemoConfig] = {
     "quick": DemoConfig(train_images=40, val_images=12, test_images=16, warmup_steps=20, toy_steps=40,
                         toy_batch=4, label_images=10, rpn_steps=6, gate_images=10, gate_steps=4, overlays=2,
                         variants=""),
-    # The paper's regime: visual tokens dominate the cost. The same scenes at twice the side (896 px: 1,024 tokens at
-    # native scale, 64 at 112 px a token, the default's 16-token view four times over). The full preset's toy base
-    # (448 px scenes) reads them: 100% at 1,024 tokens, fine 10% / coarse 100% at 64, on 100 test scenes. Fewer
-    # labelled and evaluated images than the full preset: every high-budget pass costs about 4x.
-    "hires": DemoConfig(canvas=896, toy_preset="full", low_tokens=64, high_tokens=1024, gate_budgets="64,256,1024",
-                        roi_max_tokens=1024, train_images=800, val_images=150, test_images=200, label_images=500,
-                        gate_images=300, variants=""),
+    # The paper's regime: visual tokens dominate the cost. The same scenes at 2.5 times the side (1120 px: 1,600
+    # tokens at native scale, 100 at 112 px a token, the default's 16-token view 6.25 times over). The full preset's
+    # toy base (448 px scenes) reads them: 100% at 1,600 tokens, fine 7% / coarse 100% at 100 (60 test scenes).
+    # At 896 px (64 vs 1,024 tokens) the ceiling, the low baseline alone, was only 4.60x the 16x baseline end to
+    # end and Q-Zoom reached 3.68x (80% of it); at 1120 px the ceiling measured 9.1x. Fewer labelled and evaluated
+    # images than the full preset: every high-budget pass costs about 6x more.
+    "hires": DemoConfig(canvas=1120, toy_preset="full", low_tokens=100, high_tokens=1600,
+                        gate_budgets="100,400,1600", roi_max_tokens=1600, train_images=650, val_images=120,
+                        test_images=200, label_images=400, rpn_steps=800, gate_images=250, variants=""),
 }
 
 def demo_config(preset: str, overrides: list[str]) -> DemoConfig:
