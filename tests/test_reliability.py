@@ -15,7 +15,7 @@ from PIL import Image
 
 from qzoom_swift.checkpoint import BranchCheckpointError
 from qzoom_swift.config import CONFIG_NAME, QZoomConfig
-from qzoom_swift.testing.serving import free_port, wait_for_models
+from qzoom_swift.testing.serving import start_swift_deploy, stop_process_tree, wait_for_models
 
 
 @pytest.fixture(scope="module")
@@ -504,45 +504,7 @@ def test_2_mismatched_template_and_model_type_are_refused(tiny_dir, model_type, 
 
 def _start_deploy(tiny_dir, tmp_path, knobs: dict, env_extra: dict | None = None):
     """``swift deploy`` with the plugin on the tiny Qwen2.5-VL; returns (launcher, base url, log path)."""
-    import os
-    import subprocess
-
-    from qzoom_swift.bench.sft import swift_executable
-    from qzoom_swift.swift_plugin import plugin_path
-
-    port = free_port()
-    log = tmp_path / f"deploy-{port}.log"
-    env = dict(os.environ, MODELSCOPE_CACHE=str(tmp_path / "ms"), OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [str(swift_executable()), "deploy", "--external_plugins", plugin_path(), "--model",
-           str(tiny_dir("qwen2_5_vl")), "--model_type", "qzoom_qwen2_5_vl", "--host", "127.0.0.1", "--port",
-           str(port), "--max_new_tokens", "3", "--model_kwargs", json.dumps(knobs)]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}", log
-
-
-def _stop(proc) -> None:
-    import subprocess
-
-    import psutil
-
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for kid in kids:  # the test cleans up even if the fix under test does not
-        try:
-            kid.wait(timeout=15)
-        except psutil.TimeoutExpired:
-            kid.kill()
-        except psutil.NoSuchProcess:
-            pass
+    return start_swift_deploy(tiny_dir("qwen2_5_vl"), tmp_path, knobs, "--max_new_tokens", "3", env_extra=env_extra)
 
 
 def _chat(base: str, name: str, content: list) -> tuple[int, dict]:
@@ -584,7 +546,7 @@ def deploy(tiny_dir, tmp_path_factory):
         assert name is not None, log.read_text()[-3000:]
         yield base, name, log
     finally:
-        _stop(proc)
+        stop_process_tree(proc)
 
 
 @pytest.mark.slow
@@ -628,7 +590,7 @@ def test_6_deploy_refuses_to_start_with_a_broken_router(tiny_dir, tmp_path):
         assert proc.wait(timeout=60) != 0
         assert f"no exported fp32 graph at {tmp_path / 'no-onnx'}" in log.read_text()
     finally:
-        _stop(proc)
+        stop_process_tree(proc)
 
 
 def test_10_corrupt_onnx_graph_names_the_file(tmp_path):
@@ -655,7 +617,7 @@ def test_7_sigterm_to_swift_deploy_stops_the_server(tiny_dir, tmp_path):
         gone, alive = psutil.wait_procs(server, timeout=30)
         assert not alive, f"swift deploy server still running after the launcher was stopped: {alive}"
     finally:
-        _stop(proc)
+        stop_process_tree(proc)
 
 
 _PARENT = """

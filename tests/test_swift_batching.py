@@ -13,8 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,9 +20,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from qzoom_swift.bench.sft import run_swift_concurrently, swift_executable
+from qzoom_swift.bench.sft import run_swift_concurrently
 from qzoom_swift.swift_plugin import MODEL_TYPES, plugin_path
-from qzoom_swift.testing.serving import free_port, post_json, wait_for_models
+from qzoom_swift.testing.serving import post_json, start_swift_deploy, stop_process_tree, wait_for_models
 
 pytestmark = pytest.mark.slow  # runs the swift CLI: not in the quick loop (-m "not slow")
 
@@ -114,16 +112,8 @@ def _chat(base: str, name: str, request) -> str:
 
 
 def test_swift_deploy_batches_concurrent_requests_with_the_answers_of_sequential_ones(tiny_dir, tmp_path):
-    port = free_port()
-    log = tmp_path / "deploy.log"
-    env = dict(os.environ, MODELSCOPE_CACHE=str(tmp_path / "ms"), OMP_NUM_THREADS="1")
-    cmd = [str(swift_executable()), "deploy", "--external_plugins", plugin_path(), "--model",
-           str(tiny_dir("qwen2_5_vl")), "--model_type", "qzoom_qwen2_5_vl", "--host", "127.0.0.1", "--port", str(port),
-           "--max_batch_size", "4", "--model_kwargs", json.dumps(ZOOM_KWARGS)]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+    proc, base, log = start_swift_deploy(tiny_dir("qwen2_5_vl"), tmp_path, ZOOM_KWARGS, "--max_batch_size", "4")
     try:
-        base = f"http://127.0.0.1:{port}"
         name = wait_for_models(base, proc)
         assert name, f"swift deploy did not come up:\n{log.read_text(errors='replace')[-3000:]}"
         sequential = [_chat(base, name, r) for r in REQUESTS]
@@ -140,9 +130,4 @@ def test_swift_deploy_batches_concurrent_requests_with_the_answers_of_sequential
                 break
         assert max(sizes) > 1, f"every concurrent request reached zoom_generate alone: {sizes}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process_tree(proc)

@@ -5,17 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import subprocess
 import time
-import urllib.request
 
 import pytest
 from PIL import Image
 
-from qzoom_swift.bench.sft import run_swift_concurrently, swift_executable
+from qzoom_swift.bench.sft import run_swift_concurrently
 from qzoom_swift.swift_plugin import MODEL_TYPES, plugin_path
-from qzoom_swift.testing.serving import free_port, post_json
+from qzoom_swift.testing.serving import post_json, start_swift_deploy, stop_process_tree, wait_for_models
 
 pytestmark = pytest.mark.slow  # runs the swift CLI or the demo: not in the quick loop (-m "not slow")
 
@@ -57,27 +54,11 @@ def test_swift_infer_runs_zoom(zoom_infer_runs, shape_dataset, family):
 
 
 def test_swift_deploy_answers_an_image_request_with_zoom(tiny_dir, tmp_path):
-    port = free_port()
-    log = tmp_path / "deploy.log"
-    env = dict(os.environ, MODELSCOPE_CACHE=str(tmp_path / "ms"), OMP_NUM_THREADS="1")
-    cmd = [str(swift_executable()), "deploy", "--external_plugins", plugin_path(), "--model",
-           str(tiny_dir("qwen2_5_vl")), "--model_type", "qzoom_qwen2_5_vl", "--host", "127.0.0.1", "--port", str(port),
-           "--max_new_tokens", "3", "--model_kwargs", json.dumps({"QZOOM_MODE": "always"})]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+    proc, base, log = start_swift_deploy(tiny_dir("qwen2_5_vl"), tmp_path, {"QZOOM_MODE": "always"},
+                                         "--max_new_tokens", "3")
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        models = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{base}/v1/models", timeout=5) as resp:
-                    models = json.loads(resp.read())
-                break
-            except OSError:
-                time.sleep(1)
-        assert models is not None, log.read_text()[-3000:]
-        name = models["data"][0]["id"]
+        name = wait_for_models(base, proc, timeout=240)
+        assert name is not None, log.read_text()[-3000:]
         buf = io.BytesIO()
         Image.new("RGB", (320, 240), (30, 160, 60)).save(buf, format="PNG")
         uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -90,11 +71,7 @@ def test_swift_deploy_answers_an_image_request_with_zoom(tiny_dir, tmp_path):
         time.sleep(0.5)
         assert "qzoom: zoom(forced)" in log.read_text() or "qzoom: direct(no_roi)" in log.read_text()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process_tree(proc)
 
 
 def test_python_api_generate_returns_answers_and_stats(tiny_dir):

@@ -1,12 +1,15 @@
-"""Test helpers for the tests that start ``swift deploy`` on loopback: a free port, readiness, JSON posts."""
+"""Test helpers for the tests that start ``swift deploy`` on loopback: start and stop the server, a free port,
+readiness, JSON posts."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -33,3 +36,46 @@ def post_json(url: str, payload: dict, timeout: float = 120) -> dict:
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
+
+
+def start_swift_deploy(model_dir: str | Path, workdir: Path, model_kwargs: dict, *extra_args: str,
+                       model_type: str = "qzoom_qwen2_5_vl",
+                       env_extra: dict | None = None) -> tuple[subprocess.Popen, str, Path]:
+    """``swift deploy`` with the plugin on loopback, output to ``workdir/deploy-<port>.log``; returns (launcher
+    process, base url, log path). ``model_kwargs`` are the ``QZOOM_*`` settings (``--model_kwargs``)."""
+    from qzoom_swift.bench.sft import swift_executable
+    from qzoom_swift.swift_plugin import plugin_path
+
+    port = free_port()
+    log = workdir / f"deploy-{port}.log"
+    env = dict(os.environ, MODELSCOPE_CACHE=str(workdir / "ms"), OMP_NUM_THREADS="1", **(env_extra or {}))
+    cmd = [str(swift_executable()), "deploy", "--external_plugins", plugin_path(), "--model", str(model_dir),
+           "--model_type", model_type, "--host", "127.0.0.1", "--port", str(port),
+           "--model_kwargs", json.dumps(model_kwargs), *extra_args]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=f, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def stop_process_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM the launcher, kill it after 30 s, then wait for (or kill) the children it had: a test leaves
+    nothing running even when the shutdown under test fails."""
+    import psutil
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for kid in kids:
+        try:
+            kid.wait(timeout=15)
+        except psutil.TimeoutExpired:
+            kid.kill()
+        except psutil.NoSuchProcess:
+            pass
