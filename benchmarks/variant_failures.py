@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Why does Q-Zoom lose accuracy on the distractor variant of the zoom bench: the box, or the read?
 
-The bench's ground truth stores the red target box, not the grey distractor boxes. This script renders the
-variant's test scenes again from the same seed with the drawing of digit boxes recorded (rendering is
-deterministic per seed), then sorts the gated Q-Zoom run's fine answers (``<demo>/variants/<variant>/answers.jsonl``)
+The bench's ground truth (``gt.jsonl``) stores the red target box, not the grey distractor boxes. This script
+renders the variant's test scenes again from the same seed (rendering is deterministic per seed; ``Scene``
+carries the distractors), then sorts the gated Q-Zoom run's fine answers (``<demo>/variants/<variant>/answers.jsonl``)
 into: the red box outside the crop; or inside it, by the number of distractor boxes also inside and whether
 a wrong answer named a distractor's digit. A measurement, not a test: nothing is asserted.
 
@@ -30,40 +30,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", default="qzoom", help="run name in the variant's answers.jsonl")
     args = p.parse_args(argv)
 
-    import qzoom_swift.bench.render as render
     from qzoom_swift.bench.dataset import split_seed
     from qzoom_swift.bench.evaluate import box_contains
+    from qzoom_swift.bench.render import BenchSpec, render_scene
 
     folder = args.demo / "variants" / args.variant
     meta = json.loads((folder / "bench" / "bench.json").read_text())
-    spec = render.BenchSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()})
-    drawn: list[list[tuple[tuple[int, int, int, int], int, tuple]]] = []
-    draw_box = render._draw_digit_box
-
-    def recording(draw, box, digit, outline, font):
-        drawn[-1].append((box, digit, outline))
-        draw_box(draw, box, digit, outline, font)
-
-    render._draw_digit_box = recording
+    spec = BenchSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()})
     rng = random.Random(split_seed(meta["seed"], "test"))  # as bench.dataset.write_split draws the split
-    for _ in range(meta["sizes"]["test"]):
-        drawn.append([])
-        render.render_scene(rng, spec)
-    render._draw_digit_box = draw_box
+    scenes = [render_scene(rng, spec)[1] for _ in range(meta["sizes"]["test"])]
 
     counts: Counter = Counter()
     for line in (folder / "answers.jsonl").read_text().splitlines():
         row = json.loads(line)
         if row["run"] != args.run or row["kind"] != "fine" or not row.get("box"):
             continue
-        boxes = drawn[int(row["id"].split("-")[1])]
-        target = next(b for b in boxes if b[2] == render.TARGET_RED)
+        scene = scenes[int(row["id"].split("-")[1])]
         crop = [v * spec.canvas for v in row["box"]]
-        if not box_contains(crop, target[0]):
+        if not box_contains(crop, scene.target_box):
             counts[("red box outside the crop", "right" if row["correct"] else "wrong")] += 1
             continue
-        inside = [b for b in boxes if b[2] != render.TARGET_RED and box_contains(crop, b[0])]
-        named = not row["correct"] and any(row["answer"].strip() == str(b[1]) for b in inside)
+        inside = [(box, digit) for box, digit in scene.distractors if box_contains(crop, box)]
+        named = not row["correct"] and any(row["answer"].strip() == str(digit) for _, digit in inside)
         counts[("red box in the crop", f"{len(inside)} distractor(s) in the crop",
                 "right" if row["correct"] else ("wrong, named a distractor's digit" if named else "wrong"))] += 1
     print(command_line(__file__, argv))

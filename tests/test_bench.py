@@ -77,6 +77,10 @@ def test_free_placement_and_distractors_are_options():
     a = np.asarray(img).astype(int)
     grey_outline = ((a == 120).all(axis=2)).sum()
     assert grey_outline >= 3 * 60  # three grey-outlined distractor boxes
+    assert len(scene.distractors) == 3 and all(0 <= digit <= 9 for _, digit in scene.distractors)
+    for (x0, y0, x1, y1), _ in scene.distractors:  # the recorded boxes are the grey ones drawn
+        assert (a[y0, x0:x1] == 120).all() and (a[y0:y1, x0] == 120).all()
+    assert render_scene(random.Random(1), BenchSpec(free_placement=True))[1].distractors == ()
     offsets = {render_scene(random.Random(s), BenchSpec(free_placement=True))[1].target_box[0] % 28 for s in range(40)}
     assert len(offsets) > 5
 

@@ -85,6 +85,8 @@ class Scene:
     shape: str
     target_box: tuple[int, int, int, int]
     shape_box: tuple[int, int, int, int]
+    distractors: tuple[tuple[tuple[int, int, int, int], int], ...] = ()
+    """(box, digit) of each grey-outlined distractor (``BenchSpec.distractors``); not written to ``gt.jsonl``."""
 
     def answer(self, kind: str) -> str:
         return str(self.digit) if kind == "fine" else self.colour
@@ -166,12 +168,14 @@ def render_scene(rng: random.Random, spec: BenchSpec = DEFAULT_SPEC) -> tuple[Im
     target_box = _place_box(rng, spec, taken)
     taken.append(target_box)
     digit = rng.randrange(10)
+    distractors = []
     for _ in range(spec.distractors):
         other = _place_box(rng, spec, taken)
         taken.append(other)
-        _draw_digit_box(draw, other, rng.randrange(10), (120, 120, 120), font)
+        distractors.append((other, rng.randrange(10)))
+        _draw_digit_box(draw, other, distractors[-1][1], (120, 120, 120), font)
     _draw_digit_box(draw, target_box, digit, TARGET_RED, font)
-    return img, Scene(digit, colour, shape, target_box, shape_box)
+    return img, Scene(digit, colour, shape, target_box, shape_box, tuple(distractors))
 
 
 def token_cell(box: tuple[int, int, int, int], canvas: int, grid: int) -> tuple[int, int]:
