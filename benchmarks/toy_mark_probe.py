@@ -26,22 +26,21 @@ def features(model_dir: Path, records, low_tokens: int, threads: int):
     """Merged visual tokens of each record's image at ``low_tokens`` (N, tokens, width) and the target cells."""
     import torch
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from qzoom_swift.bench.render import token_cell
+    from qzoom_swift.model import QZoomModel
 
     setup_torch(threads)
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(str(model_dir))
+    qz = QZoomModel.from_pretrained(str(model_dir), device="cpu", dtype="float32")
+    visual = qz.adapter.inner_model(qz.model).visual
     grid = int(round(low_tokens ** 0.5))
-    side = 28 * grid
     feats, cells = [], []
     for rec in records:
         with Image.open(rec.image) as im:
-            low = im.convert("RGB").resize((side, side), resample=3)  # bicubic, as resize_for_budget
-        enc = processor.image_processor(images=[low], return_tensors="pt", do_resize=False)
+            low = qz.adapter.resize_for_budget(im.convert("RGB"), low_tokens, low_tokens)  # as the first pass
+        enc = qz.adapter.encode_images(qz.processor, [low])
         with torch.inference_mode():
-            out = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"])
+            out = visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"])
         feats.append(getattr(out, "pooler_output", out).view(low_tokens, -1))
         col, row = token_cell(tuple(rec.target_box), rec.canvas, grid)
         cells.append(row * grid + col)
