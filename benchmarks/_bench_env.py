@@ -28,6 +28,20 @@ def setup_torch(threads: int) -> None:
         pass
 
 
+def qzoom_at_budget(family: str, size: str, attn: str, mode: str, tokens: int):
+    """A locally built model (``qzoom build-tiny --size SIZE``) as a float32 ``QZoomModel`` whose first pass
+    and RoI are both encoded at ``tokens`` visual tokens: the per-sample cost stays fixed across images."""
+    import torch
+
+    from qzoom_swift.model import QZoomModel
+    from qzoom_swift.synthetic.models import build_model_dir
+
+    return QZoomModel.from_pretrained(str(build_model_dir(family, size)), dtype=torch.float32,
+                                      attn_implementation=attn,
+                                      config_overrides={"mode": mode, "low_min_tokens": tokens, "low_max_tokens": tokens,
+                                                        "roi_min_tokens": tokens, "roi_max_tokens": tokens})
+
+
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command that reproduces this run, for the printed report."""
     args = [sys.executable, *sys.argv] if argv is None else [script, *argv]

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import _bench_env  # noqa: F401  (environment before torch)
-from _bench_env import run_per_family
+from _bench_env import qzoom_at_budget, run_per_family
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_branch_prefill import quartiles, synthetic_image  # noqa: E402
@@ -122,15 +122,9 @@ def variant_fn(qm, images: list, variant: str, overrides: dict, max_new: int):
 def bench_family(family: str, args: argparse.Namespace) -> dict:
     import torch
 
-    from qzoom_swift.model import QZoomModel
-    from qzoom_swift.synthetic.models import build_model_dir
-
     t0 = time.perf_counter()
-    model_dir = build_model_dir(family, args.size)
     low = args.low_tokens
-    qm = QZoomModel.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation=args.attn,
-                                    config_overrides={"mode": "zoom", "low_min_tokens": low, "low_max_tokens": low,
-                                                      "roi_min_tokens": low, "roi_max_tokens": low})
+    qm = qzoom_at_budget(family, args.size, args.attn, "zoom", low)
     images = [synthetic_image(size) for size in SIZES]
     with torch.inference_mode():
         tau_roi, tau_gates, gate_probs = mix_thresholds(qm, images, args.roi_percentile)

@@ -60,7 +60,7 @@ import time
 from pathlib import Path
 
 import _bench_env  # noqa: F401  (environment before torch)
-from _bench_env import run_per_family
+from _bench_env import qzoom_at_budget, run_per_family
 
 # On a shared 2-core machine, OpenMP threads that spin at barriers while another process holds the other core
 # make 2-thread runs several times slower and very noisy; passive waiting avoids that (export
@@ -325,15 +325,9 @@ def ratio_summary(num: list[float], den: list[float], num_cpu: list[float], den_
 def bench_family(family: str, args: argparse.Namespace) -> dict:
     import torch
 
-    from qzoom_swift.model import QZoomModel
-    from qzoom_swift.synthetic.models import build_model_dir
-
     t0 = time.perf_counter()
-    model_dir = build_model_dir(family, args.size)
     low = args.low_tokens
-    qm = QZoomModel.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation=args.attn,
-                                    config_overrides={"mode": "always", "low_min_tokens": low, "low_max_tokens": low,
-                                                      "roi_min_tokens": low, "roi_max_tokens": low})
+    qm = qzoom_at_budget(family, args.size, args.attn, "always", low)
     cfg = qm.config
     image = synthetic_image(args.image_wh)
     fixed = fixed_budget(qm.adapter)
@@ -419,7 +413,7 @@ def bench_family(family: str, args: argparse.Namespace) -> dict:
             if name.startswith("never@") and "stock@" + name.split("@")[1] in outputs:
                 e2e[name]["same_text_as_stock"] = outputs[name][0] == outputs["stock@" + name.split("@")[1]][0]
     return {
-        "family": family, "model_dir": str(model_dir), "model_class": type(qm.model).__name__,
+        "family": family, "model_dir": qm.model.name_or_path, "model_class": type(qm.model).__name__,
         "attn_implementation": args.attn, "B": int(cfg.branch_layer), "R": int(cfg.branch_depth),
         "L": int(cfg.num_hidden_layers), "hidden_size": int(cfg.hidden_size), "fixed_budget": fixed,
         "low_tokens": low, "load_s": load_s, "bench_s": bench_s, "loadavg_after": list(load_avg),
