@@ -177,6 +177,24 @@ def roi_box_from_heatmap(
     with a logged warning, when any logit is NaN or infinite, since a broken heatmap should never pick
     a crop. When every cell survives the box is the whole grid.
     """
+    return select_roi_box(logits, tau_roi, blur_kernel, blur_sigma, keep_mask)[0]
+
+
+PEAK_FRACTION: float = 0.5
+"""``roi_fallback="peak"``: cells whose blurred probability reaches this fraction of the peak's join its region."""
+
+
+def select_roi_box(
+    logits: Tensor,
+    tau_roi: float,
+    blur_kernel: int = 3,
+    blur_sigma: float = 1.0,
+    keep_mask: Tensor | None = None,
+    fallback: str = "none",
+) -> tuple[GridBox | None, bool]:
+    """The crop of one sample, and whether it came from the peak fallback: the cells above ``tau_roi``
+    (:func:`roi_box_from_heatmap`), else with ``fallback="peak"`` the region around the peak
+    (:func:`peak_region_box`). The heatmap is blurred once for both."""
     _check_heatmap(logits)
     if not math.isfinite(tau_roi):
         raise ValueError(f"tau_roi={tau_roi}: expected a finite number")
@@ -187,13 +205,13 @@ def roi_box_from_heatmap(
             int((~finite).sum()),
             logits.numel(),
         )
-        return None
+        return None, False
     probs = heatmap_probabilities(logits, blur_kernel, blur_sigma, keep_mask)
-    return mask_bounding_box(probs > tau_roi)
-
-
-PEAK_FRACTION: float = 0.5
-"""``roi_fallback="peak"``: cells whose blurred probability reaches this fraction of the peak's join its region."""
+    box = mask_bounding_box(probs > tau_roi)
+    if box is None and fallback == "peak":
+        box = _peak_region(probs, PEAK_FRACTION)
+        return box, box is not None
+    return box, False
 
 
 def peak_region_box(
@@ -217,7 +235,10 @@ def peak_region_box(
         raise ValueError(f"fraction={fraction}: expected a number in (0, 1]")
     if not bool(torch.isfinite(logits).all()):
         return None
-    probs = heatmap_probabilities(logits, blur_kernel, blur_sigma, keep_mask)
+    return _peak_region(heatmap_probabilities(logits, blur_kernel, blur_sigma, keep_mask), fraction)
+
+
+def _peak_region(probs: Tensor, fraction: float) -> GridBox | None:
     peak = float(probs.max())
     if not peak > 0.0:
         return None

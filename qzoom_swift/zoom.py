@@ -39,9 +39,8 @@ from qzoom_swift.roi import (
     GridBox,
     crop_image,
     grid_region,
-    peak_region_box,
     region_pixel_box,
-    roi_box_from_heatmap,
+    select_roi_box,
 )
 
 logger = logging.getLogger(__name__)
@@ -640,12 +639,11 @@ def _plan_zoom(processor, cfg: QZoomConfig, state: BranchPrefill, b: int,
     keep = sink_keep_mask(cfg, state, image_index)
     if stats is not None:
         stats.sink_cells = 0 if keep is None else int((~keep).sum())
-    box = roi_box_from_heatmap(state.heatmaps()[image_index].float(), cfg.tau_roi, cfg.blur_kernel, cfg.blur_sigma,
-                               keep)
-    if box is None and cfg.roi_fallback == "peak":  # the gate said zoom: crop around the peak, not pass 1
-        box = peak_region_box(state.heatmaps()[image_index].float(), cfg.blur_kernel, cfg.blur_sigma, keep)
-        if box is not None and stats is not None:
-            stats.fallback = "+".join(x for x in (stats.fallback, "roi_peak") if x)
+    # peak fallback: the gate said zoom, so with no cell above tau_roi crop around the peak, not answer from pass 1
+    box, from_peak = select_roi_box(state.heatmaps()[image_index].float(), cfg.tau_roi, cfg.blur_kernel,
+                                    cfg.blur_sigma, keep, cfg.roi_fallback)
+    if from_peak and stats is not None:
+        stats.fallback = "+".join(x for x in (stats.fallback, "roi_peak") if x)
     if box is None:
         return None
     t0 = time.perf_counter()

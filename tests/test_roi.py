@@ -22,6 +22,7 @@ from qzoom_swift.roi import (
     mask_bounding_box,
     peak_region_box,
     roi_box_from_heatmap,
+    select_roi_box,
 )
 
 HOT, COLD = 10.0, -10.0  # sigmoid(10) ~ 1, sigmoid(-10) ~ 4.5e-5
@@ -641,6 +642,24 @@ def test_peak_box_exists_where_no_cell_passes_tau_roi():
     logits[2, 4] = -5.0
     assert roi_box_from_heatmap(logits, 0.1) is None
     assert peak_region_box(logits) == GridBox(3, 1, 6, 4)
+
+
+def test_select_roi_box_falls_back_to_the_peak_only_when_asked_and_blurs_once(monkeypatch):
+    import qzoom_swift.roi as roi
+
+    weak = heatmap(6, 9)
+    weak[2, 4] = -5.0  # no cell above 0.1 (previous test)
+    strong = heatmap(8, 10, [(3, 4)])
+    assert select_roi_box(strong, 0.1, fallback="peak") == (roi_box_from_heatmap(strong, 0.1), False)
+    assert select_roi_box(weak, 0.1) == (None, False)
+    assert select_roi_box(weak, 0.1, fallback="peak") == (peak_region_box(weak), True)
+    broken = weak.clone()
+    broken[0, 0] = float("nan")
+    assert select_roi_box(broken, 0.1, fallback="peak") == (None, False)
+    calls = []
+    blur = roi.heatmap_probabilities
+    monkeypatch.setattr(roi, "heatmap_probabilities", lambda *a, **k: calls.append(1) or blur(*a, **k))
+    assert select_roi_box(weak, 0.1, fallback="peak")[1] and len(calls) == 1
 
 
 def test_peak_box_ignores_a_weaker_blob_that_does_not_touch_the_peak():
