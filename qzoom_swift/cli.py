@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     _configure_logging(args.log_level)
+    from qzoom_swift.config import warn_unknown_env
+
+    warn_unknown_env()  # a mistyped QZOOM_* name is said once, before any work
     if COMMANDS[args.command].data_parallel:
         from qzoom_swift.config import read_launch_rank, read_nproc_per_node
 

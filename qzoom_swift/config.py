@@ -19,9 +19,11 @@ clear error for a value that does not parse. The inference config that a run use
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,9 +375,53 @@ def _gate_sampling(env: Mapping[str, str]) -> GateSampling:
         raise ValueError(f"environment variables QZOOM_GATE_*: {exc}") from exc
 
 
+_OTHER_ENV_NAMES = ("ATTACH", "TRAIN", "ROI_NOISE", "ROUTER", "ONNX_DIR", "ONNX_PROVIDER", "ONNX_PRECISION", "CACHE")
+"""``QZOOM_*`` variables that are not a ``QZoomConfig`` or ``GateSampling`` field (each parsed in ``read_env``)."""
+
+
+class UnknownEnvWarning(UserWarning):
+    """A ``QZOOM_*`` environment variable that nothing reads (most likely a typo)."""
+
+
+def known_env_names() -> tuple[str, ...]:
+    """Every ``QZOOM_*`` variable the library reads, sorted: config fields, ``QZOOM_GATE_*`` and the others."""
+    names = [ENV_PREFIX + n.upper() for n in _ENV_CONFIG_FIELDS]
+    names += [f"{ENV_PREFIX}GATE_{f.name.upper()}" for f in dataclasses.fields(GateSampling)]
+    names += [ENV_PREFIX + n for n in _OTHER_ENV_NAMES]
+    return tuple(sorted(names))
+
+
+_WARNED_ENV: set[str] = set()
+
+
+def warn_unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Warn once per process for each ``QZOOM_*`` name that nothing reads; returns the unknown names.
+
+    A typo (``QZOOM_TAU_GAIT``) would otherwise leave the default in force without a word. ``read_env`` and
+    the ``qzoom`` command call it (default: the process environment).
+    """
+    environ = os.environ if environ is None else environ
+    known = known_env_names()
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
+    for name in unknown:
+        if name in _WARNED_ENV:
+            continue
+        _WARNED_ENV.add(name)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        warnings.warn(f"environment variable {name} is not a Q-Zoom setting and is ignored; {hint}"
+                      f"known: {', '.join(known)}", UnknownEnvWarning, stacklevel=3)
+    return unknown
+
+
 def read_env(environ: Mapping[str, str] | None = None) -> EnvSettings:
-    """Parse every ``QZOOM_*`` variable of ``environ`` (default: the process environment) at once."""
+    """Parse every ``QZOOM_*`` variable of ``environ`` (default: the process environment) at once.
+
+    An unknown ``QZOOM_*`` name is warned about once (``warn_unknown_env``), not refused: a variable
+    meant for another version of the plugin should not stop a run.
+    """
     env = os.environ if environ is None else environ
+    warn_unknown_env(env)
     defaults = QZoomConfig()
     overrides: dict[str, Any] = {}
     for name in _ENV_CONFIG_FIELDS:

@@ -111,3 +111,60 @@ def test_python_api_applies_the_environment_between_checkpoint_and_call(tiny_dir
     call = qz.generate([image], "Colour?", max_new_tokens=1, config_overrides={"mode": "always"})
     assert call[0].stats.reason == "forced"  # the call over env
     assert qz.config.mode == "always"  # the attached branches' config is not changed by either
+
+
+# ------------------------------------------------------------------- issue 29 item 5: unknown QZOOM_* names warn
+
+
+def test_unknown_variable_warns_once_naming_the_closest_and_the_known_ones():
+    from qzoom_swift.config import UnknownEnvWarning, known_env_names
+
+    env = {"QZOOM_TAU_GAIT": "0.2", "QZOOM_TAU_GATE": "0.3"}
+    with pytest.warns(UnknownEnvWarning) as caught:
+        settings = read_env(env)
+    assert settings.config_overrides == {"tau_gate": 0.3}  # the known one still applies; the typo changes nothing
+    assert len(caught) == 1
+    text = str(caught[0].message)
+    assert "QZOOM_TAU_GAIT" in text and "did you mean QZOOM_TAU_GATE?" in text
+    assert "QZOOM_CACHE" in text and "QZOOM_GATE_SEED" in text and "QZOOM_ROUTER" in text
+    assert len(known_env_names()) == text.count("QZOOM_") - 2  # every known name listed, once
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_env(env)  # the same name again: no second warning in this process
+
+
+def test_every_variable_the_docs_and_recipes_set_is_known():
+    """The known list is the real one: each ``QZOOM_*`` name in the README, recipes and examples is read."""
+    import re
+    from pathlib import Path
+
+    from qzoom_swift.config import known_env_names
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "README.md", *(p for d in ("recipes", "examples") for p in (root / d).rglob("*") if p.is_file())]
+    used = {m for f in files for m in re.findall(r"QZOOM_[A-Z0-9_]*[A-Z0-9]", f.read_text(errors="ignore"))}
+    used.discard("QZOOM_GATE")  # the README's ``QZOOM_GATE_<FIELD>`` pattern
+    assert used and not used - set(known_env_names())
+    for name in ("QZOOM_TRAIN", "QZOOM_ROUTER", "QZOOM_ATTACH", "QZOOM_CACHE", "QZOOM_ROI_NOISE", "QZOOM_TAU_ROI",
+                 "QZOOM_GATE_POSITIVE_PROB", "QZOOM_ONNX_DIR", "QZOOM_SINK_MASK"):
+        assert name in known_env_names()
+
+
+def test_qzoom_command_warns_about_a_mistyped_variable(tmp_path):
+    """Through the real console script: the warning reaches stderr once and the command still succeeds."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    qzoom = Path(sys.executable).with_name("qzoom")
+    env = {**os.environ, "QZOOM_TAU_GAIT": "0.2"}
+    proc = subprocess.run([str(qzoom), "plugin-path"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("QZOOM_TAU_GAIT is not a Q-Zoom setting") == 1
+    assert "did you mean QZOOM_TAU_GATE?" in proc.stderr
+    clean = subprocess.run([str(qzoom), "plugin-path"], env={k: v for k, v in env.items() if k != "QZOOM_TAU_GAIT"},
+                           capture_output=True, text=True, timeout=120)
+    assert clean.returncode == 0 and "not a Q-Zoom setting" not in clean.stderr
