@@ -67,3 +67,37 @@ def test_offline_hub_id_fails_naming_it(tiny_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "job.json").exists()
     with pytest.raises(JobError, match="not found"):
         _run(tiny_dir, tmp_path / "out", str(tmp_path / "missing_folder"))
+
+
+# ------------------------------------------------------------------- issue 29 item 3: #0 refused, #N > size clamped
+
+
+@pytest.mark.parametrize("tail,match", [("#0", "#0 draws no record; #N must be at least 1"),
+                                        ("#-3", "#-3 draws no record"),
+                                        ("#some", "must be a whole number of records")])
+def test_sub_sample_of_no_record_is_refused_before_the_model(tiny_dir, shape_dataset, tmp_path, tail, match):
+    from qzoom_swift import cli
+
+    with pytest.raises(JobError, match=match) as info:
+        _run(tiny_dir, tmp_path / "out", f"{shape_dataset}{tail}")
+    assert "network" not in str(info.value) and str(shape_dataset) in str(info.value)
+    assert not (tmp_path / "out" / "job.json").exists()
+    rc = cli.main(["gate-labels", "--model", str(tiny_dir("qwen2_5_vl")), "--dataset", f"{shape_dataset}{tail}",
+                   "--out", str(tmp_path / "cli"), "--budgets", "16,36", "--no-progress"])
+    assert rc != 0 and not (tmp_path / "cli" / "job.json").exists()
+
+
+def test_sub_sample_larger_than_the_dataset_labels_each_record_once(shape_dataset, tmp_path, caplog):
+    """``#100`` of 4 rows: the 4 rows once each (the draw of ``#4``), and a warning that says so."""
+    import logging
+
+    every = [identity for _, identity in load_records(f"{shape_dataset}#4", tmp_path / "cache")]
+    with caplog.at_level(logging.WARNING, logger="qzoom_swift.labels.sources"):
+        clamped = [identity for _, identity in load_records(f"{shape_dataset}#100", tmp_path / "cache")]
+    assert clamped == every and len(clamped) == 4
+    assert len({json.dumps(r, sort_keys=True) for r in clamped}) == 4  # no row twice (ms-swift repeats them)
+    plain = [json.loads(line) for line in shape_dataset.read_text().splitlines()]
+    assert sorted(r["images"][0] for r in clamped) == sorted(r["images"][0] for r in plain)
+    assert "#100 asks for more records than the 4 it holds" in caplog.text and f"{shape_dataset}#4" in caplog.text
+    two = [identity for _, identity in load_records(f"{shape_dataset}#2", tmp_path / "cache")]
+    assert len(two) == 2 and all(r in every for r in two)  # below the size: ms-swift's draw, unchanged

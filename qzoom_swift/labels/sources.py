@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from qzoom_swift.fileio import atomic_path
 from qzoom_swift.hub import looks_like_hub_id
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_SEED = 42
 """Seed of the ``path#N`` draw: ms-swift's default ``--data_seed``, so a rerun draws the same records."""
@@ -43,7 +46,15 @@ def resolve_source(spec: str) -> tuple[str, Path]:
     """
     from swift.dataset.dataset_syntax import DatasetSyntax
 
-    syntax = DatasetSyntax.parse(os.path.expanduser(spec))
+    try:
+        syntax = DatasetSyntax.parse(os.path.expanduser(spec))
+    except ValueError as exc:  # e.g. `path#abc`: ms-swift's int() error would not name the dataset
+        raise DatasetSourceError(f"dataset {spec}: the part after '#' must be a whole number of records to draw "
+                                 f"(ms-swift's path#N), e.g. {spec.rpartition('#')[0]}#100 ({exc})") from exc
+    if syntax.dataset_sample is not None and syntax.dataset_sample < 1:
+        raise DatasetSourceError(f"dataset {spec}: #{syntax.dataset_sample} draws no record; #N must be at least 1 "
+                                 f"(or drop '#{syntax.dataset_sample}' to label every record: "
+                                 f"{spec.rpartition('#')[0]})")
     local = Path(syntax.dataset)
     if local.exists():
         local = local.resolve()
@@ -60,18 +71,24 @@ def load_records(spec: str, cache_dir: Path, seed: int = SAMPLE_SEED) -> list[tu
     """(record, identity) per row, in the loaded order, through ``swift.dataset.load_dataset``.
 
     ``identity`` is the record with embedded images named by content hash instead of by cache path, so a
-    record's id depends on the source only, not on where the job writes. ``#N`` is ms-swift's seeded draw.
+    record's id depends on the source only, not on where the job writes. ``#N`` is ms-swift's seeded draw; an
+    ``N`` above the dataset's size is clamped to it (a warning says so): each record once, in the order of
+    ``#<size>``, never ms-swift's repeated rows.
     """
-    from swift.dataset import load_dataset
     from swift.dataset.dataset_syntax import DatasetSyntax
 
-    sampled = DatasetSyntax.parse(spec).dataset_sample is not None
-    try:
-        train, _ = load_dataset([spec], seed=seed, shuffle=sampled, num_proc=1)
-    except Exception as exc:  # the hubs and `datasets` raise their own types (offline, not found, bad files)
-        raise DatasetSourceError(
-            f"cannot load dataset {spec!r} through ms-swift ({type(exc).__name__}: {str(exc)[:300]}). A hub id "
-            "needs the network (or the hub's cache); offline, pass a local jsonl file or dataset folder") from exc
+    sample = DatasetSyntax.parse(spec).dataset_sample
+    if sample is None:
+        train = _load(spec, seed, shuffle=False)
+    else:
+        whole = spec.rpartition("#")[0]
+        held = len(_load(whole, seed, shuffle=False))
+        if sample > held > 0:  # ms-swift would repeat rows up to N: the same labels again, compute wasted
+            logger.warning("dataset %s: #%d asks for more records than the %d it holds; labelling each of them "
+                           "once, as %s#%d (ms-swift's own #N would repeat rows, duplicating labels)", spec, sample,
+                           held, whole, held)
+            spec = f"{whole}#{held}"
+        train = _load(spec, seed, shuffle=True)  # ms-swift's seeded draw, as `swift sft` makes it
     out = []
     for row in train:
         record = {k: v for k, v in row.items() if k not in _DROPPED_COLUMNS and v is not None}
@@ -82,6 +99,18 @@ def load_records(spec: str, cache_dir: Path, seed: int = SAMPLE_SEED) -> list[tu
             identity["images"] = [i for _, i in pairs]
         out.append((record, identity))
     return out
+
+
+def _load(spec: str, seed: int, shuffle: bool) -> Any:
+    from swift.dataset import load_dataset
+
+    try:
+        train, _ = load_dataset([spec], seed=seed, shuffle=shuffle, num_proc=1)
+    except Exception as exc:  # the hubs and `datasets` raise their own types (offline, not found, bad files)
+        raise DatasetSourceError(
+            f"cannot load dataset {spec!r} through ms-swift ({type(exc).__name__}: {str(exc)[:300]}). A hub id "
+            "needs the network (or the hub's cache); offline, pass a local jsonl file or dataset folder") from exc
+    return train
 
 
 def _as_list(images: Any) -> list[Any]:
