@@ -32,6 +32,7 @@ from qzoom_swift.labels.sources import (
     load_records,
     resolve_source,
 )
+from qzoom_swift.oom import OOM_REASON, is_out_of_memory, release_memory
 
 JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
@@ -110,23 +111,6 @@ DEFAULT_TEXT_TOKENS = 4096
 """Default ``--max-prompt-tokens``: the job's visual budget plus this many text tokens (capped by the context)."""
 MAX_CONSECUTIVE_FAILURES = 16
 """More model failures in a row than this is a broken model or setup, not bad records: the job stops."""
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _release_memory() -> None:
-    """Give back what a failed forward pass held (CUDA caching allocator), so the next record can run."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def record_id(index: int, record_text: str) -> str:
@@ -775,7 +759,7 @@ class LabelJob:
             if len(fit) == 1:
                 out[fit[0]] = self._model_failure(items[fit[0]], exc)
                 return out
-            _release_memory()
+            release_memory()
         for k in fit:
             try:
                 out[k] = run([k])[0]
@@ -786,13 +770,13 @@ class LabelJob:
 
     def _model_failure(self, item: tuple[int, str], exc: Exception) -> Reject:
         """The reject of a record that failed inside the model; a model that fails on every record stops the job."""
-        _release_memory()
+        release_memory()
         index, rid = item
         self.consecutive_failures += 1
         if self.consecutive_failures > MAX_CONSECUTIVE_FAILURES:
             raise JobError(f"the model failed on {self.consecutive_failures} records in a row (last: line {index}: "
                            f"{type(exc).__name__}: {exc}); this is not one bad record, stopping") from exc
-        reason = "out_of_memory" if _is_oom(exc) else "model_error"
+        reason = OOM_REASON if is_out_of_memory(exc) else "model_error"
         return self._reject_once(rid, index, Reject(reason, f"{type(exc).__name__}: {str(exc)[:500]}"))
 
     def _reject_once(self, rid: str, index: int, reject: Reject) -> Reject:

@@ -1,0 +1,41 @@
+"""Out of memory, on GPU as on CPU: one rule for every job that rejects a sample instead of dying.
+
+A CUDA allocation failure is ``torch.OutOfMemoryError``; a CPU one is not: torch's CPU allocator raises a
+plain ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory ... Error code 12"), numpy and PIL a
+``MemoryError`` ("Unable to allocate 7.45 GiB ..."), other libraries "not enough memory". All of them are
+the sample's size against the machine, not a bug, so they share the reason ``out_of_memory``.
+"""
+
+from __future__ import annotations
+
+OOM_REASON = "out_of_memory"
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory",
+              "unable to allocate", "std::bad_alloc")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an allocation failure (CUDA or CPU), by type or by the allocator's message."""
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        pass
+    text = str(exc).lower()
+    return any(t in text for t in _OOM_TEXTS)
+
+
+def release_memory() -> None:
+    """Give back what a failed forward pass held (CUDA caching allocator), so the next sample can run."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
