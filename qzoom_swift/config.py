@@ -113,12 +113,15 @@ class LabelThresholds:
             setattr(self, name, check_field("LabelThresholds", name, getattr(self, name), _LABEL_RULES[name]))
 
 
-GATE_SCORINGS = ("consensus", "exact", "vqa", "anls", "relaxed", "stored", "auto")
-"""How a stage-3 trajectory's answers become right/wrong. ``consensus`` is the released rule (reference §4.2):
-answers normalised, matched by containment either way, each compared with the consensus of the top two
-budgets, which must itself match the ground truth. ``exact``/``vqa``/``anls``/``relaxed`` compare each answer
-with the ground truth (``labels.matchers``); ``stored`` uses the ``qzoom_correct`` a job wrote (an LLM judge);
-``auto`` (the ms-swift preprocessor's default) follows each trajectory's ``qzoom_scoring``, else ``consensus``."""
+GATE_SCORINGS = ("released", "consensus", "exact", "vqa", "anls", "relaxed", "stored", "auto")
+"""How a stage-3 trajectory's answers become right/wrong. ``released`` is the release's filter, rule for rule
+(``labels.gate.released_score``): answers lower-cased, stripped and stripped of punctuation, the top two must be
+identical, their answer must contain or be contained in the one ground truth (lower-cased, punctuation kept),
+each budget is right when it and that answer contain one another. ``consensus`` is the same shape, more lenient
+(top answers need only contain each other, ground truths normalised like answers, several allowed).
+``exact``/``vqa``/``anls``/``relaxed`` compare each answer with the ground truth (``labels.matchers``);
+``stored`` uses the ``qzoom_correct`` a job wrote (an LLM judge); ``auto`` (the ms-swift preprocessor's
+default) follows each trajectory's ``qzoom_scoring``, else ``released``."""
 
 _GATE_RULES: dict[str, Rule] = {
     "correct_threshold": ("float", 0.0, 1.0, "a matcher score counted as right"),

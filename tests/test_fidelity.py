@@ -78,9 +78,11 @@ def test_judge_prompt_carries_the_four_criteria_roles_and_the_two_line_format():
 
 # ------------------------------------------------------------------------------------- stage-3 scoring
 
+# The lenient ``consensus`` scoring (an option; the release's own filter, ``released``, is the default and is
+# checked against a transcription of the release in test_stage3_release.py).
 # (answers at 5 ascending budgets, ground truth, expected kind, every (label, budget index) the draw can give;
 # None = the released -100, no example). The top two budgets (3, 4) form the reference and are never inputs.
-RELEASED_CASES = [
+CONSENSUS_CASES = [
     (["blue", "blue", "red", "red", "Red."], "red", "transition", {(1, 0), (1, 1), (0, 2)}),
     (["red", "red", "red", "red", "red"], "red", "easy", {(0, 0), (0, 1), (0, 2)}),
     # containment: a sentence holding the truth is right; tie of the top two: the lower budget's answer
@@ -105,8 +107,8 @@ def _trajectory(answers, gt, i=0):
             "qzoom_budgets": [64, 144, 256, 576, 1024], "qzoom_answers": answers, "qzoom_patch_unit": 28}
 
 
-@pytest.mark.parametrize(("answers", "gt", "kind", "draws"), RELEASED_CASES)
-def test_stage3_labels_follow_the_released_rule(answers, gt, kind, draws):
+@pytest.mark.parametrize(("answers", "gt", "kind", "draws"), CONSENSUS_CASES)
+def test_stage3_labels_under_the_lenient_consensus_rule(answers, gt, kind, draws):
     from qzoom_swift.config import GateSampling
     from qzoom_swift.labels.gate import choose_gate_example, sample_rng, trajectory_class
 
@@ -119,17 +121,17 @@ def test_stage3_labels_follow_the_released_rule(answers, gt, kind, draws):
     assert seen == (draws or {None})
 
 
-def test_gate_training_rows_draw_the_released_rows_from_a_table():
+def test_gate_training_rows_draw_the_consensus_rows_from_a_table():
     from qzoom_swift.config import GateSampling
     from qzoom_swift.labels.gate import gate_training_rows
 
-    rows = [_trajectory(a, g, i) for i, (a, g, *_rest) in enumerate(RELEASED_CASES) if isinstance(g, str)]
+    rows = [_trajectory(a, g, i) for i, (a, g, *_rest) in enumerate(CONSENSUS_CASES) if isinstance(g, str)]
     train, summary = gate_training_rows(rows, GateSampling(scoring="consensus", seed=3))
     assert summary["kinds"] == {"transition": 4, "easy": 2, "unstable": 1, "unstable_top": 1, "hallucinated": 1}
     assert summary["easy_dropped_for_balance"] == 0  # 2 easy <= 4 transitions: all kept (1:1 at most)
     for row in train:
         meta = row["qzoom_gate_meta"]
-        case = RELEASED_CASES[int(meta["id"].split("-")[0])]
+        case = CONSENSUS_CASES[int(meta["id"].split("-")[0])]
         index = [64, 144, 256, 576, 1024].index(meta["budget"])
         assert (row["qzoom_gate"], index) in case[3]
         assert row["chat_template_kwargs"] == {"min_pixels": meta["budget"] * 784, "max_pixels": meta["budget"] * 784}
@@ -431,7 +433,7 @@ def _trajectory_dir(tmp_path, n=10):
         gt = row["messages"][-1]["content"]
         answers = [[gt] * 4, ["no idea", gt, f"It is {gt}.", gt], ["no", "no", gt, gt], [gt, gt, gt, "x"]][i % 4]
         lines.append({"qzoom_id": f"{i}-t", "qzoom_status": "ok", **row, "qzoom_budgets": [16, 36, 64, 144],
-                      "qzoom_answers": answers, "qzoom_scoring": "consensus", "qzoom_short_answer": True,
+                      "qzoom_answers": answers, "qzoom_scoring": "released", "qzoom_short_answer": True,
                       "qzoom_patch_unit": 28})
     (root / "shard-00000.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     summary = build_gate_dataset(root, GateLabelOptions(model="-", dataset=str(data), out=str(root), seed=5), 28)

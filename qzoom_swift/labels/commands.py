@@ -184,8 +184,9 @@ def visualize_run(args: argparse.Namespace) -> int:
 GATE_LABELS_DESCRIPTION = (
     "Stage 3: the base model answers every question of an ms-swift dataset (with ground-truth answers) at each "
     "visual-token budget of a resolution trajectory (prompts without a short-answer instruction get the "
-    "released one); answers are scored (default: the released rule, each budget against the ground-truth-checked "
-    "consensus of the top two, by containment) and written to OUT/shard-*.jsonl as they come (rerun to resume; "
+    "released one); answers are scored (default: the release's filter, each budget against the top two's "
+    "identical normalised answer, checked against the ground truth, by containment) and written to "
+    "OUT/shard-*.jsonl as they come (rerun to resume; "
     "--overwrite to restart). OUT/gate_trajectories.jsonl collects them for `swift sft` with the stage-3 recipe, "
     "whose registered preprocessor keeps clean steps (wrong ... right), labels one budget per sample 1 (zoom: "
     "still wrong there) or 0 (already right) and balances easy samples 1:1 against transitions at load time; "
@@ -201,10 +202,13 @@ def gate_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", default="64,144,256,576,1024,2048",
                    help="ascending visual-token budgets of the trajectory (default: 64,144,256,576,1024,2048; "
                         "budgets above the processor's maximum are dropped)")
-    p.add_argument("--matcher", default="consensus", choices=["consensus", "exact", "vqa", "anls", "relaxed"],
-                   help="how answers become right/wrong (default consensus, the released rule: normalised answers, "
-                        "containment either way, each budget against the consensus of the top two, which must "
-                        "match the ground truth); the others compare each answer with the ground truth")
+    p.add_argument("--matcher", default="released",
+                   choices=["released", "consensus", "exact", "vqa", "anls", "relaxed"],
+                   help="how answers become right/wrong (default released, the release's filter: answers lower-cased "
+                        "and stripped of punctuation, the top two must be identical and contain or be contained in "
+                        "the one ground truth (punctuation kept), each budget right when it contains or is contained "
+                        "in theirs; consensus: the same, lenient: top answers need only contain each other, ground "
+                        "truths normalised too, several allowed); the others compare each answer with the ground truth")
     p.add_argument("--correct-threshold", type=float, default=0.5, help="matcher score counted as right (default 0.5)")
     p.add_argument("--no-short-answer", action="store_true",
                    help="send prompts as they are (default: append the released short-answer instruction to "

@@ -50,23 +50,45 @@ def ensure_short_answer(text: str) -> str:
     return text if asks_short_answer(text) else f"{text.rstrip()}\n{SHORT_ANSWER_INSTRUCTION}"
 
 
-def released_normalize(text: Any) -> str:
-    """The released stage-3 normalisation: lower case, punctuation removed (spaces collapsed; articles kept)."""
+def release_normalize(text: Any) -> str:
+    """The release's ``_normalize_answer``: lower case, ends stripped, then ``string.punctuation`` deleted.
+
+    Inner spaces stay as they are, and "3.5" becomes "35": the released filter compares exactly these strings.
+    """
+    return str(text).lower().strip().translate(_PUNCT)
+
+
+def release_ground_truth(gt: str | Sequence[str]) -> str:
+    """The release's ground truth: one answer, only lower-cased and stripped (punctuation kept).
+
+    The release reads one ``text`` field; of several ground truths the first stands in for it.
+    """
+    first = gt if isinstance(gt, str) else next(iter(gt), "")
+    return str(first).lower().strip()
+
+
+def release_contains(a: str, b: str) -> bool:
+    """The release's match of two already-normalised strings: one contains the other.
+
+    An empty string never matches here (the release's substring test matched it with everything, a bug the
+    README's "Empty answers in stage 3" row lists).
+    """
+    return bool(a and b) and (a in b or b in a)
+
+
+def lenient_normalize(text: Any) -> str:
+    """The ``consensus`` rule's normalisation: lower case, punctuation removed, spaces collapsed."""
     return " ".join(str(text).lower().translate(_PUNCT).split())
 
 
 def contains_either(a: Any, b: Any) -> bool:
-    """The released match: one normalised answer contains the other.
-
-    An empty answer never matches (the released substring test matched it with everything, reference §7.2).
-    """
-    x, y = released_normalize(a), released_normalize(b)
-    return bool(x and y) and (x in y or y in x)
+    """The ``consensus`` rule's match: one ``lenient_normalize``-d answer contains the other (empty never)."""
+    return release_contains(lenient_normalize(a), lenient_normalize(b))
 
 
 @dataclass(frozen=True)
 class ConsensusScore:
-    """Right/wrong of one trajectory under the released rule (reference §4.2)."""
+    """Right/wrong of one trajectory against the consensus of its top budgets (reference §4.2)."""
 
     correct: tuple[bool, ...]
     """Each answer against the consensus (or, when the consensus is dropped, against the ground truth)."""
@@ -76,17 +98,42 @@ class ConsensusScore:
     """None, ``unstable_top`` (the top answers disagree) or ``hallucinated`` (the consensus misses the truth)."""
 
 
-def consensus_score(answers: Sequence[str], gt: str | Sequence[str], top: int = 2) -> ConsensusScore:
-    """Released stage-3 scoring: compare every budget's answer with the consensus of the top ``top`` budgets.
+def released_score(answers: Sequence[str], gt: str | Sequence[str], top: int = 2) -> ConsensusScore:
+    """The release's ``_filter_for_hard_cases`` scoring, rule for rule (the default, ``released``).
 
-    The top answers must agree with the consensus (containment either way) and the consensus must match the
-    ground truth (any of several); otherwise the sample is dropped. ``Counter.most_common`` breaks ties by
-    first occurrence, so with two disagreeing-by-string but matching top answers the lower budget's wins.
+    Answers are ``release_normalize``-d; the consensus is the most common of the top ``top``; the sample is
+    ``unstable_top`` unless some answer occurs at least twice among them (with two: the top two are identical
+    strings, so "red car" / "the red car" is unstable); it is ``hallucinated`` unless the consensus and the
+    ground truth (``release_ground_truth``: punctuation kept, so "3.5" or "1,000" never matches "35" or
+    "1000") contain one another; each budget is right when it and the consensus contain one another.
+    """
+    if not answers:
+        raise ValueError("empty trajectory")
+    norm = [release_normalize(a) for a in answers]
+    group = norm[-max(1, top):]
+    target, freq = Counter(group).most_common(1)[0]
+    truth = release_ground_truth(gt)
+    if len(group) >= top and freq < 2:
+        drop: str | None = "unstable_top"
+    elif not release_contains(target, truth):
+        drop = "hallucinated"
+    else:
+        return ConsensusScore(tuple(release_contains(a, target) for a in norm), target)
+    return ConsensusScore(tuple(release_contains(a, truth) for a in norm), target, drop)  # = matches_truth
+
+
+def consensus_score(answers: Sequence[str], gt: str | Sequence[str], top: int = 2) -> ConsensusScore:
+    """The ``consensus`` rule: the release's shape, more lenient (an option; ``released`` is the default).
+
+    Differences from ``released_score``: answers and ground truths are normalised alike (punctuation removed,
+    spaces collapsed), the top answers need only contain the consensus (not equal it), and any of several
+    ground truths may match. ``Counter.most_common`` breaks ties by first occurrence, so with two top answers
+    that differ as strings but contain one another the lower budget's wins.
     """
     if not answers:
         raise ValueError("empty trajectory")
     gts = [gt] if isinstance(gt, str) else [str(g) for g in gt]
-    group = [released_normalize(a) for a in answers[-max(1, min(top, len(answers))):]]
+    group = [lenient_normalize(a) for a in answers[-max(1, min(top, len(answers))):]]
     target = Counter(group).most_common(1)[0][0]
     if not all(contains_either(a, target) for a in group):
         drop: str | None = "unstable_top"
@@ -95,6 +142,17 @@ def consensus_score(answers: Sequence[str], gt: str | Sequence[str], top: int = 
     else:
         return ConsensusScore(tuple(contains_either(a, target) for a in answers), target)
     return ConsensusScore(tuple(any(contains_either(a, g) for g in gts) for a in answers), target, drop)
+
+
+CONSENSUS_SCORERS = {"released": released_score, "consensus": consensus_score}
+"""The scorings that compare each budget with the consensus of the top budgets (the others use a matcher)."""
+
+
+def matches_truth(scoring: str, answer: str, gt: str | Sequence[str]) -> bool:
+    """Whether ``answer`` alone matches the ground truth under a ``CONSENSUS_SCORERS`` scoring's own rule."""
+    if scoring == "released":
+        return release_contains(release_normalize(answer), release_ground_truth(gt))
+    return any(contains_either(answer, g) for g in ([gt] if isinstance(gt, str) else gt))
 
 
 @dataclass(frozen=True)
@@ -168,21 +226,23 @@ def trajectory_reference(row: dict) -> str | list[str] | None:
 def trajectory_class(row: dict, sampling: GateSampling) -> tuple[TrajectoryClass, list[bool] | None]:
     """(class, right/wrong per budget) of one trajectory record under ``sampling.scoring``.
 
-    ``auto`` follows the record's ``qzoom_scoring`` (what ``qzoom gate-labels`` used), else ``consensus``;
+    ``auto`` follows the record's ``qzoom_scoring`` (what ``qzoom gate-labels`` used), else ``released``;
     a judge's verdicts are ``stored`` in ``qzoom_correct``. A matcher reuses the stored ``qzoom_correct`` of a
     record it scored (or that does not say how it was scored) and recomputes the others from the answers.
     """
-    scoring = sampling.scoring if sampling.scoring != "auto" else (row.get("qzoom_scoring") or "consensus")
+    scoring = sampling.scoring if sampling.scoring != "auto" else (row.get("qzoom_scoring") or "released")
     answers = [str(a) for a in row["qzoom_answers"]]
-    if scoring == "consensus":
+    if scoring in CONSENSUS_SCORERS:
         gt = trajectory_reference(row)
         if not gt:
             return TrajectoryClass("unknown"), None
-        score = consensus_score(answers, gt, sampling.stable_top)
+        score = CONSENSUS_SCORERS[scoring](answers, gt, sampling.stable_top)
         if score.drop is not None:
             return TrajectoryClass(score.drop), list(score.correct)
-        correct = list(score.correct)
-    elif scoring in ("stored", "judge") or (row.get("qzoom_correct") is not None and
+        # released: no test beyond the step (its top answers equal the consensus); consensus: the top must be right
+        stable = 1 if scoring == "released" else sampling.stable_top
+        return classify_trajectory(score.correct, stable), list(score.correct)
+    if scoring in ("stored", "judge") or (row.get("qzoom_correct") is not None and
                                              row.get("qzoom_scoring") in (None, scoring)):
         correct = row.get("qzoom_correct")  # a judge's verdicts, or this matcher's scores as the job stored them
         if correct is None or any(c is None for c in correct):

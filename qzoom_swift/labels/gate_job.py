@@ -3,8 +3,9 @@
 gate-labels, phase 1 (expensive, resumable): the base model answers every question at each budget of a
 monotone resolution trajectory (by default with the released short-answer instruction appended to prompts
 that lack one); answers, scores and right/wrong are written to shards as they come. The default scoring is
-the released rule (``consensus``: normalised answers, containment either way, each budget against the
-consensus of the top two, which must match the ground truth); the matchers and an LLM judge are options.
+the release's filter (``released``: the top two answers must be identical once normalised and contain or be
+contained in the ground truth, each budget is right when it contains or is contained in theirs); the lenient
+``consensus`` rule, the matchers and an LLM judge are options.
 Phase 2 (cheap, rerun at the end of every run): the trajectories are collected into
 ``gate_trajectories.jsonl``, which ``swift sft`` reads through the registered preprocessor
 (``swift_plugin.data_registry``: the released filter, 1:1 balance and positive-budget draw at load time), and
@@ -29,15 +30,15 @@ from qzoom_swift.checkpoint import saved_branches, write_model_card
 from qzoom_swift.config import GateSampling
 from qzoom_swift.fileio import atomic_path, write_json_atomic, write_text_atomic
 from qzoom_swift.labels.gate import (
+    CONSENSUS_SCORERS,
     DEFAULT_TRAJECTORY,
     SHORT_ANSWER_INSTRUCTION,
     asks_short_answer,
     calibration_curve,
     choose_threshold,
-    consensus_score,
-    contains_either,
     ensure_short_answer,
     gate_training_rows,
+    matches_truth,
     trajectory_reference,
 )
 from qzoom_swift.labels.jobs import (
@@ -58,7 +59,7 @@ GATE_TRAIN_FILE = "gate_train.jsonl"
 TRAJECTORIES_FILE = "gate_trajectories.jsonl"
 """Every answered trajectory in one file: what ``swift sft`` reads through the registered preprocessor."""
 STATUS_OK = "ok"
-SCORINGS = ("consensus", "exact", "vqa", "anls", "relaxed")
+SCORINGS = ("released", "consensus", "exact", "vqa", "anls", "relaxed")
 
 
 @dataclass
@@ -68,8 +69,9 @@ class GateLabelOptions(RunOptions):
     out: str
     budgets: tuple[int, ...] = DEFAULT_TRAJECTORY
     """Visual-token budgets of the trajectory, ascending; budgets above the processor's maximum are dropped."""
-    matcher: str = "consensus"
-    """consensus (the released rule) or a matcher against the ground truth: exact, vqa, anls, relaxed."""
+    matcher: str = "released"
+    """released (the release's filter), consensus (its lenient form) or a matcher against the ground truth:
+    exact, vqa, anls, relaxed."""
     correct_threshold: float = 0.5
     judge_model: str | None = None
     """A local model judging right/wrong through ms-swift (the paper's judge prompt); None = ``matcher``."""
@@ -160,7 +162,7 @@ class GateLabelJob(ReferenceJob):
             raise JobError(f"--budgets {self.budgets}: need at least two positive budgets")
         if opts.matcher not in SCORINGS:
             raise JobError(f"--matcher {opts.matcher!r}: choose from {', '.join(SCORINGS)}")
-        self.matcher = None if opts.matcher == "consensus" else get_matcher(opts.matcher)
+        self.matcher = None if opts.matcher in CONSENSUS_SCORERS else get_matcher(opts.matcher)
         opts.sampling()  # validates the sampling options before the model loads
         self.find_dataset()
         settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
@@ -215,16 +217,15 @@ class GateLabelJob(ReferenceJob):
                answers: list[str]) -> tuple[list[float | None], list[bool | None]]:
         """(scores, right/wrong) of one trajectory's answers, from the judge, the released rule or the matcher.
 
-        ``consensus``: the score is containment against the ground truth, right/wrong is against the
-        consensus of the top budgets (against the ground truth when that consensus is dropped).
+        ``released`` / ``consensus``: the score is 1 when the answer is right against the ground truth alone,
+        right/wrong is against the consensus of the top budgets (the ground truth when that consensus is dropped).
         """
         if self.judge is not None:
             correct = judge_trajectory(self.judge, question_text(prepared.messages), gt, answers)
             return [None if c is None else float(c) for c in correct], correct
         if self.matcher is None:
-            gts = [gt] if isinstance(gt, str) else list(gt)
-            scores = [float(any(contains_either(a, g) for g in gts)) for a in answers]
-            return scores, list(consensus_score(answers, gt, self.opts.stable_top).correct)
+            scores = [float(matches_truth(self.opts.matcher, a, gt)) for a in answers]
+            return scores, list(CONSENSUS_SCORERS[self.opts.matcher](answers, gt, self.opts.stable_top).correct)
         scores = [float(self.matcher(a, gt)) for a in answers]
         return scores, [is_correct(s, self.opts.correct_threshold) for s in scores]
 
