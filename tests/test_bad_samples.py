@@ -10,7 +10,7 @@ import json
 import numpy as np
 import torch
 
-from qzoom_swift.oom import OOM_REASON, is_out_of_memory
+from qzoom_swift.failures import OOM_REASON, is_out_of_memory
 
 
 def _lines(path) -> list[dict]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.failures import MAX_CONSECUTIVE_FAILURES, model_failure_reason, release_memory
 from qzoom_swift.fileio import append_jsonl_line, write_json_atomic
 from qzoom_swift.labels.sources import (
     IMAGE_CACHE_DIR,
@@ -32,7 +33,6 @@ from qzoom_swift.labels.sources import (
     load_records,
     resolve_source,
 )
-from qzoom_swift.oom import OOM_REASON, is_out_of_memory, release_memory
 
 JOB_FILE = "job.json"
 SUMMARY_FILE = "summary.json"
@@ -109,8 +109,6 @@ def resolve_part(opts: Any) -> tuple[Part | None, int | None]:
 
 DEFAULT_TEXT_TOKENS = 4096
 """Default ``--max-prompt-tokens``: the job's visual budget plus this many text tokens (capped by the context)."""
-MAX_CONSECUTIVE_FAILURES = 16
-"""More model failures in a row than this is a broken model or setup, not bad records: the job stops."""
 
 
 def record_id(index: int, record_text: str) -> str:
@@ -776,7 +774,7 @@ class LabelJob:
         if self.consecutive_failures > MAX_CONSECUTIVE_FAILURES:
             raise JobError(f"the model failed on {self.consecutive_failures} records in a row (last: line {index}: "
                            f"{type(exc).__name__}: {exc}); this is not one bad record, stopping") from exc
-        reason = OOM_REASON if is_out_of_memory(exc) else "model_error"
+        reason = model_failure_reason(exc)
         return self._reject_once(rid, index, Reject(reason, f"{type(exc).__name__}: {str(exc)[:500]}"))
 
     def _reject_once(self, rid: str, index: int, reject: Reject) -> Reject:

@@ -1,4 +1,6 @@
-"""Out of memory, on GPU as on CPU: one rule for every job that rejects a sample instead of dying.
+"""One sample's failure stays that sample's: how the labelling jobs and ``qzoom eval`` classify and contain it.
+
+Out of memory, on GPU as on CPU, is one rule for every job that rejects a sample instead of dying.
 
 A CUDA allocation failure is ``torch.OutOfMemoryError``; a CPU one is not: torch's CPU allocator raises a
 plain ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory ... Error code 12"), numpy and PIL a
@@ -9,6 +11,9 @@ the sample's size against the machine, not a bug, so they share the reason ``out
 from __future__ import annotations
 
 OOM_REASON = "out_of_memory"
+MODEL_ERROR = "model_error"
+MAX_CONSECUTIVE_FAILURES = 16
+"""More model failures in a row than this is a broken model or setup, not bad samples: the job stops."""
 _OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory",
               "unable to allocate", "std::bad_alloc")
 
@@ -39,3 +44,8 @@ def release_memory() -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def model_failure_reason(exc: BaseException) -> str:
+    """``out_of_memory`` or ``model_error``: the reason recorded for a sample that failed inside the model."""
+    return OOM_REASON if is_out_of_memory(exc) else MODEL_ERROR
