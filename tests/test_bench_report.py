@@ -129,3 +129,24 @@ def test_toy_key_changes_with_a_frozen_vision_tower_only_when_asked():
     assert toy_base_key(meta, **common, freeze_vision=False) == plain  # toys cached before the option keep their key
     assert toy_base_key(meta, **common, freeze_vision=True) != plain
     assert demo_config("full", ["toy_freeze_vision=true"]).toy_freeze_vision is True
+
+
+def test_acceptance_fails_a_toy_that_misreads_colours_at_the_high_budget():
+    from qzoom_swift.bench.report import acceptance
+
+    cfg = demo_config("full", [])
+
+    def metrics(high_coarse: float) -> dict:
+        high = {**_run("never", 0.9), "accuracy_fine": 1.0, "accuracy_coarse": high_coarse}
+        low = {**_run("never", 0.55), "accuracy_fine": 0.1, "accuracy_coarse": 1.0}
+        qzoom = {**_run("zoom", 0.985), "zoom_rate_fine": 1.0, "relative_throughput": 5.0}
+        return {"runs": {"baseline@16": low, "baseline@256": high, "qzoom": qzoom,
+                         "always": {**_run("always", 0.985, 0.95)}}}
+
+    def met(high_coarse: float) -> dict[str, bool]:
+        return {a["target"]: a["met"] for a in acceptance(metrics(high_coarse), cfg)}
+
+    target = "toy base: coarse accuracy at 16x budget >= 95%"
+    assert met(0.81)[target] is False  # the degraded hires toy: Q-Zoom +8 points "within 3" no longer hides it
+    assert met(0.95)[target] is True and met(0.9499)[target] is False
+    assert all(met(1.0).values())

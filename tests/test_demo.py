@@ -71,7 +71,7 @@ def test_demo_prints_progress_and_writes_report_summary_and_figures(demo):
     assert "Reduced preset" in report
     assert f"evalscope {summary['versions']['evalscope']}" in report and "seed 0 (bench splits: train 1" in report
     acceptance_rows = [line for line in report.splitlines() if line.endswith(" | yes |") or line.endswith(" | NO |")]
-    assert len(acceptance_rows) == len(summary["acceptance"]) == 8
+    assert len(acceptance_rows) == len(summary["acceptance"]) == 9
     assert sum(a["met"] for a in summary["acceptance"]) == sum(line.endswith("yes |") for line in acceptance_rows)
 
 

@@ -16,6 +16,10 @@ def acceptance(metrics: dict[str, Any], cfg: DemoConfig) -> list[dict[str, Any]]
     box = always.get("box") or {}
     checks = [
         ("toy base: fine accuracy at 16x budget >= 90%", high["accuracy_fine"], high["accuracy_fine"] >= 0.90),
+        # A toy that misreads colours at full resolution is a weak baseline, not a win for Q-Zoom: the "within 3
+        # points" target below would otherwise be met against it (a hires run measured coarse 81% at 1,600 tokens).
+        ("toy base: coarse accuracy at 16x budget >= 95%", high["accuracy_coarse"],
+         high["accuracy_coarse"] >= 0.95),
         ("toy base: fine accuracy at the low budget <= 20%", low["accuracy_fine"], low["accuracy_fine"] <= 0.20),
         ("toy base: coarse accuracy at the low budget >= 95%", low["accuracy_coarse"], low["accuracy_coarse"] >= 0.95),
         ("SD-RPN: box contains the GT target on >= 80% of fine questions", box.get("contains_target"),
