@@ -343,6 +343,11 @@ class EnvSettings:
     """``QZOOM_CACHE``: locally built model dirs and the demo's trained toy models."""
     gate_sampling: GateSampling = field(default_factory=GateSampling)
     """``QZOOM_GATE_<FIELD>`` (e.g. ``QZOOM_GATE_SEED``): the stage-3 preprocessor's sampling of gate rows."""
+    allowed_local_media_path: Path | None = None
+    """``QZOOM_ALLOWED_LOCAL_MEDIA_PATH``: the one folder whose files a ``swift deploy`` of a ``qzoom_*`` template
+    reads when a request names a server-side path (vLLM's ``--allowed-local-media-path``); unset: none."""
+    allow_media_urls: bool = False
+    """``QZOOM_ALLOW_MEDIA_URLS``: such a server fetches http(s) image URLs for its clients (default: refused)."""
 
 
 _ENV_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(QZoomConfig) if f.name not in ("extra", "labelling")}
@@ -378,7 +383,8 @@ def _gate_sampling(env: Mapping[str, str]) -> GateSampling:
         raise ValueError(f"environment variables QZOOM_GATE_*: {exc}") from exc
 
 
-_OTHER_ENV_NAMES = ("ATTACH", "TRAIN", "ROI_NOISE", "ROUTER", "ONNX_DIR", "ONNX_PROVIDER", "ONNX_PRECISION", "CACHE")
+_OTHER_ENV_NAMES = ("ATTACH", "TRAIN", "ROI_NOISE", "ROUTER", "ONNX_DIR", "ONNX_PROVIDER", "ONNX_PRECISION", "CACHE",
+                    "ALLOWED_LOCAL_MEDIA_PATH", "ALLOW_MEDIA_URLS")
 """``QZOOM_*`` variables that are not a ``QZoomConfig`` or ``GateSampling`` field (each parsed in ``read_env``)."""
 
 
@@ -450,6 +456,8 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvSettings:
     if not 0.0 <= roi_noise <= 1.0:
         raise ValueError(f"QZOOM_ROI_NOISE={noise_raw!r}: expected a probability in [0, 1]")
     cache = env.get("QZOOM_CACHE")
+    media_dir = env.get("QZOOM_ALLOWED_LOCAL_MEDIA_PATH", "").strip()
+    urls_raw = env.get("QZOOM_ALLOW_MEDIA_URLS", "")
     return EnvSettings(
         config_overrides=overrides,
         attach=parse_bool("QZOOM_ATTACH", env["QZOOM_ATTACH"]) if env.get("QZOOM_ATTACH") else True,
@@ -461,6 +469,8 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvSettings:
         onnx_precision=env.get("QZOOM_ONNX_PRECISION", "fp32").strip() or "fp32",
         **({"cache_dir": Path(cache)} if cache else {}),
         gate_sampling=_gate_sampling(env),
+        allowed_local_media_path=Path(media_dir) if media_dir else None,
+        allow_media_urls=parse_bool("QZOOM_ALLOW_MEDIA_URLS", urls_raw) if urls_raw.strip() else False,
     )
 
 

@@ -550,17 +550,33 @@ def deploy(tiny_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_10_deploy_answers_unsupported_and_empty_media_with_a_message(deploy, tmp_path):
+def test_10_deploy_answers_unsupported_and_empty_media_with_a_message(deploy):
     base, name, _ = deploy
     text = {"type": "text", "text": "Colour?"}
     code, body = _chat(base, name, [{"type": "video_url", "video_url": {"url": _png_uri()}}, text])
     assert code == 400 and "serves images and text only" in body["message"] and "1 video entry" in body["message"]
-    zero = tmp_path / "zero.png"
-    zero.write_bytes(b"")
-    code, body = _chat(base, name, [{"type": "image_url", "image_url": {"url": str(zero)}}, text])
-    assert code == 400 and "image 0 (" in body["message"] and "cannot be read" in body["message"]  # swift inlines it
     code, body = _chat(base, name, [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}, text])
     assert code == 400 and "image 0 (data URI with 0 payload characters) cannot be read" in body["message"]
+    assert body["message"].startswith("messages[0].content[0] (image): ")  # issue 29 item 1: the entry is named
+
+
+@pytest.mark.slow
+def test_29_8_deploy_reads_no_server_side_file_or_url_by_default(deploy, tmp_path):
+    """Issue 29 item 8: the server reads only what the request carries unless QZOOM_ALLOWED_LOCAL_MEDIA_PATH /
+    QZOOM_ALLOW_MEDIA_URLS say otherwise (test_deploy_guard runs a server that allows both)."""
+    base, name, _ = deploy
+    text = {"type": "text", "text": "Colour?"}
+    local = tmp_path / "green.png"
+    Image.new("RGB", (320, 240), (30, 160, 60)).save(local)
+    refused = {str(local): "reads no files named in a request", f"file://{local}": "reads no file:// URLs",
+               "http://127.0.0.1:9/green.png": "fetches no URLs on a client's behalf"}
+    for url, reason in refused.items():
+        code, body = _chat(base, name, [{"type": "image_url", "image_url": {"url": url}}, text])
+        assert code in (400, 422) and reason in json.dumps(body), (url, code, body)
+    payload = _png_uri().split(",", 1)[1]
+    for url in (_png_uri(), payload):  # a data URL and bare base64 are the request's own bytes
+        code, body = _chat(base, name, [{"type": "image_url", "image_url": {"url": url}}, text])
+        assert code == 200, body
 
 
 @pytest.mark.slow

@@ -29,7 +29,15 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from qzoom_swift.swift_plugin import backends, data_registry, models, templates, trainer, tuner
+    from qzoom_swift.swift_plugin import (
+        backends,
+        data_registry,
+        deploy_guard,
+        models,
+        templates,
+        trainer,
+        tuner,
+    )
 
     data_registry.register_dataset_keys()
     data_registry.register_gate_dataset()
@@ -38,6 +46,7 @@ def register() -> None:
     tuner.register_tuner()
     trainer.register_trainer()
     backends.install_backend_guard()
+    deploy_guard.install_deploy_guard()
     _registered = True
 
 

@@ -68,8 +68,21 @@ def _describe_media(item) -> str:
     return type(item).__name__
 
 
+class ImageEntryError(ValueError):
+    """Image ``index`` of a request cannot be read; a server maps the index to the request's entry
+    (``deploy_guard.image_entry``)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
 def check_request_media(inputs) -> None:
-    """Videos and audio are refused (Q-Zoom zooms into images); every image must decode, or its entry is named."""
+    """Videos and audio are refused (Q-Zoom zooms into images); every image must decode, or its entry is named.
+
+    The image is decoded in full here (``load``): PIL opens lazily, so a truncated file would otherwise fail
+    later, inside the batch's processor call, with no index and for every request batched with it.
+    """
     from swift.template import load_image
 
     for kind in ("videos", "audios"):
@@ -84,11 +97,11 @@ def check_request_media(inputs) -> None:
             source = image.get("bytes") or image.get("path") if isinstance(image, dict) else image
             if source in (b"", "") or (isinstance(source, str) and source.strip().endswith(",")):
                 raise ValueError("it is empty")
-            load_image(source)
+            load_image(source).load()
         except Exception as exc:  # PIL and swift's loaders raise many types, some with no message
             detail = str(exc) or "empty or not an image"
-            raise ValueError(f"image {i} ({_describe_media(image)}) cannot be read: {type(exc).__name__}: "
-                             f"{detail}") from exc
+            raise ImageEntryError(i, f"image {i} ({_describe_media(image)}) cannot be read: {type(exc).__name__}: "
+                                     f"{detail}") from exc
 
 
 QZOOM_MODEL_TYPES = frozenset(spec.qzoom_model_type for spec in FAMILIES.values())

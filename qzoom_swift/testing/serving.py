@@ -38,6 +38,32 @@ def post_json(url: str, payload: dict, timeout: float = 120) -> dict:
         return json.loads(resp.read())
 
 
+def chat_status(base: str, name: str, content: list | str, max_tokens: int = 3,
+                timeout: float = 180) -> tuple[int, dict]:
+    """One greedy ``/v1/chat/completions`` request; (HTTP status, decoded body) whatever the status (a body that is
+    not JSON comes back as ``{"text": ...}``)."""
+    import urllib.error
+
+    payload = {"model": name, "max_tokens": max_tokens, "temperature": 0,
+               "messages": [{"role": "user", "content": content}]}
+    req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace")
+        try:
+            return exc.code, json.loads(body)
+        except json.JSONDecodeError:
+            return exc.code, {"text": body}
+
+
+def answer_text(body: dict) -> str:
+    """The assistant's text of a chat completion body."""
+    return body["choices"][0]["message"]["content"]
+
+
 def start_swift_deploy(model_dir: str | Path, workdir: Path, model_kwargs: dict, *extra_args: str,
                        model_type: str = "qzoom_qwen2_5_vl",
                        env_extra: dict | None = None) -> tuple[subprocess.Popen, str, Path]:
