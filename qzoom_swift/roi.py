@@ -337,8 +337,13 @@ def region_pixel_box(box: GridBox, grid_hw: tuple[int, int], image_wh: tuple[int
     sub = grid_box_to_pixel_box(box, grid_hw, (max(1, round(right - left)), max(1, round(bottom - top))), min_side)
     dx, dy = int(round(left)), int(round(top))
     w, h = image_wh
-    return PixelBox(min(sub.left + dx, w - 1), min(sub.top + dy, h - 1), min(sub.right + dx, w),
-                    min(sub.bottom + dy, h))
+    # a region larger than the image (a square-padded source) can put box edges in the padding: clip to the image,
+    # then grow a side that the padding shortened back to ``min_side`` inside it
+    x0, y0 = min(max(sub.left + dx, 0), w - 1), min(max(sub.top + dy, 0), h - 1)
+    x1, y1 = min(max(sub.right + dx, x0 + 1), w), min(max(sub.bottom + dy, y0 + 1), h)
+    x0, x1 = _grow_span(x0, x1, min_side, w)
+    y0, y1 = _grow_span(y0, y1, min_side, h)
+    return PixelBox(x0, y0, x1, y1)
 
 
 def square_padding(width: int, height: int) -> tuple[int, int, int]:
@@ -347,6 +352,16 @@ def square_padding(width: int, height: int) -> tuple[int, int, int]:
         raise ValueError(f"image of {width}x{height} (w x h) px is empty")
     side = max(width, height)
     return side, (side - width) // 2, (side - height) // 2
+
+
+def padded_region(image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in the image's pixels of the square that ``pad_to_square`` makes of it.
+
+    A square-padded encoder's grid covers this region (it reaches past the image on the short side), so
+    ``region_pixel_box`` maps a box of its cells back onto the original image.
+    """
+    side, left, top = square_padding(*image_size)
+    return (float(-left), float(-top), float(side - left), float(side - top))
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

@@ -38,7 +38,6 @@ from qzoom_swift.prefill import BranchPrefill, gate_logits, prefill_to_branch, r
 from qzoom_swift.roi import (
     GridBox,
     crop_image,
-    grid_region,
     region_pixel_box,
     select_roi_box,
 )
@@ -648,8 +647,9 @@ def _plan_zoom(processor, cfg: QZoomConfig, state: BranchPrefill, b: int,
         return None
     t0 = time.perf_counter()
     adapter = state.adapter
-    # the grid may cover only part of the image (LLaVA's CLIP center-crops): map cells into that region
-    pixel_box = region_pixel_box(box, grid, image.size, grid_region(image.size, processor), cfg.min_box_side)
+    # the grid covers the family's view of the image (LLaVA: the padded square): map cells into that region
+    pixel_box = region_pixel_box(box, grid, image.size, adapter.source_region(image.size, processor),
+                                 cfg.min_box_side)
     crop = adapter.prepare_crop(crop_image(image.convert("RGB"), pixel_box), processor, cfg.roi_min_tokens,
                                 cfg.roi_max_tokens)
     encoded = adapter.encode_images(processor, [crop])

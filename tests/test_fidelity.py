@@ -374,10 +374,12 @@ def test_stage1_labels_on_the_released_grid(tiny_dir, tmp_path):
     template.set_mode("train")
     template.model = model
     row = {k: v for k, v in records[0].items() if k in ("messages", "images", "qzoom_rpn_labels", "qzoom_pad_square")}
-    _, h, w = template.encode(row)["image_grid_thw"][0].tolist()
-    assert h == w  # trained on the padded square, like the labels
-    _, h, w = template.encode({**row, "qzoom_pad_square": None})["image_grid_thw"][0].tolist()
-    assert h != w
+    padded = template.encode(row)
+    _, h, w = padded["image_grid_thw"][0].tolist()
+    assert (h // 2, w // 2) == (24, 24)  # trained on the padded square at exactly the labels' grid (not 18 x 18)
+    unpadded = template.encode({**row, "qzoom_pad_square": None})
+    assert unpadded["image_grid_thw"].tolist() == padded["image_grid_thw"].tolist()  # the label map's grid
+    assert not torch.equal(unpadded["pixel_values"], padded["pixel_values"])  # but no grey padding
 
 
 # ---------------------------------------------------------------------------------------- LLaVA RoI crops

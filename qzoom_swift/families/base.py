@@ -248,6 +248,41 @@ class FamilyAdapter:
     def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         raise NotImplementedError
 
+    # ---- how an image is shown: the first pass, the labels' grid ----
+    def source_image(self, image, processor=None):
+        """The image as this family's first pass encodes it (identity; LLaVA-1.5 pads it to a square).
+
+        Labelling, training and inference all show the model this view, so a label cell is the cell the RPN
+        scores at inference. Crops are always taken from the original image (``source_region`` maps them).
+        """
+        return image
+
+    def source_region(self, image_size: tuple[int, int], processor=None) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) in the original image's pixels of what the first pass's token grid covers."""
+        from qzoom_swift.roi import grid_region
+
+        return grid_region(image_size, processor)
+
+    def square_fill(self, processor=None) -> tuple[int, int, int]:
+        """The colour a square-grid (``qzoom_pad_square``) image is padded with: the released labelling's grey."""
+        from qzoom_swift.families.registry import RELEASED_PAD_FILL
+
+        return RELEASED_PAD_FILL
+
+    def image_at_grid(self, image, grid_hw: tuple[int, int]):
+        """The image resized to exactly ``grid_hw`` merged tokens (identity for fixed-size families).
+
+        With ``budget_template_kwargs(h * w, h * w)`` the processor then keeps that size whatever the
+        ``IMAGE_*_TOKEN_NUM`` environment says: stage-1 rows reach the model on their labels' grid.
+        """
+        if self.spec.fixed_resolution:
+            return image
+        h, w = (int(v) for v in grid_hw)
+        if h < 1 or w < 1:
+            raise ValueError(f"label grid {h}x{w}: expected positive rows and columns")
+        size = (w * self.patch_unit, h * self.patch_unit)
+        return image if image.size == size else image.resize(size, resample=3)  # bicubic, as labelling
+
     # ---- the zoom pass: how a re-encoded crop enters the sequence ----
     def resize_for_budget(self, image, min_tokens: int, max_tokens: int, what: str = "image"):
         """The image resized so the processor encodes it within the token budget (identity if fixed-size).

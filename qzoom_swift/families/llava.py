@@ -21,9 +21,13 @@ def sequential_position_ids(last_prefix_pos: int, num_new: int) -> Tensor:
     return torch.arange(last_prefix_pos + 1, last_prefix_pos + 1 + num_new, dtype=torch.long)
 
 
-def mean_colour(processor) -> tuple[int, int, int]:
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+"""LLaVA-1.5's CLIP image mean (``OPENAI_CLIP_MEAN``): the padding colour when no processor is at hand."""
+
+
+def mean_colour(processor=None) -> tuple[int, int, int]:
     """The processor's mean colour in 0-255, LLaVA-1.5's square-padding fill (``expand2square``)."""
-    mean = getattr(getattr(processor, "image_processor", processor), "image_mean", None) or (0.5, 0.5, 0.5)
+    mean = getattr(getattr(processor, "image_processor", processor), "image_mean", None) or CLIP_MEAN
     return tuple(int(m * 255) for m in mean[:3])
 
 
@@ -63,6 +67,28 @@ class LlavaAdapter(FamilyAdapter):
             return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         pos = attention_mask.long().cumsum(-1) - 1
         return pos.masked_fill(attention_mask == 0, 0)
+
+    def source_image(self, image, processor=None):
+        """LLaVA-1.5 shows every image padded to a square with the mean colour (``image_aspect_ratio: pad``), in
+        its own training and evaluation and in the released SD-RPN's labelling, training and inference. llava-hf's
+        CLIP processor would instead centre-crop it, cutting the ends of a non-square image off: the padded
+        square reaches the processor instead, so its resize and centre crop keep all of it."""
+        from qzoom_swift.roi import pad_to_square
+
+        return pad_to_square(image.convert("RGB"), mean_colour(processor))
+
+    def source_region(self, image_size, processor=None):
+        """The grid covers the padded square: cells over the padding map outside the image (clipped there)."""
+        from qzoom_swift.roi import padded_region
+
+        return padded_region(image_size)
+
+    def square_fill(self, processor=None):
+        return mean_colour(processor)
+
+    def resize_for_budget(self, image, min_tokens, max_tokens, what="image"):
+        """The budget is fixed (576 tokens at 336 px); the image is padded to its square (``source_image``)."""
+        return self.source_image(image)
 
     def prepare_crop(self, crop, processor, min_tokens, max_tokens):
         """LLaVA-1.5 pads to a square (``image_aspect_ratio: pad``): llava-hf's CLIP processor would otherwise

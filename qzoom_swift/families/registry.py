@@ -42,6 +42,10 @@ class FamilySpec:
         return f"qzoom_{self.swift_model_type}"
 
 
+RELEASED_PAD_FILL = (127, 127, 127)
+"""The grey the released stage-1 labelling pads Qwen images with (``expand2square``, reference §2.1). LLaVA-1.5
+pads with its processor's mean colour instead (``image_aspect_ratio: pad``, ``families.llava``)."""
+
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for spec in (

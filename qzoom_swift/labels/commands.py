@@ -94,11 +94,12 @@ def pseudo_labels_args(p: argparse.ArgumentParser) -> None:
                    help="append the official grounding instruction to the question (auto: on for --mode natural)")
     p.add_argument("--max-tokens", type=int, default=576,
                    help="visual tokens per image while labelling, Qwen families (default 576 as released; 0 = "
-                        "the processor's setting). Labels are resampled to the training grid (pooled when coarser)")
+                        "the processor's setting). Training encodes each row at exactly the grid it was labelled on")
     p.add_argument("--grid", choices=("auto", "square", "native"), default="auto",
                    help="square: the released grid (image padded to a grey square, exactly 24x24 tokens, padding "
                         "cells labelled background; training pads the same way); native: the image's aspect ratio "
-                        "at up to --max-tokens; auto (default): square for the paper's checkpoints, else native")
+                        "at up to --max-tokens; auto (default): square for the paper's checkpoints, else native. "
+                        "LLaVA-1.5 is always square (padded with its mean colour, as it is at inference)")
     p.add_argument("--calibration", type=int, default=16, help="records used by --heads auto (default 16)")
     p.add_argument("--top-k", type=int, default=2, help="layers kept by --heads auto (default 2)")
     p.add_argument("--tau-fg", type=float, default=None, help="foreground: attention > tau_fg x peak (default 0.2)")

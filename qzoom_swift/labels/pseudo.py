@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.families.registry import RELEASED_PAD_FILL
 from qzoom_swift.labels.gate import SHORT_ANSWER_INSTRUCTION
 from qzoom_swift.labels.jobs import (
     STATUS_REJECTED,
@@ -75,8 +76,6 @@ GROUNDING_INSTRUCTION = (
 
 RELEASED_GRID_SIDE = 24
 """The released labelling grid: every image padded to a square and encoded at exactly 24 x 24 = 576 tokens."""
-RELEASED_PAD_FILL = (127, 127, 127)
-"""The grey the released labelling pads with (``expand2square``, reference §2.1)."""
 GRIDS = ("auto", "square", "native")
 
 REJECT_REASONS = ("bad_json", "bad_messages", "no_question", "no_image", "multi_image", "image_tag_mismatch",
@@ -122,7 +121,8 @@ class PseudoLabelOptions(RunOptions):
     grid: str = "auto"
     """square: the released grid (padded to a square with grey, exactly 24 x 24 tokens, padding cells labelled
     background); native: the image's own aspect ratio at up to ``max_tokens``; auto: square for the paper's
-    checkpoints (the family registry's known sizes), native otherwise."""
+    checkpoints (the family registry's known sizes), native otherwise. LLaVA-1.5 is always square, padded with its
+    mean colour: it sees every image so at inference (``image_aspect_ratio: pad``)."""
     calibration: int = 16
     top_k: int = 2
     tau_fg: float | None = None
@@ -196,12 +196,14 @@ def set_fixed_visual_tokens(processor, tokens: int) -> bool:
     return True
 
 
-def released_grid_image(image, patch_unit: int, side_tokens: int = RELEASED_GRID_SIDE):
-    """The image as the released labelling shows it: padded to a grey square, resized to ``side_tokens`` cells."""
+def released_grid_image(image, patch_unit: int, side_tokens: int = RELEASED_GRID_SIDE,
+                        fill: tuple[int, int, int] = RELEASED_PAD_FILL):
+    """The image as the released labelling shows it: padded to a ``fill`` square (grey; LLaVA-1.5: its mean
+    colour), resized to ``side_tokens`` cells."""
     from qzoom_swift.roi import pad_to_square
 
     side = side_tokens * patch_unit
-    square = pad_to_square(image.convert("RGB"), RELEASED_PAD_FILL)
+    square = pad_to_square(image.convert("RGB"), fill)
     return square if square.size == (side, side) else square.resize((side, side), resample=3)
 
 
@@ -331,9 +333,17 @@ class PseudoLabelJob(LabelJob):
             raise JobError(f"--grounding-prompt {opts.grounding_prompt!r}: choose from auto, on, off")
         if opts.grid not in GRIDS:
             raise JobError(f"--grid {opts.grid!r}: choose from {', '.join(GRIDS)}")
-        self.square = opts.grid == "square" or (opts.grid == "auto" and
-                                                (num_layers, hidden) in adapter.spec.known_branch_layers)
+        if adapter.spec.fixed_resolution and opts.grid == "native":
+            raise JobError(f"--grid native: {adapter.spec.title} encodes every image as a square padded with its "
+                           "mean colour (image_aspect_ratio: pad), in training and at inference alike, so its labels "
+                           "are made on that square: use --grid auto or --grid square")
+        self.square = opts.grid == "square" or adapter.spec.fixed_resolution or (
+            opts.grid == "auto" and (num_layers, hidden) in adapter.spec.known_branch_layers)
         self.patch_unit = adapter.patch_unit
+        self.pad_fill = adapter.square_fill(self.processor)
+        # Qwen: the released 24 x 24; a fixed-size family: its own square grid (LLaVA-1.5: 24 x 24 at 336 px)
+        self.grid_side = (adapter.encoded_grid(self.model, {})[0] if adapter.spec.fixed_resolution
+                          else RELEASED_GRID_SIDE)
         capped = (set_fixed_visual_tokens(self.processor, RELEASED_GRID_SIDE ** 2) if self.square
                   else set_max_visual_tokens(self.processor, opts.max_tokens))
         self.eos = eos_token_ids(self.model, self.processor.tokenizer)
@@ -412,7 +422,8 @@ class PseudoLabelJob(LabelJob):
         t0 = time.perf_counter()
         texts = [processor.apply_chat_template(p.messages, add_generation_prompt=True) for _, p in valid]
         self.image_sizes.update({rid: p.image.size for rid, p in valid})
-        images = [released_grid_image(p.image, self.patch_unit) if self.square else p.image for _, p in valid]
+        images = [released_grid_image(p.image, self.patch_unit, self.grid_side, self.pad_fill) if self.square
+                  else p.image for _, p in valid]
         inputs = processor(text=texts, images=images, return_tensors="pt", padding=True).to(model.device)
         grids = image_grids(model, inputs)
         self.timing["preprocess_s"] += time.perf_counter() - t0
@@ -482,10 +493,10 @@ class PseudoLabelJob(LabelJob):
                                   sink_threshold=sel.sink_threshold, tau_norm=self.opts.tau_norm)
         known_bg = None
         if self.square:  # the padding of the released grid is known background
-            if (h, w) != (RELEASED_GRID_SIDE, RELEASED_GRID_SIDE):
-                raise RuntimeError(f"record {rid}: the released grid should be {RELEASED_GRID_SIDE}x"
-                                   f"{RELEASED_GRID_SIDE} tokens, the processor gave {h}x{w}")
-            known_bg = padding_cells(self.image_sizes.pop(rid), RELEASED_GRID_SIDE)
+            if (h, w) != (self.grid_side, self.grid_side):
+                raise RuntimeError(f"record {rid}: the square grid should be {self.grid_side}x{self.grid_side} "
+                                   f"tokens, the processor gave {h}x{w}")
+            known_bg = padding_cells(self.image_sizes.pop(rid), self.grid_side)
         res = tristate_labels(att, mask, known_bg=known_bg, **label_kwargs(self.label_cfg))
         data = {"qzoom_id": rid, "qzoom_status": res.status}
         data.update({k: v for k, v in rec.items() if not k.startswith("qzoom_")})

@@ -9,9 +9,10 @@ configured by ``QZOOM_GATE_*`` (``config.GateSampling``), with the same rule cod
 
 from __future__ import annotations
 
-QZOOM_COLUMNS = ("qzoom_gate", "qzoom_rpn_labels", "qzoom_roi", "qzoom_pad_square")
+QZOOM_COLUMNS = ("qzoom_gate", "qzoom_rpn_labels", "qzoom_roi", "qzoom_pad_square", "qzoom_attn_grid")
 """gate label (0/1); tri-state RPN label map(s) per image; RoI box normalised to the source image; labels made
-on the released grid (the template pads the image to a grey square, as labelling did)."""
+on the released grid (the template pads the image to a grey square, as labelling did); the labelling grid
+[rows, cols] (the template encodes the image at exactly that grid)."""
 
 
 def register_dataset_keys() -> None:

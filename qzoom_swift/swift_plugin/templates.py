@@ -43,17 +43,50 @@ def _num_images(encoded: dict) -> int:
     return 0
 
 
-def _pad_to_square(inputs, index: int) -> None:
-    """Pad image ``index`` to a grey square, as ``qzoom pseudo-labels --grid square`` showed it to the model."""
-    from qzoom_swift.labels.pseudo import RELEASED_PAD_FILL
+def _label_grid(extra: dict, n_images: int) -> tuple[int, int] | None:
+    """The (rows, cols) a stage-1 row was labelled on: its label map's shape, else ``qzoom_attn_grid``."""
+    labels = extra.get("qzoom_rpn_labels")
+    maps = _rpn_maps(labels) if labels is not None else []
+    if len(maps) == 1 and maps[0] is not None and maps[0].dim() == 2:
+        return tuple(maps[0].shape)
+    grid = extra.get("qzoom_attn_grid")
+    if grid is None:
+        return None
+    if n_images != 1:
+        raise ValueError(f"qzoom_attn_grid {grid} names one label grid for a record with {n_images} images: "
+                         "stage-1 rows hold one image (qzoom pseudo-labels writes them so)")
+    return int(grid[0]), int(grid[1])
+
+
+def _show_training_image(inputs, index: int, family: str, processor) -> None:
+    """Stage-1 rows reach the model exactly as labelling showed them: the same padding, the same token grid.
+
+    ``qzoom_pad_square`` rows are padded to a square with the family's fill (the released grey; LLaVA-1.5's mean
+    colour, which every LLaVA image gets anyway). A row with a label map is then resized to its grid and encoded
+    with min = max pixels, so ms-swift's ``IMAGE_MIN/MAX_TOKEN_NUM`` cannot coarsen it (a 500 px square would
+    otherwise train at 18 x 18 and max-pool its 24 x 24 labels). A row that asks for its own budget
+    (``chat_template_kwargs`` min/max pixels, as the zoom bench's low-budget rows do) keeps it, and training
+    resamples its labels (``training.resample_label_map``).
+    """
+    from qzoom_swift.families import get_adapter
     from qzoom_swift.roi import pad_to_square
 
+    adapter = get_adapter(family)
+    extra = inputs.extra_kwargs or {}
     image = inputs.images[index]
     if isinstance(image, str):
         from swift.template import load_image
 
         image = load_image(image)
-    inputs.images[index] = pad_to_square(image.convert("RGB"), RELEASED_PAD_FILL)
+    image = adapter.source_image(image, processor)
+    if extra.get("qzoom_pad_square"):
+        image = pad_to_square(image.convert("RGB"), adapter.square_fill(processor))
+    own_budget = {"min_pixels", "max_pixels"} & set(inputs.chat_template_kwargs or {})
+    grid = None if own_budget else _label_grid(extra, len(inputs.images or []))
+    if grid is not None:
+        image = adapter.image_at_grid(image, grid)
+        inputs.chat_template_kwargs.update(adapter.budget_template_kwargs(grid[0] * grid[1], grid[0] * grid[1]))
+    inputs.images[index] = image
 
 
 def _describe_media(item) -> str:
@@ -186,8 +219,6 @@ class QZoomTemplateMixin(PairingGuardMixin):
         super()._preprocess_inputs(inputs)
 
     def replace_tag(self, media_type, index, inputs):
-        if media_type == "image" and self.is_training and (inputs.extra_kwargs or {}).get("qzoom_pad_square"):
-            _pad_to_square(inputs, index)  # labels made on the released (square-padded) grid
         zoom_training = self.is_training and (inputs.extra_kwargs or {}).get("qzoom_roi") is not None
         if media_type == "image" and (not self.is_training or zoom_training):
             image = inputs.images[index]
@@ -196,13 +227,19 @@ class QZoomTemplateMixin(PairingGuardMixin):
 
                 image = load_image(image)
             inputs.extra_kwargs.setdefault("qzoom_src_images", {})[index] = image  # the original, for crops
-        if media_type == "image" and not self.is_training:
+        if media_type == "image" and self.is_training and not zoom_training:
+            _show_training_image(inputs, index, self.qzoom_family, self.processor)  # as labelling showed it
+        elif media_type == "image":
             from qzoom_swift.families import get_adapter
 
-            cfg = self._qzoom_config()
-            budget = get_adapter(self.qzoom_family).budget_template_kwargs(cfg.low_min_tokens, cfg.low_max_tokens)
-            for key, value in budget.items():
-                inputs.chat_template_kwargs.setdefault(key, value)
+            adapter = get_adapter(self.qzoom_family)
+            inputs.images[index] = adapter.source_image(inputs.extra_kwargs["qzoom_src_images"][index],
+                                                        self.processor)
+            if not self.is_training:
+                cfg = self._qzoom_config()
+                budget = adapter.budget_template_kwargs(cfg.low_min_tokens, cfg.low_max_tokens)
+                for key, value in budget.items():
+                    inputs.chat_template_kwargs.setdefault(key, value)
         return super().replace_tag(media_type, index, inputs)
 
     def _encode(self, inputs):
