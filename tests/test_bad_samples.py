@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from qzoom_swift.failures import OOM_REASON, is_out_of_memory
@@ -70,3 +71,144 @@ def test_labelling_records_a_cpu_allocation_failure_as_out_of_memory(tiny_dir, t
     labelled = [r for shard in sorted(out.glob("shard-*.jsonl")) for r in _lines(shard)]
     assert sorted(int(r["qzoom_id"].split("-")[0]) for r in labelled) == [0, 2]
     assert summary["complete"]
+
+
+# ------------------------------------------------------------------- item 2: a bad eval sample fails alone
+
+
+def _message(i: int, corrupt: bool = False):
+    import base64
+    import io
+
+    from evalscope.api.messages import ChatMessageUser, ContentImage, ContentText
+
+    from qzoom_swift.synthetic.images import make_shape_image, sample_shapes
+
+    buf = io.BytesIO()
+    make_shape_image(sample_shapes(4, (224, 168), seed=i)[i], (224, 168)).save(buf, format="PNG")
+    data = buf.getvalue()[: len(buf.getvalue()) // 2] if corrupt else buf.getvalue()
+    uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    return [ChatMessageUser(content=[ContentText(text=f"Which colour is shape {i}?"), ContentImage(image=uri)])]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_model_api_scores_a_bad_sample_as_failed_and_answers_the_others(tiny_dir, monkeypatch, batch):
+    """A truncated image and a sample whose forward runs out of memory (batch 1 and one batch of 4):
+    each gets an empty, failed answer naming its reason; the other samples get the answers they get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from evalscope.api.model import GenerateConfig
+
+    from qzoom_swift.eval.model_api import UNREADABLE_IMAGE, QZoomAPI
+
+    knobs = dict(low_max_tokens=32, low_min_tokens=16, roi_max_tokens=32, roi_min_tokens=16, device="cpu",
+                 max_new_tokens=3, mode="zoom", tau_gate=0.0)
+    api = QZoomAPI(str(tiny_dir("qwen2_5_vl")), max_batch_size=batch, batch_window_s=5.0 if batch > 1 else 0.0,
+                   **knobs)
+    alone = {i: api.generate(_message(i), [], "auto", GenerateConfig()).completion for i in (0, 3)}
+    real = api.qz.generate
+    sizes: list[int] = []
+
+    def generate(images, questions, **kwargs):
+        sizes.append(len(questions))
+        if any("shape 2" in q for q in questions):  # this sample's activations do not fit: a real CPU failure
+            torch.empty(2**42, dtype=torch.uint8)
+        return real(images, questions, **kwargs)
+
+    monkeypatch.setattr(api.qz, "generate", generate)
+    msgs = [_message(0), _message(1, corrupt=True), _message(2), _message(3)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda m: api.generate(m, [], "auto", GenerateConfig()), msgs))
+    meta = [o.metadata["qzoom"] for o in outs]
+    assert [m.get("failure") for m in meta] == [None, UNREADABLE_IMAGE, OOM_REASON, None]
+    assert outs[1].completion == "" and "image file is truncated" in outs[1].error and meta[1]["failed"]
+    assert outs[2].completion == "" and "DefaultCPUAllocator" in meta[2]["error"]
+    assert outs[0].completion == alone[0] and outs[3].completion == alone[3]  # the neighbours are answered
+    assert not meta[0].get("failed") and meta[0]["visual_tokens"] > 0
+    if batch > 1:
+        assert sizes[0] == 3 and sorted(sizes[1:]) == [1, 1, 1]  # the failed batch of 3, then one by one
+
+
+def test_a_model_that_fails_every_sample_stops_the_benchmark(tiny_dir, monkeypatch):
+    """More failures in a row than MAX_CONSECUTIVE_FAILURES is a broken model, not bad samples: it raises."""
+    from evalscope.api.model import GenerateConfig
+
+    from qzoom_swift.eval.model_api import QZoomAPI
+    from qzoom_swift.failures import MAX_CONSECUTIVE_FAILURES, MODEL_ERROR
+
+    api = QZoomAPI(str(tiny_dir("qwen2_5_vl")), device="cpu", max_new_tokens=2, low_max_tokens=32,
+                   low_min_tokens=16)
+    monkeypatch.setattr(api.qz, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broken weights")))
+    for _ in range(MAX_CONSECUTIVE_FAILURES):
+        assert api.generate(_message(0), [], "auto", GenerateConfig()).metadata["qzoom"]["failure"] == MODEL_ERROR
+    with pytest.raises(RuntimeError, match=f"failed on {MAX_CONSECUTIVE_FAILURES + 1} samples in a row"):
+        api.generate(_message(0), [], "auto", GenerateConfig())
+
+
+def _eval_cli(args: list[str]) -> str:
+    import contextlib
+    import io
+
+    from qzoom_swift import cli
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(args)
+    assert rc == 0, buf.getvalue()[-3000:]
+    return buf.getvalue()
+
+
+def _predictions(run_dir) -> dict[tuple[str, int], dict]:
+    rows = {}
+    for f in sorted(run_dir.glob("evalscope/*/predictions/*/*.jsonl")):
+        for row in _lines(f):
+            rows[(f.name, row["index"])] = row
+    return rows
+
+
+@pytest.mark.slow
+def test_qzoom_eval_scores_a_corrupt_sample_as_failed_and_goes_on(tmp_path, tiny_dir, monkeypatch):
+    """Sample 1 of each benchmark is a truncated image: at batch 1 and on two CPU workers at batch 4, every other
+    sample is answered, the corrupt one is scored (in n) as failed with its reason in the predictions and the
+    summary, the command succeeds, and a rerun finds the results current instead of stopping on it again."""
+    from qzoom_swift.testing.eval_data import write_eval_datasets
+
+    benches = ("docvqa", "vstar_bench")
+    write_eval_datasets(tmp_path / "data", benches, n=4, corrupt=[1], hr_size=(448, 336))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    base = ["eval", "--model", str(tiny_dir("qwen2_5_vl")), "--run", "zoom:64:tau_gate=0", "--benchmarks",
+            ",".join(benches), "--data-root", str(tmp_path / "data"), "--max-new-tokens", "2"]
+    runs = {"b1": [*base, "--out", str(tmp_path / "b1"), "--device", "cpu"],
+            "b4": [*base, "--out", str(tmp_path / "b4"), "--devices", "cpu,cpu", "--eval-batch-size", "4"]}
+    for name, args in runs.items():
+        stdout = _eval_cli(args)
+        run_dir = tmp_path / name / "runs" / "zoom@64"
+        preds = _predictions(run_dir)
+        assert len(preds) == 8, sorted(preds)  # every sample ran, the ones after the corrupt one included
+        for (file, index), row in preds.items():
+            out, meta = row["model_output"], row["model_output"]["metadata"]["qzoom"]
+            if index == 1:
+                assert meta["failed"] and meta["failure"] == "unreadable_image", (name, file)
+                assert "image file is truncated" in out["error"] and out["choices"][0]["message"]["content"] == ""
+            else:
+                assert not meta.get("failed") and meta["visual_tokens"] > 0, (name, file, index)
+        for bench in benches:
+            result = json.loads((run_dir / "bench" / f"{bench}.json").read_text())["result"]
+            assert (result["samples"], result["num"], result["failed"]) == (4, 4, 1)
+            assert result["failures"] == {"unreadable_image": 1} and result["failed_samples"][0]["index"] == 1
+            assert result["zoom_rate"] == 1.0  # over the three answered samples
+        row = next(r for r in csv_rows(tmp_path / name / "summary.csv"))
+        assert (row["samples"], row["failed"]) == ("8", "2")
+        assert "| 8 | 2 |" in stdout
+        if name == "b4":
+            sizes = [r["model_output"]["metadata"]["qzoom"]["batch_size"] for r in preds.values() if r["index"] != 1]
+            assert max(sizes) > 1  # it did batch, with the corrupt sample among the concurrent calls
+    again = _eval_cli(runs["b1"])
+    assert "zoom@64: stored results are current, skipped" in again
+
+
+def csv_rows(path) -> list[dict]:
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))

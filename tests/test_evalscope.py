@@ -318,7 +318,7 @@ def test_qzoom_eval_summary_table_and_plot(e2e):
     assert [r["run"] for r in rows] == ["baseline@64", "zoom@64"]
     assert [r["mode"] for r in rows] == ["baseline", "zoom"] and [r["budget"] for r in rows] == ["64", "64"]
     assert list(rows[0]) == ["run", "mode", "budget", *E2E_BENCHMARKS, "avg_accuracy", "throughput_sps",
-                             "rel_throughput", "mean_visual_tokens", "zoom_rate", "samples"]
+                             "rel_throughput", "mean_visual_tokens", "zoom_rate", "samples", "failed"]
     for r in rows:
         accs = [float(r[b]) for b in E2E_BENCHMARKS]
         assert all(0.0 <= a <= 1.0 for a in accs)

@@ -431,8 +431,12 @@ def worker(spec_path: str | Path, parent_pid: int | None = None) -> int:
     pending = _pending(spec)
     for index, name in enumerate(pending, 1):
         result = _run_benchmark(spec, name, index, len(pending))
+        rate = "-" if result["zoom_rate"] is None else f"{result['zoom_rate']:.2f}"
         print(f"[worker {model_id}] {name}: score {result['score']:.4f}, {result['samples']} samples, "
-              f"zoom rate {result['zoom_rate']:.2f}", flush=True)
+              f"zoom rate {rate}", flush=True)
+        for bad in result.get("failed_samples", []):  # scored as failed; the run went on
+            print(f"[worker {model_id}] {name}: sample {bad['subset']}#{bad['index']} failed ({bad['failure']}: "
+                  f"{bad['error'][:200]})", flush=True)
     return 0
 
 

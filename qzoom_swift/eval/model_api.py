@@ -30,6 +30,12 @@ grouped into one ``QZoomModel.generate`` batch of up to ``max_batch_size`` sampl
 one batch runs at a time, and a batch that fails is retried sample by sample. ``latency`` is then the
 sample's share of its batch (the sum over a benchmark is the model time, so throughput counts the
 batching gain); ``max_batch_size=1`` (the default) answers one sample at a time, for per-sample latency.
+
+A sample that cannot be answered (an unreadable image: ``unreadable_image``; a failure inside the model:
+``out_of_memory`` or ``model_error``) is answered with empty text, so the benchmark scores it as failed and
+counts it, and the run goes on: its ``ModelOutput.error`` and ``metadata["qzoom"]`` (``failed``, ``failure``,
+``error``) record why in the predictions. More than ``MAX_CONSECUTIVE_FAILURES`` model failures in a row
+is a broken model or setup, not bad samples: that raises, and the benchmark stops.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -54,6 +61,14 @@ from PIL import Image
 import qzoom_swift.eval.benchmarks  # noqa: F401  (registers textvqa, hr_bench_*, mme_realworld_lite)
 from qzoom_swift.config import effective_config
 from qzoom_swift.eval.batcher import Batcher
+from qzoom_swift.failures import (
+    MAX_CONSECUTIVE_FAILURES,
+    is_out_of_memory,
+    model_failure_reason,
+    release_memory,
+)
+
+logger = logging.getLogger(__name__)
 
 MODEL_API_NAME = "qzoom"
 # QZoomConfig fields that may be set per evalscope task (inference knobs).
@@ -64,6 +79,8 @@ DEFAULT_MAX_BATCH_SIZE = 1
 """Samples per ``QZoomModel.generate`` call (model_args ``max_batch_size``); 1 = one sample at a time."""
 DEFAULT_BATCH_WINDOW_S = 0.05
 """Seconds a call waits for companions before its batch runs anyway (model_args ``batch_window_s``)."""
+UNREADABLE_IMAGE = "unreadable_image"
+"""Failure reason of a sample whose image does not decode (the labelling jobs' reject reason of the same name)."""
 
 _MODELS: dict[tuple, Any] = {}
 _MODELS_LOCK = threading.Lock()
@@ -89,9 +106,14 @@ def _batch_runner(qz):
     def run_batch(_key: str, requests: list[_Request]) -> list[tuple[Any, int, float]]:
         first = requests[0]
         t0 = time.perf_counter()
-        answers = qz.generate([r.images for r in requests], [r.question for r in requests],
-                              config_overrides=first.overrides, max_new_tokens=first.max_new_tokens, **first.kwargs)
-        _sync(qz)
+        try:
+            answers = qz.generate([r.images for r in requests], [r.question for r in requests],
+                                  config_overrides=first.overrides, max_new_tokens=first.max_new_tokens,
+                                  **first.kwargs)
+            _sync(qz)
+        except Exception:
+            release_memory()  # what the failed forward held, before the batcher retries its samples one by one
+            raise
         wall = time.perf_counter() - t0
         return [(answer, len(requests), wall) for answer in answers]
 
@@ -218,13 +240,19 @@ class QZoomAPI(ModelAPI):
         self.effective_config = effective_config(self.qz.config, self.overrides)
         self.default_max_new_tokens = int(max_new_tokens)
         self.checkpoint = checkpoint
+        self._failures_in_a_row = 0
+        self._failures_lock = threading.Lock()
 
     def max_tokens(self) -> int | None:
         return self.default_max_new_tokens
 
     def generate(self, input: list[ChatMessage], tools: list[ToolInfo], tool_choice: ToolChoice,
                  config: GenerateConfig) -> ModelOutput:
-        images, question = split_messages(input)  # decoding is not part of the timed model work
+        try:
+            images, question = split_messages(input)  # decoding is not part of the timed model work
+        except Exception as exc:  # the sample's own data: it fails alone, the benchmark goes on
+            reason = model_failure_reason(exc) if is_out_of_memory(exc) else UNREADABLE_IMAGE
+            return self._failed(reason, exc, input)
         max_new = int(config.max_tokens or self.default_max_new_tokens)
         kwargs: dict[str, Any] = {}
         if config.do_sample:
@@ -235,8 +263,15 @@ class QZoomAPI(ModelAPI):
         if config.repetition_penalty is not None:
             kwargs["repetition_penalty"] = config.repetition_penalty
         request = _Request(images, question, dict(self.overrides), max_new, kwargs)
-        answer, batch_size, batch_wall = self._batcher.submit(request, request.key, max_batch=self.max_batch_size,
-                                                              window_s=self.batch_window_s)
+        try:
+            answer, batch_size, batch_wall = self._batcher.submit(request, request.key,
+                                                                  max_batch=self.max_batch_size,
+                                                                  window_s=self.batch_window_s)
+        except Exception as exc:  # the batcher already retried a failed batch one sample at a time
+            self._count_model_failure(exc)
+            return self._failed(model_failure_reason(exc), exc, input)
+        with self._failures_lock:
+            self._failures_in_a_row = 0
         wall = batch_wall / batch_size  # this sample's share of its batch
         st = answer.stats
         text = answer.text
@@ -262,6 +297,42 @@ class QZoomAPI(ModelAPI):
             "num_images": len(images), "image_size": list(images[-1].size) if images else None,
         }}
         return output
+
+
+    def _count_model_failure(self, exc: Exception) -> None:
+        """A model that fails sample after sample is broken: stop rather than score a whole benchmark 0."""
+        with self._failures_lock:
+            self._failures_in_a_row += 1
+            count = self._failures_in_a_row
+        if count > MAX_CONSECUTIVE_FAILURES:
+            raise RuntimeError(f"qzoom: the model failed on {count} samples in a row (last: {type(exc).__name__}: "
+                               f"{str(exc)[:300]}); this is not one bad sample, stopping") from exc
+
+    def _failed(self, reason: str, exc: Exception, input: list[ChatMessage]) -> ModelOutput:
+        """The answer of a sample that could not be answered: empty text (scored as failed) and why."""
+        error = f"{type(exc).__name__}: {str(exc)[:500]}"
+        logger.warning("qzoom: a sample failed (%s, %s); it is scored as failed and the run goes on. Question: %r",
+                       reason, error, _question_hint(input))
+        output = ModelOutput.from_content(model=self.model_name, content="", stop_reason="unknown")
+        output.error = f"{reason}: {error}"
+        output.usage = ModelUsage(input_tokens=0, output_tokens=0, total_tokens=0)
+        output.time = 0.0
+        cfg = self.effective_config
+        output.metadata = {"qzoom": {"failed": True, "failure": reason, "error": error, "mode": cfg.mode,
+                                     "tau_gate": cfg.tau_gate, "tau_roi": cfg.tau_roi}}
+        return output
+
+
+def _question_hint(messages: list[ChatMessage]) -> str:
+    """The first words of a sample's text (its index is only known to evalscope, which records it)."""
+    for msg in messages:
+        content = getattr(msg, "content", "")
+        parts = [content] if isinstance(content, str) else [getattr(p, "text", "") for p in content
+                                                               if isinstance(p, ContentText)]
+        text = " ".join(t for t in parts if t).strip()
+        if text:
+            return text[:80]
+    return ""
 
 
 def _sync(qz) -> None:

@@ -69,31 +69,41 @@ def collect_benchmark(work_dir: str | Path, model_id: str, benchmark: str) -> di
             meta = ((row.get("model_output") or {}).get("metadata") or {}).get("qzoom")
             if meta is None:
                 continue
-            samples.append({**meta, "score": scores.get(row.get("index"))})
+            samples.append({**meta, "score": scores.get(row.get("index")), "index": row.get("index"),
+                            "subset": pred_path.stem.removeprefix(f"{benchmark}_")})
     if not samples:
         raise ValueError(f"{benchmark}: no per-sample qzoom metadata in {work_dir / 'predictions' / model_id}")
 
-    total_latency = sum(s["latency_s"] for s in samples)
-    zoomed = [s for s in samples if s.get("zoomed")]
-    direct = [s for s in samples if not s.get("zoomed")]
+    # a failed sample counts in the score (evalscope scored its empty answer) and in `samples`, and is listed;
+    # latency, tokens, zoom rate and gate come from the answered ones
+    failed = [s for s in samples if s.get("failed")]
+    answered = [s for s in samples if not s.get("failed")]
+    total_latency = sum(s["latency_s"] for s in answered)
+    zoomed = [s for s in answered if s.get("zoomed")]
+    direct = [s for s in answered if not s.get("zoomed")]
     return {
         "benchmark": benchmark,
         "metric": metric,
         "score": score,
         "num": num,
         "samples": len(samples),
+        "failed": len(failed),
+        "failures": {r: sum(1 for s in failed if s["failure"] == r) for r in sorted({s["failure"] for s in failed})},
+        "failed_samples": [{"subset": s["subset"], "index": s["index"], "failure": s["failure"],
+                            "error": s.get("error", "")} for s in failed],
         "latency_total_s": total_latency,
-        "latency_mean_s": total_latency / len(samples),
-        "throughput_sps": len(samples) / total_latency if total_latency > 0 else None,
-        "visual_tokens_mean": _mean([s["visual_tokens"] for s in samples]),
-        "visual_tokens_low_mean": _mean([s["visual_tokens_low"] for s in samples]),
-        "prompt_tokens_mean": _mean([s["prompt_tokens"] for s in samples]),
-        "output_tokens_mean": _mean([s.get("output_tokens", 0) for s in samples]),
-        "zoom_rate": len(zoomed) / len(samples),
-        "gate_prob_mean": _mean([s.get("gate_prob") for s in samples]),
+        "latency_mean_s": total_latency / len(answered) if answered else None,
+        "throughput_sps": len(answered) / total_latency if total_latency > 0 else None,
+        "visual_tokens_mean": _mean([s["visual_tokens"] for s in answered]),
+        "visual_tokens_low_mean": _mean([s["visual_tokens_low"] for s in answered]),
+        "prompt_tokens_mean": _mean([s["prompt_tokens"] for s in answered]),
+        "output_tokens_mean": _mean([s.get("output_tokens", 0) for s in answered]),
+        "zoom_rate": len(zoomed) / len(answered) if answered else None,
+        "gate_prob_mean": _mean([s.get("gate_prob") for s in answered]),
         "score_zoomed": _mean([s["score"] for s in zoomed]),
         "score_direct": _mean([s["score"] for s in direct]),
-        "reasons": {r: sum(1 for s in samples if s.get("reason") == r) for r in sorted({s.get("reason") for s in samples})},
+        "reasons": {r: sum(1 for s in answered if s.get("reason") == r)
+                    for r in sorted({s.get("reason") for s in answered})},
     }
 
 
@@ -123,6 +133,7 @@ def _run_row(run: dict[str, Any], names: list[str], ref: dict[str, Any] | None) 
     row["mean_visual_tokens"] = _mean([per[n]["visual_tokens_mean"] for n in names if n in per])
     row["zoom_rate"] = _mean([per[n]["zoom_rate"] for n in names if n in per])
     row["samples"] = sum(per[n]["samples"] for n in names if n in per)
+    row["failed"] = sum(per[n].get("failed", 0) for n in names if n in per)
     groups = {}
     for group in dict.fromkeys(BENCHMARKS[n].group for n in names):
         members = [n for n in names if BENCHMARKS[n].group == group]
@@ -149,7 +160,8 @@ def summarize(runs: list[dict[str, Any]], names: list[str], reference: str | Non
 
 
 CSV_FIXED = ("run", "mode", "budget")
-CSV_TAIL = ("avg_accuracy", "throughput_sps", "rel_throughput", "mean_visual_tokens", "zoom_rate", "samples")
+CSV_TAIL = ("avg_accuracy", "throughput_sps", "rel_throughput", "mean_visual_tokens", "zoom_rate", "samples",
+            "failed")
 
 
 def _fmt(value: Any, kind: str) -> str:
@@ -169,17 +181,19 @@ def _fmt(value: Any, kind: str) -> str:
 def to_markdown(summary: dict[str, Any], title: str = "Q-Zoom evaluation") -> str:
     names = summary["benchmarks"]
     head = ["run", "mode", "budget", *(BENCHMARKS[n].pretty for n in names), "Avg", "rel. throughput",
-            "samples/s", "visual tokens", "zoom rate", "n"]
+            "samples/s", "visual tokens", "zoom rate", "n", "failed"]
     lines = [f"# {title}", "",
              f"Accuracy in % (evalscope's primary metric per benchmark); throughput relative to "
              f"`{summary['reference']}` (rectified over full split sizes, model time per sample, batch 1); "
              "visual tokens = low-resolution view + crop, mean per sample; zoom rate = share of zoomed samples. "
-             "Averages count each benchmark once.", "",
+             "Averages count each benchmark once. failed = samples that could not be answered (unreadable image, "
+             "out of memory, model error): scored as wrong, counted in n, listed in each benchmark's result.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary["rows"]:
         cells = [row["run"], row["mode"], str(row["budget"]), *(_fmt(row[n], "pct") for n in names),
                  _fmt(row["avg_accuracy"], "pct"), _fmt(row["rel_throughput"], "x"), _fmt(row["throughput_sps"], "f3"),
-                 _fmt(row["mean_visual_tokens"], "f0"), _fmt(row["zoom_rate"], "pct"), str(row["samples"])]
+                 _fmt(row["mean_visual_tokens"], "f0"), _fmt(row["zoom_rate"], "pct"), str(row["samples"]),
+                 str(row.get("failed", 0))]
         lines.append("| " + " | ".join(cells) + " |")
     groups = list(dict.fromkeys(g for row in summary["rows"] for g in row["groups"]))
     if len(groups) > 1:

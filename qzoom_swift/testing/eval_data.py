@@ -11,25 +11,47 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
-from qzoom_swift.synthetic.images import COLOURS, QUESTION, make_shape_image, sample_shapes
+from qzoom_swift.synthetic.images import COLOURS, QUESTION, ShapeSample, make_shape_image, sample_shapes
 
 LETTERS = "ABCDE"
 
 
-def _png(sample, size) -> bytes:
+@dataclass(frozen=True)
+class CorruptShape(ShapeSample):
+    """A sample whose stored image is cut in half (PIL: "image file is truncated"), as a bad download is."""
+
+
+@dataclass(frozen=True)
+class LargeShape(ShapeSample):
+    """A sample whose image is drawn at ``pixels`` (width, height) instead of the benchmark's size."""
+
+    pixels: tuple[int, int] = (0, 0)
+
+
+def _encoded(sample, size, fmt: str, **kwargs: Any) -> bytes:
+    corrupt = isinstance(sample, CorruptShape)
+    if isinstance(sample, LargeShape):
+        sx, sy = sample.pixels[0] / size[0], sample.pixels[1] / size[1]
+        x0, y0, x1, y1 = sample.box
+        sample, size = ShapeSample(sample.colour, sample.shape, (int(x0 * sx), int(y0 * sy), int(x1 * sx),
+                                                                 int(y1 * sy))), sample.pixels
     buf = io.BytesIO()
-    make_shape_image(sample, size).save(buf, format="PNG")
-    return buf.getvalue()
+    make_shape_image(sample, size).save(buf, format=fmt, **kwargs)
+    data = buf.getvalue()
+    return data[: len(data) // 2] if corrupt else data
+
+
+def _png(sample, size) -> bytes:
+    return _encoded(sample, size, "PNG")
 
 
 def _jpeg(sample, size) -> bytes:
-    buf = io.BytesIO()
-    make_shape_image(sample, size).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return _encoded(sample, size, "JPEG", quality=90)
 
 
 def _options(answer: str, k: int, i: int) -> tuple[list[str], str]:
@@ -157,15 +179,23 @@ HIGH_RES = {"vstar_bench", "hr_bench_4k", "hr_bench_8k", "mme_realworld_lite"}
 
 
 def write_eval_datasets(root: str | Path, names: Iterable[str] = tuple(WRITERS), n: int = 2, *, seed: int = 0,
-                        size: tuple[int, int] = (336, 224), hr_size: tuple[int, int] = (672, 448)) -> dict[str, Path]:
-    """Write tiny copies of ``names`` under ``root`` (one folder each); returns ``{name: folder}``."""
+                        size: tuple[int, int] = (336, 224), hr_size: tuple[int, int] = (672, 448),
+                        corrupt: Iterable[int] = (), large: Mapping[int, tuple[int, int]] | None = None,
+                        ) -> dict[str, Path]:
+    """Write tiny copies of ``names`` under ``root`` (one folder each); returns ``{name: folder}``.
+
+    ``corrupt``: sample indices whose stored image is truncated (unreadable); ``large``: index -> (width,
+    height) of a sample drawn far larger than the others (a memory-pressure probe).
+    """
+    corrupt, large = set(corrupt), dict(large or {})
     root = Path(root)
     out = {}
     for name in names:
         if name not in WRITERS:
             raise ValueError(f"no tiny writer for benchmark {name!r}; known: {', '.join(WRITERS)}")
         sz = hr_size if name in HIGH_RES else size
-        shapes = sample_shapes(n, sz, seed)
+        shapes = [CorruptShape(*astuple(s)) if i in corrupt else LargeShape(*astuple(s), pixels=large[i]) if i in large
+                  else s for i, s in enumerate(sample_shapes(n, sz, seed))]
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         WRITERS[name](folder, shapes, sz)
