@@ -234,6 +234,34 @@ def _check(kind: str, code: int, body: dict, reference: dict[str, str]) -> str |
     return None if text == reference[kind] else f"answer {text!r} != reference {reference[kind]!r}"
 
 
+def _tally(report: SoakReport, results: list[tuple[str, float, str | None]], decisions: list[str]) -> None:
+    """Fill ``report`` from the (kind, seconds, problem) of every request and the server's logged decisions."""
+    latencies = [s for _, s, _ in results]
+    report.sent = len(results)
+    if not results:
+        return
+    report.p50_s = statistics.median(latencies)
+    report.p95_s = statistics.quantiles(latencies, n=20)[-1] if len(latencies) > 1 else latencies[0]
+    for kind in KINDS:
+        mine = [(s, p) for k, s, p in results if k == kind]
+        report.by_kind[kind] = {"sent": len(mine), "ok": sum(p is None for _, p in mine),
+                                "p50_s": round(statistics.median([s for s, _ in mine]), 3) if mine else None}
+    for kind, _, problem in results:
+        if problem is not None:
+            report.failed_unexpectedly += 1
+            if len(report.unexpected) < 20:
+                report.unexpected.append((kind, problem))
+        elif kind in EXPECTED_ERRORS:
+            report.failed_as_expected += 1
+        else:
+            report.answered += 1
+    report.decisions = {d: decisions.count(d) for d in sorted(set(decisions))}
+    wanted = {DECISIONS[k]: report.by_kind[k]["ok"] for k in DECISIONS if report.by_kind[k]["ok"]}
+    if report.decisions != wanted:  # e.g. a corrupt request that reached the model, or a kind decided otherwise
+        report.failed_unexpectedly += 1
+        report.unexpected.append(("server decisions", f"logged {report.decisions}, expected {wanted}"))
+
+
 def run_soak(model_dir: str | Path, workdir: Path, spec: SoakSpec, log=print) -> SoakReport:
     """Calibrate, start the soak server, send the stream, stop the server; the report says what happened."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -296,28 +324,7 @@ def run_soak(model_dir: str | Path, workdir: Path, spec: SoakSpec, log=print) ->
         report.batch_sizes = {n: sizes.count(n) for n in sorted(set(sizes))}
     finally:
         stop_process_tree(proc)
-    latencies = [s for _, s, _ in results]
-    report.sent = len(results)
-    report.p50_s = statistics.median(latencies)
-    report.p95_s = statistics.quantiles(latencies, n=20)[-1] if len(latencies) > 1 else latencies[0]
-    for kind in KINDS:
-        mine = [(s, p) for k, s, p in results if k == kind]
-        report.by_kind[kind] = {"sent": len(mine), "ok": sum(p is None for _, p in mine),
-                                "p50_s": round(statistics.median([s for s, _ in mine]), 3) if mine else None}
-    for kind, _, problem in results:
-        if problem is not None:
-            report.failed_unexpectedly += 1
-            if len(report.unexpected) < 20:
-                report.unexpected.append((kind, problem))
-        elif kind in EXPECTED_ERRORS:
-            report.failed_as_expected += 1
-        else:
-            report.answered += 1
-    report.decisions = {d: decisions.count(d) for d in sorted(set(decisions))}
-    wanted = {DECISIONS[k]: report.by_kind[k]["ok"] for k in DECISIONS if report.by_kind[k]["ok"]}
-    if report.decisions != wanted:  # e.g. a corrupt request that reached the model, or a kind decided otherwise
-        report.failed_unexpectedly += 1
-        report.unexpected.append(("server decisions", f"logged {report.decisions}, expected {wanted}"))
+    _tally(report, results, decisions)
     return report
 
 
