@@ -63,6 +63,30 @@ def test_a_padded_500x375_row_trains_at_exactly_24x24(tiny_dir, wide_image, fami
     assert _merged_grid(template.encode(null)) == (24, 24)
 
 
+@pytest.mark.slow  # runs swift sft (one step)
+def test_swift_sft_trains_a_padded_500x375_row_at_24x24_whatever_the_token_env(tiny_dir, wide_image, tmp_path):
+    """The CLI itself: ms-swift logs the first encoded row, whose image placeholder is 24 x 24 = 576 tokens even
+    with IMAGE_MAX_TOKEN_NUM=256 and IMAGE_MIN_TOKEN_NUM=4 in the environment."""
+    import json
+    from pathlib import Path
+
+    from qzoom_swift.bench.sft import run_swift_concurrently
+    from qzoom_swift.swift_plugin import plugin_path
+
+    model = tiny_dir("qwen2_5_vl")
+    image_token = json.loads((model / "config.json").read_text())["image_token_id"]
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(_row(wide_image, (24, 24), qzoom_pad_square=True, qzoom_attn_grid=[24, 24])) + "\n")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "stage1_sdrpn.yaml"
+    args = ["sft", str(recipe), "--model", str(model), "--dataset", str(data), "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "1", "--save_steps", "1", "--external_plugins", plugin_path()]
+    run = run_swift_concurrently({"sft": args}, tmp_path / "work",
+                                 env={"IMAGE_MAX_TOKEN_NUM": "256", "IMAGE_MIN_TOKEN_NUM": "4"})["sft"]
+    assert run.returncode == 0, run.tail()
+    log = run.log.read_text(errors="replace")
+    assert f"[{image_token} * 576]" in log, [line for line in log.splitlines() if "[INPUT]" in line]
+
+
 def test_native_grid_rows_train_at_their_labelling_grid(tiny_dir, wide_image):
     from qwen_vl_utils import smart_resize
 
