@@ -19,13 +19,24 @@ from qzoom_swift.families import FamilyAdapter, family_of, get_adapter
 BRANCH_ATTR = "qzoom_branch"
 
 
-class QZoomGate(nn.Module):
-    """R copied decoder layers, then Linear(d, 1) on the last prompt token (no final norm, as released)."""
+GATE_HEAD_STD = 0.02
+"""The gate head's init std when the model's config has no ``initializer_range`` (the release's fallback)."""
 
-    def __init__(self, layers: list[nn.Module], hidden_size: int):
+
+class QZoomGate(nn.Module):
+    """R copied decoder layers, then Linear(d, 1) on the last prompt token (no final norm, as released).
+
+    The head starts as the release's did (the model's ``_init_weights`` for a weight missing from the
+    checkpoint): weight normal(0, ``initializer_range``), 0.02 for every Qwen-VL, and bias 0, instead of
+    PyTorch's default uniform init, so stage 3 starts from the same distribution of gates.
+    """
+
+    def __init__(self, layers: list[nn.Module], hidden_size: int, init_std: float = GATE_HEAD_STD):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.head.weight, mean=0.0, std=init_std)
+        nn.init.zeros_(self.head.bias)
 
 
 class QZoomQKHead(nn.Module):
@@ -90,7 +101,8 @@ def build_branches(model: nn.Module, config: QZoomConfig | None = None) -> QZoom
     text_config = adapter.text_config(model)
     cfg = (config or QZoomConfig()).resolved_for(adapter.name, len(layers), int(text_config.hidden_size))
     b, r = int(cfg.branch_layer), cfg.branch_depth
-    gate = QZoomGate([copy.deepcopy(layers[b + i]) for i in range(r)], cfg.hidden_size)
+    gate = QZoomGate([copy.deepcopy(layers[b + i]) for i in range(r)], cfg.hidden_size,
+                     float(getattr(text_config, "initializer_range", None) or GATE_HEAD_STD))
     last = layers[b + r - 1]
     parts = {name: copy.deepcopy(mod) if mod is not None else None for name, mod in adapter.qk_modules(last).items()}
     head = QZoomQKHead(**parts, **adapter.attention_shape(last))

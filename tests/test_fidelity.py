@@ -55,24 +55,46 @@ def test_gate_bce_of_an_all_ignored_batch_is_an_exact_connected_zero():
 # ------------------------------------------------------------------------------------------ judge prompt
 
 
-def test_judge_prompt_carries_the_four_criteria_roles_and_the_two_line_format():
+RELEASE_JUDGE_USER = (  # the user prompt printed in the release's qwen_src/README.md ("LLM-as-a-Judge"), line by line
+    "You are an intelligent evaluator for a Visual Question Answering task.",
+    "Compare the Model Predictions against the Ground Truth.",
+    "",
+    "--- DATA ---",
+    "Question: How many cats?",
+    "Ground Truth: 2",
+    "Model A Prediction: There are two cats.",
+    "Model B Prediction: (empty)",
+    "",
+    "--- CRITERIA ---",
+    "1. **Containment**: If the Ground Truth is a short value (e.g., '6000') and the",
+    "   Model Prediction contains it correctly within a sentence (e.g., 'The value is",
+    "   6000'), mark it as **Yes**.",
+    "2. **Synonyms**: Accept standard synonyms (e.g., 'Yes' = 'True', '10%' = '0.1').",
+    "3. **Formatting**: Ignore punctuation or capitalization differences (e.g., 'april' = 'April').",
+    "4. **Contradiction**: Only mark 'No' if the prediction is factually wrong or",
+    "   missing the key information.",
+    "",
+    "--- TASK ---",
+    "Does Model A provide the correct answer? (Yes/No)",
+    "Does Model B provide the correct answer? (Yes/No)",
+    "",
+    "Respond in this exact format:",
+    "A: [Yes/No]",
+    "B: [Yes/No]",
+)
+
+
+def test_judge_prompt_is_the_released_text_verbatim():
     from qzoom_swift.labels.judge import judge_prompt, parse_judgement
 
     system, user = judge_prompt("How many cats?", "2", "There are two cats.", "")
-    assert system["role"] == "system" and user["role"] == "user"
-    s = system["content"].lower()
-    assert "fair" in s and "robust" in s and "semantic" in s and "string matching" in s
-    u = user["content"]
-    assert "Question: How many cats?" in u and "Ground truth: 2" in u
-    assert "Model A prediction: There are two cats." in u and "Model B prediction: (empty)" in u
-    low = u.lower()
-    assert "containment" in low and "inside a longer sentence" in low  # (1)
-    assert '"yes" and "true"' in low and '"10%" and "0.1"' in low  # (2)
-    assert "punctuation" in low and "capitalisation" in low  # (3)
-    assert "say no only when" in low and "factually wrong" in low and "key information" in low  # (4)
-    assert u.rstrip().endswith("Reply with exactly two lines and nothing else:\nA: Yes or No\nB: Yes or No")
-    # parsing is unchanged and lenient
+    assert system == {"role": "system", "content": "You are a fair and robust evaluator. "
+                                                   "You focus on semantic correctness over strict string matching."}
+    assert user["role"] == "user"
+    assert user["content"].split("\n") == list(RELEASE_JUDGE_USER)
+    # parsing stays lenient, and reads the released format's brackets
     assert (parse_judgement("A: Yes\nB: No").a, parse_judgement("A: Yes\nB: No").b) == (True, False)
+    assert (parse_judgement("A: [Yes]\nB: [No]").a, parse_judgement("A: [Yes]\nB: [No]").b) == (True, False)
     assert parse_judgement("**A**: no, b = YES.").b is True
 
 

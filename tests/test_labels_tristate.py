@@ -139,7 +139,8 @@ def test_label_kwargs_come_from_the_config():
                                      blur_sigma=2.0)
     attn = _map(10, 10, {(5, 5): 1.0, (5, 6): 0.24})
     assert tristate_labels(attn, **label_kwargs(cfg)).labels[5, 6] != F  # 0.24 < 0.25
-    assert tristate_labels(attn).labels[5, 6] == F  # default tau_fg 0.2
+    assert tristate_labels(attn).labels[5, 6] != F  # default tau_fg 0.25 (the released scripts')
+    assert tristate_labels(attn, tau_fg=0.2).labels[5, 6] == F  # the paper's ablation value
 
 
 def test_bad_arguments_raise():

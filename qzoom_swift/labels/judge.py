@@ -1,11 +1,11 @@
 """The LLM judge of stage 2 (and optionally stage 3): are answers A and B right, given the reference?
 
-The prompt carries what the paper's appendix asks of the judge, in our words: a fair and robust evaluator
-that values meaning over string matching, four criteria (containment, equivalent forms, punctuation and
-case ignored, "No" only for a wrong or incomplete answer), the question, the ground truth, Model A's (base)
-and Model B's (RoI) predictions, and exactly two lines back, ``A: Yes/No`` and ``B: Yes/No``. Judges are
-small local models and their output is messy, so parsing is lenient (case, spacing, punctuation, extra
-text) and never raises: a verdict it cannot find is ``None`` ("unknown") and the caller counts it.
+The prompt is the authors' own, verbatim: the system and user turns printed in the release's
+``qwen_src/README.md`` ("LLM-as-a-Judge", the document that follows the paper's naming), with its
+markdown, line breaks and ``A: [Yes/No]`` / ``B: [Yes/No]`` answer format. The judge scripts themselves
+were not released, so this is the text, not code, that is matched. Judges are small local models and their
+output is messy, so parsing is lenient (case, spacing, brackets, punctuation, extra text) and never raises:
+a verdict it cannot find is ``None`` ("unknown") and the caller counts it.
 """
 
 from __future__ import annotations
@@ -13,34 +13,36 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-JUDGE_SYSTEM = (
-    "You are a fair and robust evaluator of answers to questions about images. Judge whether each "
-    "prediction means the same as the ground truth: semantic correctness matters, exact string matching "
-    "does not."
-)
-JUDGE_CRITERIA = (
-    "1. Containment: a prediction that states the ground truth correctly inside a longer sentence is "
-    "correct (the ground truth is often a single word or number).",
-    "2. Equivalents: standard synonyms and equivalent forms count as the same answer (for example "
-    "\"Yes\" and \"True\", or \"10%\" and \"0.1\").",
-    "3. Form: ignore punctuation and capitalisation.",
-    "4. Say No only when the prediction is factually wrong or leaves out the key information the "
-    "question asks for.",
-)
-"""The four criteria of the paper's judge prompt (appendix), in our words."""
-JUDGE_TEMPLATE = (
-    "Question: {question}\n"
-    "Ground truth: {reference}\n"
-    "Model A prediction: {answer_a}\n"
-    "Model B prediction: {answer_b}\n\n"
-    "Decide for each model whether its prediction is correct, using these criteria:\n"
-    + "\n".join(JUDGE_CRITERIA) + "\n\n"
-    "Reply with exactly two lines and nothing else:\n"
-    "A: Yes or No\n"
-    "B: Yes or No"
-)
-"""The user turn: Model A is the base (low-resolution) answer, Model B the RoI answer in stage-2 mining."""
-_VERDICT = re.compile(r"(?i)(?<![\w])(?:candidate\s+|answer\s+)?([ab])(?![\w])[\s*)\]]*[:=\-]\s*\**\s*"
+JUDGE_SYSTEM = "You are a fair and robust evaluator. You focus on semantic correctness over strict string matching."
+"""The system turn, verbatim from the release's ``qwen_src/README.md``."""
+JUDGE_TEMPLATE = """You are an intelligent evaluator for a Visual Question Answering task.
+Compare the Model Predictions against the Ground Truth.
+
+--- DATA ---
+Question: {question}
+Ground Truth: {reference}
+Model A Prediction: {answer_a}
+Model B Prediction: {answer_b}
+
+--- CRITERIA ---
+1. **Containment**: If the Ground Truth is a short value (e.g., '6000') and the
+   Model Prediction contains it correctly within a sentence (e.g., 'The value is
+   6000'), mark it as **Yes**.
+2. **Synonyms**: Accept standard synonyms (e.g., 'Yes' = 'True', '10%' = '0.1').
+3. **Formatting**: Ignore punctuation or capitalization differences (e.g., 'april' = 'April').
+4. **Contradiction**: Only mark 'No' if the prediction is factually wrong or
+   missing the key information.
+
+--- TASK ---
+Does Model A provide the correct answer? (Yes/No)
+Does Model B provide the correct answer? (Yes/No)
+
+Respond in this exact format:
+A: [Yes/No]
+B: [Yes/No]"""
+"""The user turn, verbatim from the release's ``qwen_src/README.md``: Model A is the base (low-resolution)
+answer, Model B the RoI answer in stage-2 mining."""
+_VERDICT = re.compile(r"(?i)(?<![\w])(?:candidate\s+|answer\s+)?([ab])(?![\w])[\s*)\]]*[:=\-][\s*\[]*"
                       r"(yes|no|correct|incorrect|right|wrong|true|false)\b")
 _POSITIVE = {"yes", "correct", "right", "true"}
 
@@ -57,7 +59,7 @@ class Verdict:
 
 
 def parse_judgement(text: str | None) -> Verdict:
-    """``A: Yes`` / ``B: No`` (any case, markdown, extra prose); the first verdict per letter wins."""
+    """``A: Yes`` / ``B: [No]`` (any case, markdown, brackets, extra prose); the first verdict per letter wins."""
     found: dict[str, bool] = {}
     for letter, word in _VERDICT.findall(text or ""):
         found.setdefault(letter.lower(), word.lower() in _POSITIVE)

@@ -102,7 +102,7 @@ def blur_map(values: Tensor, kernel: int = 3, sigma: float = 1.0) -> Tensor:
     return gaussian_blur(values[None].float(), [kx, ky], [float(sigma), float(sigma)])[0]
 
 
-def tristate_labels(attn: Tensor, sink_mask: Tensor | None = None, *, tau_fg: float = 0.2, tau_bg: float = 0.05,
+def tristate_labels(attn: Tensor, sink_mask: Tensor | None = None, *, tau_fg: float = 0.25, tau_bg: float = 0.05,
                     max_box_fraction: float = 0.5, min_peak: float = 5e-3, blur_kernel: int = 3,
                     blur_sigma: float = 1.0, known_bg: Tensor | None = None) -> TriStateLabels:
     """Tri-state labels of one image from its attention map (see the module docstring for the rule).
