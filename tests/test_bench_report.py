@@ -150,3 +150,22 @@ def test_acceptance_fails_a_toy_that_misreads_colours_at_the_high_budget():
     assert met(0.81)[target] is False  # the degraded hires toy: Q-Zoom +8 points "within 3" no longer hides it
     assert met(0.95)[target] is True and met(0.9499)[target] is False
     assert all(met(1.0).values())
+
+
+def test_portable_numerics_pin_threads_and_kernels_and_key_the_toy():
+    """The demo's default numerics fix what changes a trained toy between machines (threads, kernel ISA), and a
+    toy trained under them is cached apart from one trained with the machine's own numerics."""
+    from qzoom_swift.bench.settings import NUMERICS_ENV
+    from qzoom_swift.bench.toy_model import toy_base_key
+
+    assert demo_config("full", []).numerics == "portable" and demo_config("hires", []).numerics == "portable"
+    assert NUMERICS_ENV["portable"] == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "avx2",
+                                        "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert NUMERICS_ENV["native"] == {}
+    with pytest.raises(SystemExit, match="numerics"):
+        demo_config("quick", ["numerics=fast"])
+    meta = {"version": 1, "spec": {"canvas": 448}}
+    common = dict(seed=0, warmup_steps=20, steps=40, batch=4, curriculum=0.15, low_tokens=16, high_tokens=256)
+    native = toy_base_key(meta, **common)
+    assert toy_base_key(meta, **common, numerics="native") == native  # toys cached before the setting keep their key
+    assert toy_base_key(meta, **common, numerics="portable") != native

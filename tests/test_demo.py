@@ -73,6 +73,9 @@ def test_demo_prints_progress_and_writes_report_summary_and_figures(demo):
     acceptance_rows = [line for line in report.splitlines() if line.endswith(" | yes |") or line.endswith(" | NO |")]
     assert len(acceptance_rows) == len(summary["acceptance"]) == 9
     assert sum(a["met"] for a in summary["acceptance"]) == sum(line.endswith("yes |") for line in acceptance_rows)
+    # the default numerics=portable reached torch: 2 threads and AVX2 kernels whatever the CPU (and the report says so)
+    assert (summary["metrics"]["threads"], summary["metrics"]["cpu_kernels"]) == (2, "AVX2")
+    assert "CPU threads 2, kernels AVX2 (numerics=portable)" in report
 
 
 def test_bench_and_toy_base(demo):

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from qzoom_swift.bench.report import RUN_LABELS, acceptance, render_report, throughput_ceiling
-from qzoom_swift.bench.settings import PRESETS, DemoConfig, demo_config
+from qzoom_swift.bench.settings import NUMERICS_ENV, PRESETS, DemoConfig, demo_config
 from qzoom_swift.fileio import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from qzoom_swift.recipes_command import RECIPES_DIR
 
@@ -229,7 +229,7 @@ def _stage_toy_base(ctx: Context) -> StageResult:
     bench_root, t = _toy_bench_root(ctx)
     rec = train_toy_base(bench_root, cache, seed=t.seed, warmup_steps=t.warmup_steps, steps=t.toy_steps,
                          batch=t.toy_batch, curriculum=t.curriculum, low_tokens=t.low_tokens,
-                         high_tokens=t.high_tokens, freeze_vision=t.toy_freeze_vision,
+                         high_tokens=t.high_tokens, freeze_vision=t.toy_freeze_vision, numerics=c.numerics,
                          in_process=ctx.args.sft == "in-process")
     model_dir, key = rec["model_dir"], rec["key"]
     served = ""
@@ -461,6 +461,7 @@ def _stage_evaluate(ctx: Context) -> StageResult:
     summary["config"] = {k: v for k, v in effective_config(qz.config, qzoom_run.overrides()).to_dict().items()
                          if k != "extra"}
     summary["threads"] = torch.get_num_threads()
+    summary["cpu_kernels"] = torch.backends.cpu.get_cpu_capability()
     summary["split"] = c.eval_split
     path = write_json_atomic(ctx.path("evaluate", "metrics.json"), summary)
     r = summary["runs"]
@@ -517,7 +518,7 @@ STAGES: tuple[Stage, ...] = (
                                       "val_images", "test_images"), _stage_bench),
     Stage("toy_base", "toy base VLM (warm-up + swift sft)", ("bench",),
           ("seed", "toy_preset", "warmup_steps", "toy_steps", "toy_batch", "curriculum", "toy_freeze_vision",
-           "low_tokens", "high_tokens"),
+           "low_tokens", "high_tokens", "numerics"),
           _stage_toy_base, own_cache=True),
     Stage("pseudo_labels", "stage 1: pseudo labels", ("bench", "toy_base"),
           ("label_images", "label_new_tokens", "label_heads", "label_queries", "label_sink", "high_tokens"),
@@ -641,12 +642,24 @@ def _summary(ctx: Context, metrics: dict[str, Any], figures: dict[str, str], tot
     }
 
 
+def _pin_numerics(numerics: str) -> None:
+    """Set ``NUMERICS_ENV[numerics]`` for this process and its ``swift`` children; torch reads it once at import, so
+    a torch imported earlier (the demo run inside another Python program) cannot be pinned: say so."""
+    env = NUMERICS_ENV[numerics]
+    if env and "torch" in sys.modules:
+        print(f"qzoom demo: torch was imported before the demo started, so numerics={numerics} cannot pin its "
+              "threads and kernels; the figures may differ from another machine's (run `qzoom demo` as a command)",
+              file=sys.stderr)
+    os.environ.update(env)
+
+
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     cfg = demo_config(args.preset, args.overrides)
     # On a shared CPU, OpenMP threads spinning at barriers while another process holds a core make every
     # torch op several times slower. Passive waiting must be chosen before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _pin_numerics(cfg.numerics)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MODELSCOPE_CACHE", str(out / ".modelscope"))  # swift's dataset caches, not ~/.cache
@@ -670,6 +683,7 @@ def run(args: argparse.Namespace) -> int:
     total = time.perf_counter() - t_start
     summary = _summary(ctx, metrics, figures, total)
     summary["metrics"]["threads"] = metrics["threads"]
+    summary["metrics"]["cpu_kernels"] = metrics.get("cpu_kernels")
     report = write_text_atomic(out / "report.md", render_report(summary))
     summary["report"] = str(report)
     path = write_json_atomic(out / "summary.json", summary)

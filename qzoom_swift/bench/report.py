@@ -145,7 +145,8 @@ def render_report(summary: dict[str, Any]) -> str:
     low = f"baseline@{summary['demo_config']['low_tokens']}"
     lines = [f"# Q-Zoom demo: the zoom bench ({summary['preset']} preset)", "",
              f"Command: `{summary['command']}` - total {summary['total_s']:.1f} s this run (stages run now: "
-             f"{summary['stages_ran']}, cached: {summary['stages_cached']}), CPU threads {m['threads']}.", "",
+             f"{summary['stages_ran']}, cached: {summary['stages_cached']}), CPU threads {m['threads']}, kernels "
+             f"{m.get('cpu_kernels') or '-'} (numerics={summary['demo_config'].get('numerics', 'native')}).", "",
              _provenance(summary), ""]
     if summary["preset"] == "quick":
         lines += ["> Reduced preset: every stage ran on a handful of samples and a few steps; the numbers below are "

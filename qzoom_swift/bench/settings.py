@@ -12,12 +12,27 @@ from typing import Any
 
 from qzoom_swift.config import parse_bool
 
+NUMERICS_ENV: dict[str, dict[str, str]] = {
+    "portable": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "avx2",
+                 "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "native": {},
+}
+"""Environment each ``DemoConfig.numerics`` sets before torch is imported (torch reads these once, at start-up)."""
+
 
 @dataclass(frozen=True)
 class DemoConfig:
     """Every bench-specific setting of the demo (the method's own defaults live in ``QZoomConfig``)."""
 
     seed: int = 0
+    numerics: str = "portable"
+    """CPU numerics of every torch computation of the demo (``NUMERICS_ENV``). ``portable``: 2 threads and AVX2
+    kernels (ATen's dispatch, MKL's reproducible AVX2 branch, oneDNN's ISA cap), the same on every x86 machine of
+    this project's kind whatever its CPU model; ``native``: the machine's defaults (all its cores, AVX-512 where
+    present: faster, but the trained toy differs by CPU model and core count). Measured on a 20-step warm-up plus
+    40 toy swift sft steps: two runs with the same threads and kernels give bit-identical weights; 1 thread
+    instead of 2 changes them by 1.3e-6, AVX2 instead of AVX-512 kernels by 1.4e-5, and training amplifies such
+    differences into another toy."""
     canvas: int = 448
     """Side of the bench's square scenes in pixels (``BenchSpec.for_canvas``); the hires preset's is 1120."""
     toy_preset: str = ""
@@ -125,7 +140,8 @@ class DemoConfig:
         from qzoom_swift.config import ROI_FALLBACKS
         from qzoom_swift.labels.gate import THRESHOLD_RULES
 
-        for key, allowed in (("threshold_rule", THRESHOLD_RULES), ("roi_fallback", ROI_FALLBACKS),
+        for key, allowed in (("numerics", tuple(NUMERICS_ENV)), ("threshold_rule", THRESHOLD_RULES),
+                             ("roi_fallback", ROI_FALLBACKS),
                              ("eval_split", ("test", "val")), ("toy_preset", ("", "full", "quick"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: choose from {', '.join(map(repr, allowed))}")

@@ -276,7 +276,8 @@ TOY_RECIPE = RECIPES_DIR / "toy" / "base_sft.yaml"  # shipped in the package
 
 
 def toy_base_key(bench_meta: dict[str, Any], *, seed: int, warmup_steps: int, steps: int, batch: int,
-                 curriculum: float, low_tokens: int, high_tokens: int, freeze_vision: bool = False) -> str:
+                 curriculum: float, low_tokens: int, high_tokens: int, freeze_vision: bool = False,
+                 numerics: str = "native") -> str:
     """Identity of a trained toy base: the bench it learns from, every training setting and the recipe."""
     import hashlib
 
@@ -286,14 +287,16 @@ def toy_base_key(bench_meta: dict[str, Any], *, seed: int, warmup_steps: int, st
               "version": TOY_VERSION}
     if freeze_vision:  # only when set: toys trained before the option existed keep their keys
         fields["freeze_vision"] = True
+    if numerics != "native":  # toys cached before the setting were trained with the machine's own numerics
+        fields["numerics"] = numerics
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def train_toy_base(bench_root: str | Path, cache_dir: str | Path, *, seed: int = 0, warmup_steps: int = 300,
                    steps: int = 1000, batch: int = 16, curriculum: float = 0.15, low_tokens: int = 16,
-                   high_tokens: int = 256, freeze_vision: bool = False, in_process: bool = True,
-                   log=print) -> dict[str, Any]:
+                   high_tokens: int = 256, freeze_vision: bool = False, numerics: str = "native",
+                   in_process: bool = True, log=print) -> dict[str, Any]:
     """The trained toy base for the bench at ``bench_root``, built once per settings under ``cache_dir``.
 
     ``freeze_vision`` keeps the warmed-up vision tower and its merger fixed during ``swift sft``
@@ -311,7 +314,7 @@ def train_toy_base(bench_root: str | Path, cache_dir: str | Path, *, seed: int =
     meta = json.loads((bench_root / BENCH_FILE).read_text())
     spec = BenchSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()})
     key = toy_base_key(meta, seed=seed, warmup_steps=warmup_steps, steps=steps, batch=batch, curriculum=curriculum,
-                       low_tokens=low_tokens, high_tokens=high_tokens, freeze_vision=freeze_vision)
+                       low_tokens=low_tokens, high_tokens=high_tokens, freeze_vision=freeze_vision, numerics=numerics)
     root = Path(cache_dir) / "toy" / key
     done = root / "toy.json"
     if done.is_file():
