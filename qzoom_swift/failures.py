@@ -19,7 +19,17 @@ _OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for an allocation failure (CUDA or CPU), by type or by the allocator's message."""
+    """True for an allocation failure (CUDA or CPU), by type or by the allocator's message, also when it is the
+    cause of another error (e.g. an image decoder's ``MemoryError`` re-raised as "not a readable image")."""
+    seen = 0
+    while exc.__cause__ is not None and seen < 8:
+        if _is_oom_itself(exc):
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return _is_oom_itself(exc)
+
+
+def _is_oom_itself(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
     try:

@@ -37,6 +37,10 @@ def test_real_cpu_allocation_failures_are_out_of_memory():
     for exc in (torch_cpu, numpy_cpu, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB"),
                 MemoryError(), RuntimeError("not enough memory: you tried to allocate 1 GB")):
         assert is_out_of_memory(exc), exc
+    try:
+        raise ValueError("image bytes are not a readable image ()") from numpy_cpu
+    except ValueError as wrapped:
+        assert is_out_of_memory(wrapped)  # the decoder's MemoryError, re-raised by decode_image
     for exc in (ValueError("image bytes are not a readable image"), RuntimeError("shape mismatch [3, 4] vs [4]"),
                 KeyError("memory")):
         assert not is_out_of_memory(exc), exc
@@ -212,3 +216,129 @@ def csv_rows(path) -> list[dict]:
 
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------- item 9: a real memory limit (ulimit -v)
+
+_HOOK = '''\
+import atexit
+import os
+import resource
+
+_limit = os.environ.get("TEST_RLIMIT_AS_BYTES")
+if _limit:  # what `ulimit -v` does, for this process and the workers it starts
+    resource.setrlimit(resource.RLIMIT_AS, (int(_limit), int(_limit)))
+_peaks = os.environ.get("TEST_VMPEAK_DIR")
+if _peaks:
+    def _record() -> None:
+        with open("/proc/self/status") as f:
+            peak = next(line.split()[1] for line in f if line.startswith("VmPeak:"))
+        with open(os.path.join(_peaks, str(os.getpid())), "w") as f:
+            f.write(peak)
+    atexit.register(_record)
+'''
+LARGE = (10000, 10000)
+"""The large sample: decoding it takes 400 MB (PIL keeps RGB in 4 bytes a pixel), converting it as much again."""
+MARGIN = 200 * 2**20
+"""The limit is the peak address space of the same job on normal-sized images plus this (peaks repeat to ~1 MB)."""
+
+
+def _qzoom(args: list[str], tmp_path, *, limit: int | None = None, peaks=None):
+    """The real ``qzoom`` console script in a child process, optionally under an address-space limit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_HOOK)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+           "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    env.pop("TEST_RLIMIT_AS_BYTES", None)
+    if limit:
+        env["TEST_RLIMIT_AS_BYTES"] = str(limit)
+    if peaks is not None:
+        peaks.mkdir(parents=True, exist_ok=True)
+        env["TEST_VMPEAK_DIR"] = str(peaks)
+    proc = subprocess.run([str(Path(sys.executable).with_name("qzoom")), *args], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def _peak(peaks) -> int:
+    return max(int(p.read_text()) for p in peaks.iterdir()) * 1024
+
+
+@pytest.fixture(scope="module")
+def pressure_data(tmp_path_factory):
+    """Three shape records (normal.jsonl) and the same with record 1's image at LARGE (large.jsonl)."""
+    from qzoom_swift.synthetic.images import ShapeSample, make_shape_image, write_shape_dataset
+
+    root = tmp_path_factory.mktemp("pressure")
+    normal = write_shape_dataset(root, n=3, seed=3)
+    rows = _lines(normal)
+    big = root / "large.png"
+    make_shape_image(ShapeSample("purple", "circle", (2000, 2000, 6000, 5000)), LARGE).save(big)
+    rows[1] = {**rows[1], "images": [str(big)], "messages": [rows[1]["messages"][0],
+                                                              {"role": "assistant", "content": "purple"}]}
+    large = root / "large.jsonl"
+    large.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return normal, large
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["gate-labels", "mine-hard"])
+def test_labelling_under_a_memory_limit_rejects_the_large_record_and_keeps_the_others(
+        tiny_dir, tmp_path, pressure_data, job):
+    normal, large = pressure_data
+    extra = (["--budgets", "16,64"] if job == "gate-labels" else
+             ["--low-min-tokens", "16", "--low-max-tokens", "64", "--roi-min-tokens", "16", "--roi-max-tokens", "64"])
+
+    def command(dataset, out):
+        return [job, "--model", str(tiny_dir("qwen2_5_vl")), "--dataset", str(dataset), "--out", str(out),
+                "--batch-size", "2", "--max-new-tokens", "2", "--no-progress", *extra]
+
+    _qzoom(command(normal, tmp_path / "calibration"), tmp_path, peaks=tmp_path / "peaks")
+    limit = _peak(tmp_path / "peaks") + MARGIN
+    out = tmp_path / "out"
+    _qzoom(command(large, out), tmp_path, limit=limit)
+    rejects = _lines(out / "rejects.jsonl")
+    assert [(r["index"], r["reason"]) for r in rejects] == [(1, OOM_REASON)], rejects
+    assert "MemoryError" in rejects[0]["detail"] and "large.png" in rejects[0]["detail"]
+    done = sorted(int(r["qzoom_id"].split("-")[0]) for s in out.glob("shard-*.jsonl") for r in _lines(s))
+    assert done == [0, 2]
+    # lose record 0 (the large record's batch-mate), then resume without the limit, where record 1 would fit:
+    # record 0 is labelled again, the rejected record 1 is not run again
+    for shard in out.glob("shard-*.jsonl"):
+        shard.write_text("".join(json.dumps(r) + "\n" for r in _lines(shard) if not r["qzoom_id"].startswith("0-")))
+    _qzoom(command(large, out), tmp_path)
+    assert _lines(out / "rejects.jsonl") == rejects
+    assert sorted(int(r["qzoom_id"].split("-")[0]) for s in out.glob("shard-*.jsonl") for r in _lines(s)) == [0, 2]
+
+
+@pytest.mark.slow
+def test_qzoom_eval_under_a_memory_limit_fails_the_large_sample_and_keeps_the_others(tiny_dir, tmp_path):
+    from qzoom_swift.testing.eval_data import write_eval_datasets
+
+    write_eval_datasets(tmp_path / "normal", ["docvqa"], n=3)
+    write_eval_datasets(tmp_path / "large", ["docvqa"], n=3, large={1: LARGE})
+
+    def command(data, out):
+        return ["eval", "--model", str(tiny_dir("qwen2_5_vl")), "--run", "zoom:64:tau_gate=0", "--benchmarks",
+                "docvqa", "--data-root", str(data), "--max-new-tokens", "2", "--device", "cpu", "--out", str(out)]
+
+    _qzoom(command(tmp_path / "normal", tmp_path / "calibration"), tmp_path, peaks=tmp_path / "peaks")
+    limit = _peak(tmp_path / "peaks") + MARGIN
+    out = tmp_path / "out"
+    _qzoom(command(tmp_path / "large", out), tmp_path, limit=limit)
+    result = json.loads((out / "runs" / "zoom@64" / "bench" / "docvqa.json").read_text())["result"]
+    assert (result["samples"], result["failed"], result["failures"]) == (3, 1, {OOM_REASON: 1})
+    assert result["failed_samples"][0]["index"] == 1 and "MemoryError" in result["failed_samples"][0]["error"]
+    preds = _predictions(out / "runs" / "zoom@64")
+    assert sorted(i for (_, i), r in preds.items() if not r["model_output"]["metadata"]["qzoom"].get("failed")) == [0, 2]
+    # a rerun without the limit keeps the stored result: the large sample is not tried again
+    again = _qzoom(command(tmp_path / "large", out), tmp_path)
+    assert "zoom@64: stored results are current, skipped" in again.stdout
+    assert json.loads((out / "runs" / "zoom@64" / "bench" / "docvqa.json").read_text())["result"] == result

@@ -145,12 +145,16 @@ def decode_image(uri: str) -> Image.Image:
         data = Path(uri).read_bytes()
     else:
         data = _b64(uri)
+    img = None
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+        return img.convert("RGB")
     except Exception as exc:
+        if is_out_of_memory(exc):  # a sound image too large for the free memory: say so, not "unreadable"
+            size = "x".join(map(str, img.size)) if img is not None else "an"
+            raise MemoryError(f"decoding {size} image: out of memory ({type(exc).__name__} {exc})") from exc
         raise ValueError(f"image bytes are not a readable image ({exc})") from exc
-    return img.convert("RGB")
 
 
 def _b64(payload: str) -> bytes:

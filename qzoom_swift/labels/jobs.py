@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qzoom_swift.failures import MAX_CONSECUTIVE_FAILURES, model_failure_reason, release_memory
+from qzoom_swift.failures import (
+    MAX_CONSECUTIVE_FAILURES,
+    OOM_REASON,
+    is_out_of_memory,
+    model_failure_reason,
+    release_memory,
+)
 from qzoom_swift.fileio import append_jsonl_line, write_json_atomic
 from qzoom_swift.labels.sources import (
     IMAGE_CACHE_DIR,
@@ -216,6 +222,8 @@ def prepare_record(record: Any, base_dir: Path, rewrite_question: Callable[[str]
         with Image.open(path) as im:
             image = im.convert("RGB")
     except Exception as exc:  # PIL raises many types for broken files
+        if is_out_of_memory(exc):  # a sound image too large for this machine: not the file's fault
+            return Reject(OOM_REASON, f"decoding image {path}: {type(exc).__name__}: {exc}")
         return Reject("unreadable_image", f"cannot read image {path}: {type(exc).__name__}: {exc}")
     content = []
     if before.strip():
