@@ -289,12 +289,15 @@ def pressure_data(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["gate-labels", "mine-hard"])
+@pytest.mark.parametrize("job", ["gate-labels", "mine-hard", "pseudo-labels"])
 def test_labelling_under_a_memory_limit_rejects_the_large_record_and_keeps_the_others(
         tiny_dir, tmp_path, pressure_data, job):
     normal, large = pressure_data
-    extra = (["--budgets", "16,64"] if job == "gate-labels" else
-             ["--low-min-tokens", "16", "--low-max-tokens", "64", "--roi-min-tokens", "16", "--roi-max-tokens", "64"])
+    extra = {"gate-labels": ["--budgets", "16,64"],
+             "mine-hard": ["--low-min-tokens", "16", "--low-max-tokens", "64", "--roi-min-tokens", "16",
+                           "--roi-max-tokens", "64"],
+             "pseudo-labels": ["--max-tokens", "64", "--calibration", "2", "--tau-fg", "0.9", "--tau-bg", "0.8",
+                               "--max-box-fraction", "0.9"]}[job]
 
     def command(dataset, out):
         return [job, "--model", str(tiny_dir("qwen2_5_vl")), "--dataset", str(dataset), "--out", str(out),
