@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=500, help="requests to send at most")
     p.add_argument("--max-seconds", type=float, default=600.0, help="stop sending after this long")
     p.add_argument("--concurrency", type=int, default=6, help="requests in flight (4-8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request mix and of the fresh branches")
     p.add_argument("--workdir", type=Path, default=None, help="server logs and checkpoint (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     return p.parse_args(argv)

@@ -64,6 +64,7 @@ class SoakSpec:
     concurrency: int = 6
     """Requests in flight."""
     seed: int = 0
+    """Seeds the request mix and the fresh branches (hence the gate probabilities)."""
     max_new_tokens: int = 4
     request_timeout: float = 300.0
 
@@ -174,12 +175,18 @@ def tree_rss_mib(pid: int) -> float:
     return total / 2**20
 
 
-def write_checkpoint(model_dir: str | Path, out: Path) -> Path:
-    """The tiny model's fresh branches saved as a checkpoint recorded as trained: mode ``zoom`` follows its gate."""
+def write_checkpoint(model_dir: str | Path, out: Path, seed: int = 0) -> Path:
+    """The tiny model's fresh branches saved as a checkpoint recorded as trained: mode ``zoom`` follows its gate.
+
+    The gate head starts random: ``seed`` fixes it, so a rerun measures the same gate probabilities.
+    """
+    import torch
+
     from qzoom_swift.branches import mark_trained_branches
     from qzoom_swift.config import BRANCH_NAMES
     from qzoom_swift.model import QZoomModel
 
+    torch.manual_seed(seed)
     qz = QZoomModel.from_pretrained(str(model_dir))
     mark_trained_branches(qz.model, BRANCH_NAMES)
     qz.save_branches(out)
@@ -265,7 +272,7 @@ def _tally(report: SoakReport, results: list[tuple[str, float, str | None]], dec
 def run_soak(model_dir: str | Path, workdir: Path, spec: SoakSpec, log=print) -> SoakReport:
     """Calibrate, start the soak server, send the stream, stop the server; the report says what happened."""
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint = write_checkpoint(model_dir, workdir / "branches")
+    checkpoint = write_checkpoint(model_dir, workdir / "branches", spec.seed)
     high, low, probs = calibrate(model_dir, workdir, checkpoint, spec.max_new_tokens)
     tau = (probs[high] + probs[low]) / 2
     log(f"calibration: zoom request p={probs[high]:.4f}, direct request p={probs[low]:.4f}, tau_gate={tau:.4f}")
