@@ -4,7 +4,8 @@ Panels, left to right: the image (with the part the visual tokens cover outlined
 the tri-state pseudo label (green = foreground, blue = background, grey = ignored; the ignore box in
 yellow) and, with a checkpoint, the RPN's predicted heatmap (sigmoid) with the box inference would crop.
 Maps are drawn over the region of the image the token grid covers: the whole image for Qwen-VL (which
-resizes), the centre square for LLaVA-1.5's CLIP processor (which resizes the short side and centre-crops).
+resizes), the padded square of a square-grid record (every LLaVA-1.5 record: it sees images so), the centre
+square of an older LLaVA record labelled on llava-hf's centre crop.
 """
 
 from __future__ import annotations
@@ -57,12 +58,14 @@ def predict_heatmap(model_dir: str, checkpoint: str, record: dict, base_dir: Pat
     if not isinstance(prepared, Prepared):
         raise ValueError(f"record cannot be shown to the model: {prepared.reason}: {prepared.detail}")
     text = processor.apply_chat_template(prepared.messages, add_generation_prompt=True)
-    image = prepared.image
+    from qzoom_swift.families import get_adapter
+
+    adapter = get_adapter(model)
+    image = adapter.source_image(prepared.image, processor)  # LLaVA: the mean-colour square, as at inference
     if record.get("qzoom_pad_square"):  # labelled on the released grid: shown padded, as in training
-        from qzoom_swift.labels.pseudo import RELEASED_PAD_FILL
         from qzoom_swift.roi import pad_to_square
 
-        image = pad_to_square(image, RELEASED_PAD_FILL)
+        image = pad_to_square(image, adapter.square_fill(processor))
     inputs = processor(text=[text], images=[image], return_tensors="pt").to(model.device)
     with torch.inference_mode():
         state = prefill(model, branches=("rpn",), **inputs)
@@ -171,12 +174,15 @@ def render_record_png(shard: str | Path, out: str | Path, *, index: int = 0, rec
     if checkpoint is not None and not model_dir:
         raise ValueError("--checkpoint needs the base model: pass --model (no job.json next to the shard)")
     image, base_dir = _record_image(record, job, shard)
-    if record.get("qzoom_pad_square"):  # the released grid covers the grey-padded square
-        from qzoom_swift.labels.pseudo import RELEASED_PAD_FILL
+    processor = _processor_of(model_dir)
+    if record.get("qzoom_pad_square"):  # the released grid covers the padded square (LLaVA: its mean colour)
+        from qzoom_swift.families import get_adapter
+        from qzoom_swift.families.registry import RELEASED_PAD_FILL
         from qzoom_swift.roi import pad_to_square
 
-        image = pad_to_square(image, RELEASED_PAD_FILL)
-    region = grid_region(image.size, _processor_of(model_dir))
+        fill = get_adapter(job["family"]).square_fill(processor) if job.get("family") else RELEASED_PAD_FILL
+        image = pad_to_square(image, fill)
+    region = grid_region(image.size, processor)
     attn = np.asarray(record["qzoom_attn"], dtype=np.float32)
     panels = 4 if checkpoint else 3
     fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 4), dpi=dpi)
