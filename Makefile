@@ -10,7 +10,11 @@ export TOKENIZERS_PARALLELISM ?= false
 # OpenMP threads that sleep instead of spinning: concurrent processes on few cores stop starving each other.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test lint clean-venv
+# A side environment for the core tests on the oldest transformers the core supports (requirements-tf56.txt).
+TF56 := .venv-tf56
+TF56_STAMP := $(TF56)/.qzoom-installed
+
+.PHONY: venv venv-tf56 demo test lint clean-venv
 
 venv: $(STAMP)
 
@@ -21,10 +25,24 @@ $(STAMP): requirements-lock.txt setup.cfg
 	$(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+# .venv-tf56 sees .venv's packages through a .pth file (nothing is downloaded twice) and installs only the
+# pins of requirements-tf56.txt into its own site-packages, which come first on sys.path, with --no-deps.
+venv-tf56: $(TF56_STAMP)
+
+$(TF56_STAMP): requirements-tf56.txt $(STAMP)
+	rm -rf $(TF56)
+	$(VENV)/bin/python -m venv --without-pip $(TF56)
+	printf '%s\n' 'import os, site, sys; site.addsitedir(os.path.join(sys.prefix, os.pardir, "$(VENV)", "lib", "python%d.%d" % sys.version_info[:2], "site-packages"))' \
+		> "$$($(TF56)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_qzoom_main_venv.pth"
+	$(VENV)/bin/python -m pip --python $(TF56)/bin/python install -q --no-deps -r requirements-tf56.txt
+	$(TF56)/bin/python -c "import transformers; print('$(TF56): transformers', transformers.__version__)"
+	@touch $(TF56_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/qzoom demo $(ARGS)
 
-test: $(STAMP)
+# tests/test_transformers_range.py runs the core test files again under .venv-tf56.
+test: $(STAMP) $(TF56_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(ARGS)
 
@@ -32,4 +50,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TF56)

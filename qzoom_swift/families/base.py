@@ -145,9 +145,10 @@ class FamilyAdapter:
         """
         from transformers.masking_utils import create_causal_mask
 
-        return create_causal_mask(config=self.text_config(model), inputs_embeds=hidden,
-                                  attention_mask=attention_mask, past_key_values=cache, position_ids=None,
-                                  layer_idx=mask_layer_idx)
+        from qzoom_swift.families import compat
+
+        return compat.causal_mask(create_causal_mask, config=self.text_config(model), inputs_embeds=hidden,
+                                  attention_mask=attention_mask, past_key_values=cache, layer_idx=mask_layer_idx)
 
     def layer_kwargs(self, model: nn.Module, layer_index: int, mask) -> dict:
         """Extra keyword arguments of decoder layer ``layer_index`` (the mask, chosen per layer type)."""

@@ -11,6 +11,7 @@ from qwen_vl_utils import smart_resize
 from qwen_vl_utils.vision_process import MAX_RATIO as _QWEN_MAX_RATIO
 from torch import Tensor, nn
 
+from qzoom_swift.families import compat
 from qzoom_swift.families.base import Embedded, FamilyAdapter
 from qzoom_swift.roi import GridBox
 
@@ -169,9 +170,9 @@ class _QwenVLAdapter(FamilyAdapter):
         embeds = embeds.masked_scatter(mask3, feats)
         merge = int(inner.visual.spatial_merge_size)
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in image_grid_thw.tolist()]
-        deepstack = getattr(out, "deepstack_features", None)
+        deepstack = compat.concat_levels(getattr(out, "deepstack_features", None))
         if deepstack is not None:
-            deepstack = [torch.cat(level, dim=0).to(embeds.device, embeds.dtype) for level in deepstack]
+            deepstack = [level.to(embeds.device, embeds.dtype) for level in deepstack]
         return Embedded(embeds, visual_mask, grids, deepstack)
 
     def position_ids(self, model, input_ids, attention_mask, mm_token_type_ids=None, image_grid_thw=None):
@@ -243,11 +244,23 @@ class Qwen2_5VLAdapter(_QwenVLAdapter):
 
         config = self.text_config(model)
         kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
-                      past_key_values=cache, position_ids=None, layer_idx=mask_layer_idx)
-        masks = {"full_attention": create_causal_mask(**kwargs)}
+                      past_key_values=cache, layer_idx=mask_layer_idx)
+        masks = {"full_attention": compat.causal_mask(create_causal_mask, **kwargs)}
         if "sliding_attention" in config.layer_types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+            masks["sliding_attention"] = compat.causal_mask(create_sliding_window_causal_mask, **kwargs)
         return masks
+
+    def rotary(self, model, hidden, position_ids):
+        """Composed MRoPE tables [B, S, d] on every transformers release (compat: 5.6 returns one per axis)."""
+        cos, sin = super().rotary(model, hidden, position_ids)
+        return compat.compose_mrope(cos, sin, self.text_config(model).rope_parameters.get("mrope_section"))
+
+    def run_layers(self, model, layers, first_index, hidden, position_embeddings, *args, **kwargs):
+        return super().run_layers(model, layers, first_index, hidden, compat.stock_mrope_tables(position_embeddings),
+                                  *args, **kwargs)
+
+    def apply_rotary(self, q, k, cos, sin):
+        return compat.qwen2_5_vl_apply_rotary(q, k, cos, sin)
 
     def layer_kwargs(self, model, layer_index, mask):
         return {"attention_mask": mask[self.text_config(model).layer_types[layer_index]]}

@@ -1,0 +1,71 @@
+"""The core test files again under transformers 5.6.0, the oldest release the core supports.
+
+The main .venv has transformers 5.19. ``.venv-tf56`` (``make venv-tf56``; ``make test`` builds it) is the same
+environment with ``requirements-tf56.txt`` installed over it, so every difference between the two runs is
+the transformers release (and the tokenizers it requires). The differences the families see are handled in
+``qzoom_swift/families/compat.py``; this test is what keeps that module honest. Tests that run the ``swift``
+CLI are left out: ms-swift is checked on 5.18-5.19 only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SIDE_PYTHON = REPO / ".venv-tf56" / "bin" / "python"
+
+CORE_FILES = (
+    "tests/test_zoom.py", "tests/test_tiny_models.py", "tests/test_gate_tail.py", "tests/test_branches.py",
+    "tests/test_post_sft.py", "tests/test_fidelity.py", "tests/test_onnx.py",
+)
+# the tests of those files that launch the swift CLI (swift sft / swift infer)
+SWIFT_CLI_TESTS = (
+    "test_stage2_deepspeed_sft_saves_a_checkpoint_that_swift_infer_loads",
+    "test_swift_sft_trains_the_gate_on_trajectory_records",
+    "test_swift_infer_with_the_onnx_router_answers_like_torch",
+)
+SELECTION = ["-k", " and ".join(f"not {name}" for name in SWIFT_CLI_TESTS)]
+
+
+def _pinned_transformers() -> str:
+    for line in (REPO / "requirements-tf56.txt").read_text().splitlines():
+        if line.startswith("transformers=="):
+            return line.split("==", 1)[1].strip()
+    raise AssertionError("requirements-tf56.txt pins no transformers==...")
+
+
+def _collected(python: Path) -> int:
+    """How many tests the selection collects under ``python``."""
+    out = subprocess.run([str(python), "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          *CORE_FILES, *SELECTION], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return sum(1 for line in out.stdout.splitlines() if "::" in line)
+
+
+@pytest.mark.slow
+def test_core_files_pass_under_the_oldest_supported_transformers(tmp_path):
+    if not SIDE_PYTHON.is_file():
+        pytest.fail(f"{SIDE_PYTHON} is missing: run `make venv-tf56` (make test builds it)")
+    version = subprocess.run([str(SIDE_PYTHON), "-c", "import transformers; print(transformers.__version__)"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert version.stdout.strip() == _pinned_transformers(), version.stdout + version.stderr
+
+    junit = tmp_path / "junit.xml"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    run = subprocess.run([str(SIDE_PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", *CORE_FILES,
+                          *SELECTION, f"--junitxml={junit}"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=3000)
+    tail = run.stdout[-6000:] + run.stderr[-2000:]
+    assert run.returncode == 0, tail
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
+    assert counts["failures"] == counts["errors"] == counts["skipped"] == 0, (counts, tail)
+    # every selected test ran there: as many as the main environment collects
+    assert counts["tests"] == _collected(Path(sys.executable)) > 100, (counts, tail)
