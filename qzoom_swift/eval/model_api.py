@@ -302,7 +302,6 @@ class QZoomAPI(ModelAPI):
         }}
         return output
 
-
     def _count_model_failure(self, exc: Exception) -> None:
         """A model that fails sample after sample is broken: stop rather than score a whole benchmark 0."""
         with self._failures_lock:
