@@ -149,6 +149,10 @@ def test_llava_labels_training_and_inference_share_the_padded_square(tiny_dir, t
     infer, _, _ = _template(tiny_dir, "llava", mode="pt")
     served = infer.encode({"messages": row_["messages"][:1], "images": [str(path)]})["pixel_values"][0]
     assert torch.allclose(trained, served)
+    api = adapter.encode_images(processor, [adapter.resize_for_budget(image, 0, 0)])["pixel_values"][0]
+    assert torch.allclose(api, served)  # QZoomModel / gate-labels: the same square
+    labelling = adapter.encode_images(processor, [labelled])["pixel_values"][0]
+    assert (labelling - served).abs().mean() < 0.05  # the same view (resampled once more by PIL)
     rgb = _rgb(served, processor)
     scale = rgb.shape[-1] / side
     y, x = int((row + 0.5) * scale), int((col + 0.5) * scale)
