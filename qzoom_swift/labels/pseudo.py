@@ -15,8 +15,9 @@ tri-state labels by :func:`qzoom_swift.labels.tristate.tristate_labels`. Output,
   ``qzoom_rpn_labels`` (the 1 / 0 / -100 map, null for an ignored sample; on the released grid, ``--grid
   square``, 24 x 24 with the square padding labelled background, and ``qzoom_pad_square: true`` so that
   training pads the image the same way). The shards feed
-  ``swift sft --tuner_type qzoom`` with ``QZOOM_TRAIN=rpn`` as they are; the grid is stored so training
-  can resample the labels to the grid the image has there (``training.resample_label_map``);
+  ``swift sft --tuner_type qzoom`` with ``QZOOM_TRAIN=rpn`` as they are; the ``qzoom_*`` template encodes
+  each row at exactly its labels' grid (a row that sets its own budget has its labels resampled,
+  ``training.resample_label_map``);
 - ``rejects.jsonl``: one line per record that could not be labelled, with a ``reason`` (``bad_json``,
   ``bad_messages``, ``no_question``, ``no_image``, ``multi_image``, ``image_tag_mismatch``,
   ``unsupported_image``, ``missing_image``, ``unreadable_image``, ``empty_answer``, ``no_decode_step``,
