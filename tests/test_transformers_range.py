@@ -66,6 +66,7 @@ def test_core_files_pass_under_the_oldest_supported_transformers(tmp_path):
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
+    print(f"transformers {_pinned_transformers()}: {counts} in {float(suite.get('time')):.0f} s")  # -rA shows it
     assert counts["failures"] == counts["errors"] == counts["skipped"] == 0, (counts, tail)
     # every selected test ran there: as many as the main environment collects
     assert counts["tests"] == _collected(Path(sys.executable)) > 100, (counts, tail)
