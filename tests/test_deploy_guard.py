@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import base64
 import functools
+import gc
 import http.server
 import io
 import os
 import threading
 import time
+import traceback
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +24,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qzoom_swift.swift_plugin.deploy_guard import MediaPolicy, image_entry, name_request_error
+from qzoom_swift.swift_plugin.deploy_guard import (
+    MediaPolicy,
+    encode_independently,
+    image_entry,
+    name_request_error,
+)
 from qzoom_swift.swift_plugin.templates import ImageEntryError
 from qzoom_swift.testing.serving import (
     answer_text,
@@ -131,6 +139,52 @@ def test_swift_infer_keeps_reading_local_paths():
     assert SafeMediaPath.check.__func__.__module__.startswith("swift.")
     assert SafeUrlFetcher.check_url.__func__.__module__.startswith("swift.")
     assert SafeMediaPath.check("/any/where.png") == "/any/where.png"
+
+
+class _Encoded:
+    """Stands for a request's encoded inputs; weakly referable, so the test sees when it is freed."""
+
+
+class _Template:
+    def __init__(self):
+        self.encoded = []
+
+    def encode(self, request, return_template_inputs=False):
+        if request == "bad":
+            raise ValueError("bad request")
+        self.encoded.append(_Encoded())
+        return self.encoded[-1]
+
+
+def test_a_failed_request_does_not_keep_its_batch_alive_until_a_full_collection():
+    """ms-swift's own ``_batch_encode`` keeps its errors in a local of a frame their traceback holds; the guard
+    detaches the tracebacks, so the batch's encoded inputs are freed by reference counting, not by the cyclic GC."""
+    from swift.infer_engine.infer_engine import InferEngine
+
+    class Engine:
+        _batch_encode = InferEngine._batch_encode
+
+    def encode_and_drop(engine, strict: bool) -> list:
+        engine.template = _Template()
+        batched, errors = engine._batch_encode(["good", "bad", "good"], strict=strict)
+        assert len(batched) == 2 and [i for i, _ in errors] == [1]
+        logged = "".join(traceback.format_exception(errors[0][1]))
+        assert "bad request" in logged and ", in encode\n" in logged, logged  # where it was raised: still logged
+        refs = [weakref.ref(x) for x in batched]
+        engine.template.encoded.clear()
+        return refs
+
+    gc.collect()
+    gc.disable()
+    try:
+        stock = encode_and_drop(Engine(), strict=False)
+        assert any(ref() is not None for ref in stock)  # the stock cycle: still alive before a collection
+        guarded = Engine()
+        encode_independently(guarded)
+        assert all(ref() is None for ref in encode_and_drop(guarded, strict=True))  # as deploy asks
+    finally:
+        gc.enable()
+        gc.collect()
 
 
 # ------------------------------------------------------------------------------------ slow: swift deploy on loopback

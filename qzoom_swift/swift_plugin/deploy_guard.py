@@ -7,7 +7,8 @@ neighbours, with an error that named no request. Its media handling reads a serv
 request (``SafeMediaPath.check`` refuses nothing unless ``SWIFT_MEDIA_ALLOWED_DIRS`` is set) and downloads
 http(s) URLs (``SafeUrlFetcher`` refuses private addresses only). For a Q-Zoom server both are refused by
 default; ``QZOOM_ALLOWED_LOCAL_MEDIA_PATH`` (one folder, vLLM's ``--allowed-local-media-path``) and
-``QZOOM_ALLOW_MEDIA_URLS`` relax that, read once when the server starts.
+``QZOOM_ALLOW_MEDIA_URLS`` relax that, read once when the server starts. A failed request's error keeps its
+traceback as text only (``detach_traceback``): with its frames it kept the whole batch's inputs in memory.
 
 All of it is installed from ``SwiftDeploy._register_app``, the first deploy method called after the plugin
 is loaded (argument parsing loads it) and after the engine is built. ``swift infer``, training and
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,29 @@ def name_request_error(request, exc: Exception) -> Exception:
     return exc
 
 
+def detach_traceback(exc: BaseException) -> None:
+    """Replace the tracebacks of ``exc`` and its causes by a note with the same text.
+
+    ms-swift's ``_batch_encode`` keeps each error in a list that is a local of a frame the error's traceback
+    holds, and a traceback holds its frames' callers too (the engine's ``_infer`` with the batch's inputs): a
+    reference cycle, through which a failed request kept its whole batch (pixel values, token ids) until Python's
+    full collection, which a server holding millions of objects runs rarely. Under the soak the server's memory
+    in use grew 0.2-0.3 MiB per request that way, without levelling off. The note keeps the server's log as it was: where the error
+    was raised.
+    """
+    text = "".join(traceback.format_exception(exc)).rstrip()
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        stack += [e.__cause__, e.__context__]
+    exc.add_note(f"raised while encoding:\n{text}")
+
+
 def encode_independently(engine) -> None:
     """Make ``engine`` encode every request on its own: a failure is that request's answer, never its batch's.
 
@@ -75,6 +100,8 @@ def encode_independently(engine) -> None:
     @functools.wraps(original)
     def _batch_encode(infer_requests, strict):
         batched, errors = original(infer_requests, strict=False)
+        for _, e in errors:
+            detach_traceback(e)
         return batched, [(i, name_request_error(infer_requests[i], e)) for i, e in errors]
 
     setattr(_batch_encode, _GUARD_FLAG, True)
