@@ -22,7 +22,7 @@ SIDE_PYTHON = REPO / ".venv-tf56" / "bin" / "python"
 
 CORE_FILES = (
     "tests/test_zoom.py", "tests/test_tiny_models.py", "tests/test_gate_tail.py", "tests/test_branches.py",
-    "tests/test_post_sft.py", "tests/test_fidelity.py", "tests/test_onnx.py",
+    "tests/test_post_sft.py", "tests/test_fidelity.py", "tests/test_onnx.py", "tests/test_compat.py",
 )
 # the tests of those files that launch the swift CLI (swift sft / swift infer)
 SWIFT_CLI_TESTS = (
