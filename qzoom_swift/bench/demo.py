@@ -264,7 +264,8 @@ def _stage_pseudo_labels(ctx: Context) -> StageResult:
     out = ctx.path("stage1", "labels")
     summary = _label_job(run_pseudo_labels, lambda: PseudoLabelOptions(
         model=_model_dir(ctx), dataset=str(dataset), out=str(out), batch_size=8, max_new_tokens=c.label_new_tokens,
-        heads=c.label_heads, queries=c.label_queries, sink=c.label_sink, max_tokens=c.high_tokens, progress=True),
+        heads=c.label_heads, queries=c.label_queries, sink=c.label_sink, tau_fg=c.label_tau_fg,
+        max_tokens=c.high_tokens, progress=True),
         out, ctx.fresh)
     shards = [str(out / s) for s in summary["shards"]]
     if not shards:
@@ -521,7 +522,8 @@ STAGES: tuple[Stage, ...] = (
            "low_tokens", "high_tokens", "numerics"),
           _stage_toy_base, own_cache=True),
     Stage("pseudo_labels", "stage 1: pseudo labels", ("bench", "toy_base"),
-          ("label_images", "label_new_tokens", "label_heads", "label_queries", "label_sink", "high_tokens"),
+          ("label_images", "label_new_tokens", "label_heads", "label_queries", "label_sink", "label_tau_fg",
+           "high_tokens"),
           _stage_pseudo_labels),
     Stage("rpn_train", "stage 1: RPN training (swift sft)", ("toy_base", "pseudo_labels"),
           ("rpn_steps", "low_tokens", "tau_roi", "seed"), _stage_rpn_train, recipe=STAGE1_RECIPE),

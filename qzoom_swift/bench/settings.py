@@ -72,6 +72,9 @@ class DemoConfig:
     label_queries: str = "answer+prompt"
     """One-word answers: the last prompt token is the query that reads the image (the answer token only
     predicts the end of the answer, and its attention is flat)."""
+    label_tau_fg: float = 0.25
+    """Foreground threshold of the stage-1 labels (``qzoom pseudo-labels --tau-fg``): the released scripts' 0.25, the
+    library default; 0.2 is the paper's ablation optimum and the library default before issue 26."""
     label_sink: str = "none"
     """The L2-norm sink test flags the red target box itself in this toy (fine-question labels: 0.46 precision
     with it, 0.91 without, on 40 train questions); a model trained from scratch has no massive-activation sinks."""
