@@ -266,7 +266,7 @@ def test_set_overrides_are_typed_and_unknown_keys_are_refused():
     cfg = demo_config("full", ["toy_steps=1500", "free_placement=true", "tau_roi=0.1", "gate_budgets=16,256"])
     assert (cfg.toy_steps, cfg.free_placement, cfg.tau_roi, cfg.budgets) == (1500, True, 0.1, (16, 256))
     assert cfg.train_images == PRESETS["full"].train_images
-    with pytest.raises(SystemExit, match="KEY one of seed, canvas, toy_preset, free_placement"):
+    with pytest.raises(SystemExit, match="KEY one of seed, numerics, canvas, toy_preset, free_placement"):
         demo_config("full", ["toy_step=3"])
     with pytest.raises(SystemExit, match="expected true or false"):
         demo_config("quick", ["free_placement=maybe"])
