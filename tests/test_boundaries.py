@@ -338,20 +338,30 @@ def test_registered_gate_preprocessor_reads_its_sampling_from_the_environment(mo
         return [dict(row)], {"answered": len(records), "kinds": {}, "kept": 1, "labels": {}}
 
     monkeypatch.setattr(gate, "gate_training_rows", fake_rows)
-    for key in [k for k in os.environ if k.startswith("QZOOM_GATE_")]:
-        monkeypatch.delenv(key)
-    records = HfDataset.from_list([{"question": "q", "answers": ["a"]}] * 3)
-    GateTrajectoryPreprocessor()(records, num_proc=1, load_from_cache_file=False)
-    assert seen[-1] == (3, GateSampling())
-    env = {"QZOOM_GATE_SEED": "7", "QZOOM_GATE_POSITIVE_PROB": "0.25", "QZOOM_GATE_EASY_PER_TRANSITION": "2.5",
-           "QZOOM_GATE_STABLE_TOP": "3"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    out = GateTrajectoryPreprocessor()(records, num_proc=1, load_from_cache_file=False)
-    sampling = seen[-1][1]
-    assert (sampling.seed, sampling.positive_prob, sampling.easy_per_transition, sampling.stable_top) == (7, 0.25, 2.5, 3)
-    assert sampling == GateSampling(seed=7, positive_prob=0.25, easy_per_transition=2.5, stable_top=3)
-    assert len(out) == 1 and int(out[0]["qzoom_gate"]) == 1  # the drawn rows go on through ms-swift's preprocessor
-    monkeypatch.setenv("QZOOM_GATE_POSITIVE_PROB", "1.5")
-    with pytest.raises(ValueError, match="QZOOM_GATE"):
+    # set and restored by hand on whatever ``os.environ`` is at the end: ``datasets``' map replaces
+    # ``os.environ`` with a copy, so monkeypatch.setenv would undo on a stale object and leak the values into
+    # every later test's subprocesses (tests/test_fidelity.py::_load_with_env does the same)
+    saved = {k: v for k, v in os.environ.items() if k.startswith("QZOOM_GATE_")}
+    try:
+        for key in saved:
+            del os.environ[key]
+        records = HfDataset.from_list([{"question": "q", "answers": ["a"]}] * 3)
         GateTrajectoryPreprocessor()(records, num_proc=1, load_from_cache_file=False)
+        assert seen[-1] == (3, GateSampling())
+        env = {"QZOOM_GATE_SEED": "7", "QZOOM_GATE_POSITIVE_PROB": "0.25", "QZOOM_GATE_EASY_PER_TRANSITION": "2.5",
+               "QZOOM_GATE_STABLE_TOP": "3"}
+        os.environ.update(env)
+        out = GateTrajectoryPreprocessor()(records, num_proc=1, load_from_cache_file=False)
+        sampling = seen[-1][1]
+        assert (sampling.seed, sampling.positive_prob, sampling.easy_per_transition, sampling.stable_top) == \
+            (7, 0.25, 2.5, 3)
+        assert sampling == GateSampling(seed=7, positive_prob=0.25, easy_per_transition=2.5, stable_top=3)
+        assert len(out) == 1 and int(out[0]["qzoom_gate"]) == 1  # the drawn rows go on through ms-swift's preprocessor
+        os.environ["QZOOM_GATE_POSITIVE_PROB"] = "1.5"
+        with pytest.raises(ValueError, match="QZOOM_GATE"):
+            GateTrajectoryPreprocessor()(records, num_proc=1, load_from_cache_file=False)
+    finally:
+        for key in [k for k in os.environ if k.startswith("QZOOM_GATE_")]:
+            del os.environ[key]
+        os.environ.update(saved)
+    assert not any(k.startswith("QZOOM_GATE_") for k in os.environ if k not in saved)
