@@ -38,15 +38,7 @@ from qzoom_swift.testing.serving import (
     stop_process_tree,
     wait_for_models,
 )
-
-
-def _png(colour: tuple[int, int, int], size=(320, 240)) -> bytes:
-    image = Image.new("RGB", size, (235, 235, 235))
-    w, h = size
-    image.paste(Image.new("RGB", (w // 3, h // 3), colour), (w // 4, h // 3))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+from qzoom_swift.testing.soak import png_bytes
 
 
 def _truncated_jpeg() -> bytes:
@@ -196,8 +188,8 @@ def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("media")
     allowed = root / "allowed"
     allowed.mkdir()
-    (allowed / "green.png").write_bytes(_png((30, 160, 60)))
-    (root / "outside.png").write_bytes(_png((30, 160, 60)))
+    (allowed / "green.png").write_bytes(png_bytes((30, 160, 60)))
+    (root / "outside.png").write_bytes(png_bytes((30, 160, 60)))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(allowed))
     handler.log_message = lambda *a, **k: None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -240,7 +232,7 @@ def _batch_sizes(log: Path) -> list[int]:
 @pytest.mark.slow
 def test_1_a_corrupt_image_fails_alone_in_a_batch_and_names_its_entry(server):
     base, name, log = server
-    contents = [_content(_data_uri(_png(colour)), question) for colour, question in GOOD]
+    contents = [_content(_data_uri(png_bytes(colour)), question) for colour, question in GOOD]
     sequential = [chat_status(base, name, c) for c in contents]
     assert all(code == 200 for code, _ in sequential), sequential
     corrupt = _content(_data_uri(_truncated_jpeg(), "jpeg"))
@@ -265,7 +257,7 @@ def test_1_a_corrupt_image_fails_alone_in_a_batch_and_names_its_entry(server):
 def test_8_a_permissive_server_reads_the_folder_and_urls_and_nothing_else(server, media):
     base, name, _ = server
     root, allowed, http_base = media
-    png = _png((30, 160, 60))
+    png = png_bytes((30, 160, 60))
     code, reference = chat_status(base, name, _content(_data_uri(png)))
     assert code == 200, reference
     expected = answer_text(reference)

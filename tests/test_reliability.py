@@ -15,7 +15,7 @@ from PIL import Image
 
 from qzoom_swift.checkpoint import BranchCheckpointError
 from qzoom_swift.config import CONFIG_NAME, QZoomConfig
-from qzoom_swift.testing.serving import start_swift_deploy, stop_process_tree, wait_for_models
+from qzoom_swift.testing.serving import chat_status, start_swift_deploy, stop_process_tree, wait_for_models
 
 
 @pytest.fixture(scope="module")
@@ -507,24 +507,6 @@ def _start_deploy(tiny_dir, tmp_path, knobs: dict, env_extra: dict | None = None
     return start_swift_deploy(tiny_dir("qwen2_5_vl"), tmp_path, knobs, "--max_new_tokens", "3", env_extra=env_extra)
 
 
-def _chat(base: str, name: str, content: list) -> tuple[int, dict]:
-    import urllib.error
-    import urllib.request
-
-    payload = {"model": name, "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": content}]}
-    req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        body = exc.read().decode(errors="replace")
-        try:
-            return exc.code, json.loads(body)
-        except json.JSONDecodeError:
-            return exc.code, {"message": body}
-
-
 def _png_uri(colour=(30, 160, 60), size=(320, 240)) -> str:
     import base64
     import io
@@ -553,9 +535,9 @@ def deploy(tiny_dir, tmp_path_factory):
 def test_10_deploy_answers_unsupported_and_empty_media_with_a_message(deploy):
     base, name, _ = deploy
     text = {"type": "text", "text": "Colour?"}
-    code, body = _chat(base, name, [{"type": "video_url", "video_url": {"url": _png_uri()}}, text])
+    code, body = chat_status(base, name, [{"type": "video_url", "video_url": {"url": _png_uri()}}, text])
     assert code == 400 and "serves images and text only" in body["message"] and "1 video entry" in body["message"]
-    code, body = _chat(base, name, [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}, text])
+    code, body = chat_status(base, name, [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}, text])
     assert code == 400 and "image 0 (data URI with 0 payload characters) cannot be read" in body["message"]
     assert body["message"].startswith("messages[0].content[0] (image): ")  # issue 29 item 1: the entry is named
 
@@ -571,11 +553,11 @@ def test_29_8_deploy_reads_no_server_side_file_or_url_by_default(deploy, tmp_pat
     refused = {str(local): "reads no files named in a request", f"file://{local}": "reads no file:// URLs",
                "http://127.0.0.1:9/green.png": "fetches no URLs on a client's behalf"}
     for url, reason in refused.items():
-        code, body = _chat(base, name, [{"type": "image_url", "image_url": {"url": url}}, text])
+        code, body = chat_status(base, name, [{"type": "image_url", "image_url": {"url": url}}, text])
         assert code in (400, 422) and reason in json.dumps(body), (url, code, body)
     payload = _png_uri().split(",", 1)[1]
     for url in (_png_uri(), payload):  # a data URL and bare base64 are the request's own bytes
-        code, body = _chat(base, name, [{"type": "image_url", "image_url": {"url": url}}, text])
+        code, body = chat_status(base, name, [{"type": "image_url", "image_url": {"url": url}}, text])
         assert code == 200, body
 
 
@@ -585,7 +567,7 @@ def test_11_deploy_usage_counts_the_tokens_the_zoomed_pass_read(deploy):
     import time
 
     base, name, log = deploy
-    code, body = _chat(base, name, [{"type": "image_url", "image_url": {"url": _png_uri()}},
+    code, body = chat_status(base, name, [{"type": "image_url", "image_url": {"url": _png_uri()}},
                                     {"type": "text", "text": "What colour is it?"}])
     assert code == 200, body
     time.sleep(0.5)

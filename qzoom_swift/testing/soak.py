@@ -103,7 +103,7 @@ class SoakReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def _image_bytes(colour, size) -> bytes:
+def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (320, 240)) -> bytes:
     from PIL import Image
 
     image = Image.new("RGB", size, (235, 235, 235))
@@ -130,7 +130,7 @@ def _image_content(data: bytes, question: str, kind: str = "png") -> list:
 
 def _candidate_content(index: int) -> list:
     colour, size, question = CANDIDATES[index]
-    return _image_content(_image_bytes(colour, size), question)
+    return _image_content(png_bytes(colour, size), question)
 
 
 def contents(zoom_index: int, direct_index: int) -> dict[str, list | str]:
@@ -138,7 +138,7 @@ def contents(zoom_index: int, direct_index: int) -> dict[str, list | str]:
     return {"zoom": _candidate_content(zoom_index), "direct": _candidate_content(direct_index),
             "text": "Say a colour.",
             "corrupt": _image_content(_truncated_jpeg(0), "What colour is it?", "jpeg"),
-            "too_long": _image_content(_image_bytes((200, 30, 30), (320, 240)),
+            "too_long": _image_content(png_bytes((200, 30, 30), (320, 240)),
                                        "What colour is it? " + "zoom " * (2 * MAX_LENGTH))}
 
 
