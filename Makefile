@@ -14,7 +14,12 @@ export OMP_WAIT_POLICY ?= PASSIVE
 TF56 := .venv-tf56
 TF56_STAMP := $(TF56)/.qzoom-installed
 
-.PHONY: venv venv-tf56 demo test lint clean-venv
+# The LLaMA-Factory environment: LLaMA-Factory 0.9.5 at transformers 5.6.0 and no ms-swift (the two cannot share
+# one environment: README "LLaMA-Factory"). A real venv of its own, so `pip check` there sees only its packages.
+LF := .venv-lf
+LF_STAMP := $(LF)/.qzoom-installed
+
+.PHONY: venv venv-tf56 venv-lf demo test lint clean-venv
 
 venv: $(STAMP)
 
@@ -38,11 +43,22 @@ $(TF56_STAMP): requirements-tf56.txt $(STAMP)
 	$(TF56)/bin/python -c "import transformers; print('$(TF56): transformers', transformers.__version__)"
 	@touch $(TF56_STAMP)
 
+venv-lf: $(LF_STAMP)
+
+$(LF_STAMP): requirements-llamafactory.txt setup.cfg
+	@test -x $(LF)/bin/python || $(PYTHON) -m venv $(LF)
+	$(LF)/bin/python -m pip install -q -U pip setuptools wheel
+	$(LF)/bin/python -m pip install -q -r requirements-llamafactory.txt
+	$(LF)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(LF)/bin/llamafactory-cli version | grep -o 'version [0-9.]*'
+	@touch $(LF_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/qzoom demo $(ARGS)
 
-# tests/test_transformers_range.py runs the core test files again under .venv-tf56.
-test: $(STAMP) $(TF56_STAMP)
+# tests/test_transformers_range.py runs the core test files again under .venv-tf56; tests/test_llamafactory.py
+# runs tests/llamafactory/ under .venv-lf.
+test: $(STAMP) $(TF56_STAMP) $(LF_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(ARGS)
 
@@ -50,4 +66,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean-venv:
-	rm -rf $(VENV) $(TF56)
+	rm -rf $(VENV) $(TF56) $(LF)

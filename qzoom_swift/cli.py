@@ -21,6 +21,7 @@ from pathlib import Path
 from qzoom_swift import recipes_command as _recipes
 from qzoom_swift.bench import demo as _demo_command
 from qzoom_swift.eval import command as _eval
+from qzoom_swift.extras import MissingExtraError
 from qzoom_swift.families.registry import FAMILY_NAMES
 from qzoom_swift.fileio import quiet_transformers
 from qzoom_swift.labels import commands as _labels
@@ -272,10 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         if looks_like_hub_id(str(checkpoint)):  # a hub id becomes its downloaded folder, once, for every command
             try:
                 args.checkpoint = str(resolve_checkpoint(checkpoint))
-            except CheckpointNotFoundError as exc:
+            except (CheckpointNotFoundError, MissingExtraError) as exc:
                 print(f"qzoom {args.command}: {exc}", file=sys.stderr)
                 return 1
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except MissingExtraError as exc:  # a trainer or extra this environment lacks: say which one to install
+        print(f"qzoom {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

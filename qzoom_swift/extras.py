@@ -1,7 +1,8 @@
 """Optional dependencies: checked where a command starts, with an error that names the extra to install.
 
-The core plugin needs only the ms-swift stack; ONNX export and the onnxruntime router need the ``onnx``
-extra, ``qzoom eval`` the ``eval`` extra. Without this a user meets a bare ``ModuleNotFoundError`` deep in
+The core needs only torch and transformers; each trainer is an extra (``swift``: ms-swift, for ``swift sft``,
+``qzoom demo``, hub datasets and checkpoints; ``llamafactory``: LLaMA-Factory), ONNX export and the onnxruntime
+router need the ``onnx`` extra, ``qzoom eval`` the ``eval`` extra. Without this a user meets a bare ``ModuleNotFoundError`` deep in
 a job (or in a worker's log) instead of the one line that fixes it.
 """
 
@@ -12,12 +13,18 @@ import importlib.util
 EXTRAS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "eval": ("evalscope",),
+    "swift": ("swift",),
+    "llamafactory": ("llamafactory.cli",),
 }
 """extra -> the modules it brings (setup.cfg's ``extras_require`` installs them)."""
 
 
+class MissingExtraError(ImportError):
+    """An optional part is not installed; the message is the one line that fixes it (``qzoom`` prints only it)."""
+
+
 def require_extra(extra: str, purpose: str, modules: tuple[str, ...] | None = None) -> None:
-    """Raise ImportError naming ``pip install 'qzoom_swift[extra]'`` when a module of ``extra`` is missing."""
+    """Raise MissingExtraError naming ``pip install 'qzoom_swift[extra]'`` when a module of ``extra`` is missing."""
     missing = [m for m in (modules or EXTRAS[extra]) if importlib.util.find_spec(m) is None]
     if missing:
-        raise ImportError(f"{purpose} needs {', '.join(missing)}: pip install 'qzoom_swift[{extra}]'")
+        raise MissingExtraError(f"{purpose} needs {', '.join(missing)}: pip install 'qzoom_swift[{extra}]'")

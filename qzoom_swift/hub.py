@@ -34,6 +34,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     if not looks_like_hub_id(text):
         raise CheckpointNotFoundError(f"checkpoint {text} does not exist (not a folder here, and not a hub id "
                                       "of the form owner/name)")
+    from qzoom_swift.extras import require_extra
+
+    require_extra("swift", f"checkpoint {text!r} (a hub id: downloaded through ms-swift; or pass a local folder)")
     try:
         from swift.utils import safe_snapshot_download
 

@@ -7,6 +7,7 @@ only the first run of the suite pays for building them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -91,3 +92,9 @@ def loaded(tiny_dir) -> Callable[..., tuple]:
         return model, processor
 
     return get
+
+
+# tests/llamafactory/ runs in the LLaMA-Factory environment (.venv-lf, transformers 5.6, no ms-swift), started by
+# tests/test_llamafactory.py; the main environment cannot import LLaMA-Factory, so it does not collect them.
+# (By distribution, not import spec: this folder itself would pass for a namespace package named llamafactory.)
+collect_ignore = [] if importlib.util.find_spec("llamafactory.cli") else ["llamafactory"]

@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 SETUP_CFG = REPO / "setup.cfg"
 # What an sdist is built from: the package, its metadata and the files setup.cfg / MANIFEST.in name.
 SOURCE_FILES = ("setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "requirements.in", "requirements-lock.txt")
-EXTRAS = ("onnx", "eval", "deepspeed")
+EXTRAS = ("swift", "onnx", "eval", "deepspeed")
+"""The extras the locked .venv satisfies; ``llamafactory`` is checked against requirements-llamafactory.txt."""
 
 
 def _setup() -> configparser.ConfigParser:
@@ -129,7 +130,8 @@ def _block(key: str) -> list[str]:
 def test_every_dependency_bound_has_a_reason_and_the_locked_environment_satisfies_it():
     block = _block("install_requires")
     reqs = _requirements("\n".join(block))
-    assert {"torch", "ms-swift", "transformers"} <= {r.name for r in reqs}
+    assert {"torch", "transformers"} <= {r.name for r in reqs}
+    assert "ms-swift" not in {r.name for r in reqs}, "ms-swift is the [swift] extra: the core must install without it"
     for i, line in enumerate(block):
         if not line or line.startswith("#"):
             continue
@@ -146,6 +148,12 @@ def test_every_dependency_bound_has_a_reason_and_the_locked_environment_satisfie
         for req in _requirements(extras[extra]):
             installed = metadata.version(req.name)
             assert req.specifier.contains(installed, prereleases=True), f"[{extra}] {req} vs locked {installed}"
+    # the LLaMA-Factory environment's lock satisfies the core's bounds and the [llamafactory] extra
+    lf_lock = dict(line.split("==", 1) for line in (REPO / "requirements-llamafactory.txt").read_text().splitlines()
+                   if "==" in line and not line.startswith("#"))
+    lf_lock = {name.lower(): version for name, version in lf_lock.items()}
+    for req in [*_requirements(extras["llamafactory"]), *(r for r in reqs if r.specifier)]:
+        assert req.specifier.contains(lf_lock[req.name.lower()]), f"{req} vs requirements-llamafactory.txt"
 
 
 @pytest.mark.parametrize(("matcher", "module"), [("anls", "evalscope.metrics.nlp.metrics"),
@@ -221,8 +229,8 @@ def installed(wheel, tmp_path_factory) -> Path:
     (site / "_locked_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     report = venv.parent / "report.json"
     # dependencies are resolved (not --no-deps) but nothing may be fetched: the locked packages must satisfy them
-    _run([venv / "bin" / "python", "-m", "pip", "install", "--no-index", "--report", report, wheel], venv.parent,
-         env=_clean_env())
+    _run([venv / "bin" / "python", "-m", "pip", "install", "--no-index", "--report", report,
+          f"qzoom_swift[swift] @ {wheel.as_uri()}"], venv.parent, env=_clean_env())
     names = [item["metadata"]["name"] for item in json.loads(report.read_text())["install"]]
     assert names == ["qzoom_swift"], names
     # the console script pip writes for ms-swift, for this interpreter (ms-swift itself is the locked one)

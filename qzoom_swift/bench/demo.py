@@ -658,6 +658,9 @@ def _pin_numerics(numerics: str) -> None:
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     cfg = demo_config(args.preset, args.overrides)
+    from qzoom_swift.extras import require_extra
+
+    require_extra("swift", "qzoom demo (it trains the toy and the branches with swift sft)")
     # On a shared CPU, OpenMP threads spinning at barriers while another process holds a core make every
     # torch op several times slower. Passive waiting must be chosen before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -77,6 +77,9 @@ class LLMJudge:
     """A local model behind ms-swift's TransformersEngine (any model swift can load)."""
 
     def __init__(self, model: str, model_type: str | None = None, max_batch_size: int = 8, max_tokens: int = 16):
+        from qzoom_swift.extras import require_extra
+
+        require_extra("swift", "the judge model (served by ms-swift's TransformersEngine)")
         from swift.infer_engine import RequestConfig, TransformersEngine
 
         self.engine = TransformersEngine(model, model_type=model_type, max_batch_size=max_batch_size)

@@ -44,6 +44,10 @@ def resolve_source(spec: str) -> tuple[str, Path]:
     A local path part that does not exist and is no hub id (``owner/name``) is refused here, before any
     model is loaded; ms-swift's ``hf::``/``ms::`` prefixes, ``:subset`` and ``#N`` are kept as typed.
     """
+    from qzoom_swift.extras import require_extra
+
+    require_extra("swift", f"dataset {spec} (loaded through ms-swift's dataset loader; a plain local jsonl file "
+                           "needs no extra)")
     from swift.dataset.dataset_syntax import DatasetSyntax
 
     try:
