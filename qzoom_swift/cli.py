@@ -25,6 +25,7 @@ from qzoom_swift.extras import MissingExtraError
 from qzoom_swift.families.registry import FAMILY_NAMES
 from qzoom_swift.fileio import quiet_transformers
 from qzoom_swift.labels import commands as _labels
+from qzoom_swift.llamafactory_plugin import data_command as _lf_data
 from qzoom_swift.onnx import commands as _onnx
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -170,6 +171,13 @@ COMMANDS: dict[str, Command] = {
         description=_onnx.EXPORT_ONNX_DESCRIPTION,
         add_arguments=_onnx.export_onnx_args,
         run=_onnx.export_onnx_run,
+    ),
+    # LLaMA-Factory: a labelling job's output as its dataset (qzoom_swift/llamafactory_plugin/data_command.py).
+    "lf-dataset": Command(
+        help=_lf_data.LF_DATASET_HELP,
+        description=_lf_data.LF_DATASET_DESCRIPTION,
+        add_arguments=_lf_data.lf_dataset_args,
+        run=_lf_data.lf_dataset_run,
     ),
     # The shipped swift sft recipes (qzoom_swift/recipes_command.py; the files are in qzoom_swift/recipes/).
     "recipes": Command(
