@@ -26,6 +26,7 @@ from qzoom_swift.families.registry import FAMILY_NAMES
 from qzoom_swift.fileio import quiet_transformers
 from qzoom_swift.labels import commands as _labels
 from qzoom_swift.llamafactory_plugin import data_command as _lf_data
+from qzoom_swift.llamafactory_plugin import folder as _lf_folder
 from qzoom_swift.onnx import commands as _onnx
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -178,6 +179,19 @@ COMMANDS: dict[str, Command] = {
         description=_lf_data.LF_DATASET_DESCRIPTION,
         add_arguments=_lf_data.lf_dataset_args,
         run=_lf_data.lf_dataset_run,
+    ),
+    # LLaMA-Factory model folders and branch conversion (qzoom_swift/llamafactory_plugin/folder.py).
+    "lf-model": Command(
+        help=_lf_folder.LF_MODEL_HELP,
+        description=_lf_folder.LF_MODEL_DESCRIPTION,
+        add_arguments=_lf_folder.lf_model_args,
+        run=_lf_folder.lf_model_run,
+    ),
+    "lf-branches": Command(
+        help=_lf_folder.LF_BRANCHES_HELP,
+        description=_lf_folder.LF_BRANCHES_DESCRIPTION,
+        add_arguments=_lf_folder.lf_branches_args,
+        run=_lf_folder.lf_branches_run,
     ),
     # The shipped swift sft recipes (qzoom_swift/recipes_command.py; the files are in qzoom_swift/recipes/).
     "recipes": Command(

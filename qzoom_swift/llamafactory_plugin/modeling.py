@@ -19,6 +19,8 @@ The method itself (branches, prefill, losses) is the core's; nothing here import
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,6 +86,52 @@ def text_free_position_ids(position_ids: torch.Tensor | None) -> torch.Tensor | 
     return position_ids
 
 
+def launched_train_args() -> dict[str, Any] | None:
+    """The arguments of the ``llamafactory-cli train`` run this process is (None outside one).
+
+    Read with LLaMA-Factory's own ``read_args`` (the YAML/JSON in ``sys.argv`` plus ``key=value`` overrides), the
+    way its launcher reads them: the model is built after the dataset is loaded but before the collator first runs,
+    so this is where a dataset the collator would crash on can be refused with a useful message.
+    """
+    if "llamafactory.hparams" not in sys.modules:
+        return None
+    from llamafactory.hparams.parser import read_args
+
+    try:
+        args = read_args()
+    except Exception:  # not launched from a config file (a Python API call, a test): nothing to check
+        return None
+    if isinstance(args, dict):
+        return args
+    flags = {a.lstrip("-"): b for a, b in zip(args, args[1:]) if a.startswith("--")}
+    return flags or None
+
+
+def check_launch_dataset(which: tuple[str, ...], args: dict[str, Any] | None) -> None:
+    """Refuse, before training, a run whose batches could not carry the columns the branch needs.
+
+    LLaMA-Factory drops extra columns unless the dataset is pre-tokenized and ``remove_unused_columns`` is false,
+    and its collator crashes on a column whose rows differ in length: both are checked here, naming the fix.
+    """
+    if not which or not args or str(args.get("do_train", False)).lower() not in ("true", "1"):
+        return  # chat / api / export of a folder: no training batches
+    need = [c for b in which for c in COLUMNS_FOR[b]]
+    if str(args.get("remove_unused_columns", True)).lower() not in ("false", "0"):
+        raise ValueError(f"training the {','.join(which)} branch needs the columns {need} in the batches: set "
+                         "`remove_unused_columns: false` in the recipe (the trainer drops them otherwise)")
+    path = args.get("tokenized_path")
+    if not path or not Path(path).exists():
+        raise ValueError(f"training the {','.join(which)} branch needs a pre-tokenized dataset carrying {need} "
+                         f"(tokenized_path {path!r} does not exist); {DATASET_FIX}")
+    from qzoom_swift.llamafactory_plugin.data import check_tokenized
+
+    lengths = check_tokenized(path)  # one length per qzoom_* column, or an error naming the column and the fix
+    missing = [c for c in need if c not in lengths]
+    if missing:
+        raise ValueError(f"{path}: training the {','.join(which)} branch needs the column(s) {missing}, which this "
+                         f"dataset lacks; {DATASET_FIX}")
+
+
 class QZoomLFModelMixin:
     """Mixed in before a stock ``*ForConditionalGeneration``; see the module docstring for what it adds."""
 
@@ -96,6 +144,7 @@ class QZoomLFModelMixin:
         attach_branches(self, QZoomConfig.from_dict(raw))
         which = parse_train(getattr(config, QZOOM_TRAIN_KEY, None))
         set_trained_branches(self, which or None)
+        check_launch_dataset(which, launched_train_args())
         if which:
             # The branch loss is a per-batch mean: the trainer must average it over accumulation steps.
             self.accepts_loss_kwargs = False
@@ -168,4 +217,4 @@ class QZoomLFModelMixin:
 
 
 __all__ = ["BATCH_COLUMNS", "DATASET_FIX", "QZOOM_BASE_KEY", "QZOOM_CONFIG_KEY", "QZOOM_TRAIN_KEY",
-           "QZoomLFModelMixin", "parse_train", "rpn_label_maps", "text_free_position_ids"]
+           "QZoomLFModelMixin", "check_launch_dataset", "launched_train_args", "parse_train", "rpn_label_maps", "text_free_position_ids"]
