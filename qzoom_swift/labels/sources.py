@@ -5,6 +5,8 @@ resumes do not change). Anything else (a local dataset folder, ``path#N`` sub-sa
 hub id) goes through ``swift.dataset.load_dataset``, so ``--dataset`` means what it means to ``swift sft``.
 The rows come back in ms-swift's standard shape; images may be ``{"bytes", "path"}`` dicts or PIL images,
 and the jobs read image *paths*, so embedded bytes are written once into a cache folder of the job's output.
+A LLaMA-Factory entry, ``path/to/dataset_info.json:NAME``, is read by LLaMA-Factory's own parser and converters
+instead (``llamafactory_plugin.dataset_info``; no ms-swift needed).
 """
 
 from __future__ import annotations
@@ -38,12 +40,38 @@ def is_local_file(spec: str) -> bool:
     return Path(os.path.expanduser(spec)).is_file()
 
 
+LF_INFO_FILE = "dataset_info.json"
+
+
+def lf_entry(spec: str) -> tuple[Path, str] | None:
+    """(dataset_info.json path, entry name) of a ``path/to/dataset_info.json:NAME`` spec, else None."""
+    path, sep, name = str(spec).rpartition(":")
+    if sep and name and Path(path).name == LF_INFO_FILE:
+        return Path(os.path.expanduser(path)), name
+    return None
+
+
+def _resolve_lf(spec: str) -> tuple[str, Path] | None:
+    entry = lf_entry(spec)
+    if entry is None:
+        return None
+    info, name = entry
+    if not info.is_file():
+        raise DatasetSourceError(f"dataset {spec}: {info} not found (a LLaMA-Factory dataset is given as "
+                                 f"path/to/{LF_INFO_FILE}:NAME)")
+    info = info.resolve()
+    return f"{info}:{name}", info.parent
+
+
 def resolve_source(spec: str) -> tuple[str, Path]:
     """(the spec with its local path made absolute, the folder relative image paths are resolved against).
 
     A local path part that does not exist and is no hub id (``owner/name``) is refused here, before any
     model is loaded; ms-swift's ``hf::``/``ms::`` prefixes, ``:subset`` and ``#N`` are kept as typed.
     """
+    lf = _resolve_lf(spec)
+    if lf is not None:
+        return lf
     from qzoom_swift.extras import require_extra
 
     require_extra("swift", f"dataset {spec} (loaded through ms-swift's dataset loader; a plain local jsonl file "
@@ -79,6 +107,14 @@ def load_records(spec: str, cache_dir: Path, seed: int = SAMPLE_SEED) -> list[tu
     ``N`` above the dataset's size is clamped to it (a warning says so): each record once, in the order of
     ``#<size>``, never ms-swift's repeated rows.
     """
+    entry = lf_entry(spec)
+    if entry is not None:
+        from qzoom_swift.llamafactory_plugin.dataset_info import load_lf_records
+
+        try:
+            return [(record, record) for record in load_lf_records(*entry)]
+        except ValueError as exc:
+            raise DatasetSourceError(f"dataset {spec}: {exc}") from exc
     from swift.dataset.dataset_syntax import DatasetSyntax
 
     sample = DatasetSyntax.parse(spec).dataset_sample
