@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 LF_CLI = Path(sys.executable).parent / "llamafactory-cli"
 QZOOM = Path(sys.executable).parent / "qzoom"
-TEMPLATES = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "llava": "llava"}
+TEMPLATES = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink", "llava": "llava"}
 GRIDS = {"qwen2_5_vl": (4, 6), "qwen3_vl": (4, 6), "llava": (16, 16)}
 """The merged token grid each family's tiny images train at (LLaVA: the processor's fixed 224 px square)."""
 

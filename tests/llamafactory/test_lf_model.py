@@ -203,3 +203,26 @@ def test_write_model_folder_refuses_a_base_without_safetensors(tmp_path):
     (tmp_path / "base" / "config.json").write_text("{}")
     with pytest.raises(ModelFolderError, match="safetensors"):
         write_model_folder(tmp_path / "base", tmp_path / "out")
+
+
+def test_the_shipped_stage1_and_stage3_recipes_parse_with_llamafactorys_own_parser():
+    """Every LLaMA-Factory recipe of stages 1 and 3 is valid for 0.9.5 and trains a branch alone, as listed."""
+    import yaml
+    from llamafactory.hparams.parser import _parse_train_args
+
+    from qzoom_swift.recipes_command import RECIPES_DIR, list_recipes
+
+    names = [n for n in list_recipes() if n.startswith("llamafactory/") and ("stage1" in n or "stage3" in n)]
+    models = {n.split("/")[1] for n in names}
+    assert models == {"tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen3_vl_4b", "llava1_5_7b"}
+    assert len(names) == 9  # LLaVA has no stage 3 (no resolution trajectory), as in the ms-swift recipes
+    for name in names:
+        recipe = yaml.safe_load((RECIPES_DIR / name).read_text())
+        recipe["bf16"] = False  # this CPU machine refuses bf16 at parse time
+        model_args, data_args, training_args, finetuning_args, _ = _parse_train_args(recipe)
+        assert model_args.trust_remote_code and training_args.do_train, name
+        assert finetuning_args.finetuning_type == "full" and finetuning_args.freeze_vision_tower, name
+        assert finetuning_args.freeze_multi_modal_projector and finetuning_args.freeze_language_model, name
+        assert training_args.remove_unused_columns is False and data_args.tokenized_path, name
+        assert data_args.template in ("qwen2_vl", "qwen3_vl_nothink", "llava"), name
+        assert data_args.dataset == ["qzoom_stage1" if "stage1" in name else "qzoom_stage3"], name

@@ -31,7 +31,7 @@ from qzoom_swift.llamafactory_plugin.folder import write_model_folder
 from qzoom_swift.llamafactory_plugin.modeling import rpn_label_maps
 
 RECIPES = REPO / "qzoom_swift" / "recipes" / "llamafactory" / "tiny"
-TEMPLATES = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "llava": "llava"}
+TEMPLATES = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink", "llava": "llava"}
 STEPS = 8
 
 
