@@ -52,6 +52,8 @@ DEFAULT_IMAGE_MIN_PIXELS = 32 * 32
 STAGE_OF_KIND = {"pseudo-labels": 1, "mine-hard": 2, "gate-labels": 3}
 TRAIN_OF_STAGE = {1: "rpn", 2: None, 3: "gate"}
 CONTRACT_COLUMNS = ("qzoom_gate", "qzoom_rpn_labels", "qzoom_rpn_grid", "qzoom_roi")
+FIXED_LENGTHS = {"qzoom_rpn_grid": 2, "qzoom_roi": 6}
+"""[rows, cols] of the label map; [x0, y0, x1, y1] grid box + [src_rows, src_cols]."""
 
 
 class ExportError(RuntimeError):
@@ -386,8 +388,10 @@ def fixed_length_columns(rows: list[dict], lengths: dict[str, int] | None = None
                 raise ValueError("column qzoom_gate must hold one int (0/1) per row")
             lengths[column] = 1  # a scalar: one value per row
             continue
-        want = lengths.get(column, max(sizes))
+        if None in sizes:
+            raise ValueError(f"column {column}: row {sizes.index(None)} holds no list; {column} is a list per row")
         if column == "qzoom_rpn_labels":
+            want = lengths.get(column) or max(sizes)
             over = [(i, s) for i, s in enumerate(sizes) if s > want]
             if over:
                 raise ValueError(f"column qzoom_rpn_labels: row {over[0][0]} has {over[0][1]} cells, more than the "
@@ -395,10 +399,12 @@ def fixed_length_columns(rows: list[dict], lengths: dict[str, int] | None = None
                                  "(or leave it out: the largest map sets it)")
             for r in rows:
                 r[column] = list(r[column]) + [IGNORE] * (want - len(r[column]))
-        elif len(set(sizes)) != 1 or sizes[0] != want:
-            i = next(k for k, s in enumerate(sizes) if s != want)
-            raise ValueError(f"column {column}: row {i} has length {sizes[i]}, others {want}; LLaMA-Factory's "
-                             "collator needs one length per extra column (the contract: qzoom_rpn_grid 2, qzoom_roi 6)")
+        else:
+            want = FIXED_LENGTHS[column]
+            bad = [k for k, s in enumerate(sizes) if s != want]
+            if bad:
+                raise ValueError(f"column {column}: row {bad[0]} has length {sizes[bad[0]]}, not {want}; LLaMA-Factory's "
+                                 f"collator needs one length per extra column ({column}: {want})")
         lengths[column] = want
     return lengths
 
@@ -464,12 +470,15 @@ def _swap_in(staging: Path, out: Path) -> None:
 
 def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
     """Export one labelling job for ``llamafactory-cli train``; returns the manifest (also ``DIR/qzoom_lf_dataset.json``)."""
+    import datasets
     from datasets import Dataset, DatasetDict, Features, Sequence, Value
     from tqdm import tqdm
 
     from qzoom_swift.config import QZoomConfig, effective_config, read_env
     from qzoom_swift.families.registry import family_for_model_type
 
+    if not opts.progress:
+        datasets.disable_progress_bars()
     job_dir, out = Path(opts.job).resolve(), Path(opts.out).resolve()
     kind, job, records = read_job(job_dir)
     stage = STAGE_OF_KIND[kind]
