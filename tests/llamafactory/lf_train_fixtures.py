@@ -31,13 +31,13 @@ def image_side(family: str) -> int:
 def label_map(grid: tuple[int, int], i: int) -> list[list[int]]:
     """A tri-state map: a 2x2 foreground block that moves with the row, ignored cells around it, background."""
     rows, cols = grid
-    r0, c0 = i % (rows - 2), (2 * i) % (cols - 2)
+    r0, c0 = i % (rows - 1), (2 * i) % (cols - 1)
     out = [[0] * cols for _ in range(rows)]
     for r in range(max(0, r0 - 1), min(rows, r0 + 3)):
         for c in range(max(0, c0 - 1), min(cols, c0 + 3)):
             out[r][c] = -100
-    for r in range(r0, r0 + 2):
-        for c in range(c0, c0 + 2):
+    for r in range(r0, min(rows, r0 + 2)):
+        for c in range(c0, min(cols, c0 + 2)):
             out[r][c] = 1
     return out
 

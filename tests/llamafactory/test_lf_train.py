@@ -208,3 +208,49 @@ def test_a_ragged_column_stops_the_run_before_the_collator_naming_the_column_and
     proc, _ = train(tmp_path, "stage1_sdrpn.yaml", folder, tmp_path / "no_labels", "qwen2_5_vl", "out2")
     assert proc.returncode != 0
     assert "needs the column(s) ['qzoom_rpn_labels']" in proc.stdout and "qzoom lf-dataset" in proc.stdout
+
+
+def test_stage1_end_to_end_from_a_pseudo_label_job_through_qzoom_lf_dataset(tmp_path, tiny_dir):
+    """A pseudo-label job (rows of different label grids) -> `qzoom lf-dataset` -> `llamafactory-cli train`.
+
+    The export pads qzoom_rpn_labels with -100 to one length; the batch mixes grids, so the model's rebuild of each
+    map from qzoom_rpn_grid is what the first loss (recomputed here row by row) checks.
+    """
+    from lf_data_fixtures import chat, lf_dataset, picture, write_job
+    from lf_train_fixtures import label_map
+
+    grids = [(3, 4), (2, 5), (4, 4), (3, 3)]
+    rows = [{"qzoom_id": str(i), "qzoom_status": "ok", "messages": chat(), "images": [str(picture(
+        tmp_path / "src" / f"{i}.png", (300 + 40 * i, 200 + 30 * i), i))], "qzoom_rpn_labels": label_map(g, i),
+        "qzoom_attn_grid": list(g)} for i, g in enumerate(grids)]
+    job = write_job(tmp_path / "labels", "pseudo-labels", rows)
+    folder = write_model_folder(tiny_dir("qwen2_5_vl"), tmp_path / "model", train="rpn")
+    export = lf_dataset(job, folder, "qwen2_5_vl", tmp_path / "data1")
+    assert export.returncode == 0, export.stdout[-3000:]
+    proc, out = train(tmp_path, "stage1_sdrpn.yaml", folder, tmp_path / "data1", "qwen2_5_vl", "train1")
+    check_run(proc, out, folder, "rpn")
+
+
+def test_a_llamafactory_output_can_be_the_base_of_a_new_folder(stage1, tmp_path):
+    """Stage 3 after an LF stage 2 starts from a saved full model that already holds qzoom_branch.* tensors: the
+    new folder copies its weights without them (no tensor twice), and the branches are the checkpoint's."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    root, _, proc, out1 = stage1("qwen2_5_vl")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ckpt = root / "branches_for_rebase"
+    subprocess.run([str(QZOOM), "lf-branches", str(out1), "--out", str(ckpt)], check=True, capture_output=True)
+    folder = write_model_folder(out1, tmp_path / "rebased", checkpoint=ckpt, train="gate")
+    copied = folder / "model-base.safetensors"
+    assert not copied.is_symlink()
+    with safe_open(str(copied), framework="pt") as f:
+        assert not [k for k in f.keys() if k.startswith("qzoom_branch.")]
+    model, info = AutoModelForImageTextToText.from_pretrained(str(folder), trust_remote_code=True,
+                                                              dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    trained = folder_tensors(out1)
+    for name, tensor in model.qzoom_branch.state_dict().items():
+        if name.startswith("rpn."):
+            assert torch.equal(tensor, trained[f"qzoom_branch.{name}"])
+    assert json.loads((folder / "config.json").read_text())["qzoom_base_model"] == str(out1.resolve())
