@@ -227,8 +227,21 @@ def test_stage1_end_to_end_from_a_pseudo_label_job_through_qzoom_lf_dataset(tmp_
     folder = write_model_folder(tiny_dir("qwen2_5_vl"), tmp_path / "model", train="rpn")
     export = lf_dataset(job, folder, "qwen2_5_vl", tmp_path / "data1")
     assert export.returncode == 0, export.stdout[-3000:]
-    proc, out = train(tmp_path, "stage1_sdrpn.yaml", folder, tmp_path / "data1", "qwen2_5_vl", "train1")
+    proc, out = train(tmp_path, "stage1_sdrpn.yaml", folder, tmp_path / "data1", "qwen2_5_vl", "train1",
+                      save_strategy="steps", save_steps=STEPS // 2)
     check_run(proc, out, folder, "rpn")
+    # An intermediate checkpoint is a full save too: it keeps the remote code and converts like the final one.
+    middle = out / f"checkpoint-{STEPS // 2}"
+    assert (middle / "modeling_qzoom.py").is_file()
+    res = subprocess.run([str(QZOOM), "lf-branches", str(middle), "--out", str(tmp_path / "b4")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    from qzoom_swift.checkpoint import read_branch_tensors
+
+    tensors, meta = read_branch_tensors(tmp_path / "b4" / "qzoom_branch.safetensors")
+    saved = folder_tensors(middle)
+    assert meta["branches"] == "gate,rpn" and tensors
+    assert all(torch.equal(v, saved[f"qzoom_branch.{k}"]) for k, v in tensors.items())
 
 
 def test_a_llamafactory_output_can_be_the_base_of_a_new_folder(stage1, tmp_path):
