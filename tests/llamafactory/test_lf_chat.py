@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -210,6 +211,27 @@ def test_chat_engine_gives_qzoom_model_tokens(family, lf_folder, reference, monk
     assert streamed == text
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_refused_request_ends_the_stream(lf_folder):
+    """A request Q-Zoom refuses (n=2 answers) raises in chat and ends a stream instead of leaving LLaMA-Factory's
+    reader waiting on the streamer for ever (the engine runs generate in a thread and reads the streamer)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llamafactory.chat import ChatModel
+
+    chat = ChatModel(lf_args(lf_folder("qwen2_5_vl"), "qwen2_5_vl"))
+    image = grid_image("qwen2_5_vl")
+    with pytest.raises(ValueError, match="num_return_sequences=2"):
+        chat.chat(user_turn("qwen2_5_vl"), images=[image], num_return_sequences=2)
+    with ThreadPoolExecutor(1) as pool:
+        streamed = pool.submit(lambda: "".join(chat.stream_chat(user_turn("qwen2_5_vl"), images=[image],
+                                                                num_return_sequences=2)))
+        assert streamed.result(timeout=120) == ""  # ended (empty), not blocked
+    for thread in threading.enumerate():  # the engine's generate thread raises after ending the stream: let it finish
+        if thread is not threading.current_thread() and "generate" in thread.name:
+            thread.join(timeout=60)
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_chat_engine_on_a_shrunk_view_keeps_the_box(family, lf_folder, reference, monkeypatch):
     """image_max_pixels below the image: LLaMA-Factory halves it before Q-Zoom sees it. The zoom decision and grid
@@ -232,8 +254,10 @@ def test_chat_engine_on_a_shrunk_view_keeps_the_box(family, lf_folder, reference
     assert max(abs(a - b) for a, b in zip(lf_stats["grid_box"], ref.grid_box)) <= 1, (lf_stats["grid_box"], ref)
 
 
-def cli_command(args: list[str], **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+def cli_command(args: list[str]) -> tuple[dict, list[str]]:
+    """Environment and command line of ``llamafactory-cli ARGS`` (offline, one thread, unbuffered logs)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONUNBUFFERED": "1"}
     env.pop("DISABLE_VERSION_CHECK", None)
     return env, [str(LF_CLI), *args]
 
@@ -250,9 +274,9 @@ def test_cli_chat_answers_like_qzoom_model(lf_folder, reference, tmp_path):
     question = "Describe the weather."
     ref = qm.generate([], question, max_new_tokens=MAX_NEW)[0]
     env, cmd = cli_command(["chat", str(write_yaml(tmp_path / "chat.yaml", lf_args(lf_folder("qwen2_5_vl"), "qwen2_5_vl")))])
-    proc = subprocess.run(cmd, input=f"{question}\nexit\n", env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    proc = subprocess.run(cmd, input=f"{question}\nexit\n", env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)  # stderr apart: it may log mid-answer
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     answer = proc.stdout.split("Assistant: ", 1)[1].split("\n", 1)[0]
     assert answer == ref.text and ref.token_ids, proc.stdout[-2000:]
 
