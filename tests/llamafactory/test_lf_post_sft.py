@@ -196,3 +196,25 @@ def test_llamafactory_cli_stage2_trains_the_llm_on_the_zoomed_positions(tiny_dir
     assert vision and llm and branch and set(before) == set(after)
     assert all(torch.equal(before[k], after[k]) for k in vision + branch)
     assert sum(not torch.equal(before[k], after[k]) for k in llm) > len(llm) // 2
+
+
+@pytest.mark.parametrize("slug", ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen3_vl_4b", "llava1_5_7b"])
+def test_full_size_stage2_recipes_parse_and_repeat_the_ms_swift_hyper_parameters(slug):
+    import yaml
+    from lf_train_fixtures import REPO
+    from llamafactory.hparams.parser import _parse_train_args
+
+    recipe = yaml.safe_load((REPO / "qzoom_swift" / "recipes" / "llamafactory" / slug / "stage2_post_sft.yaml").read_text())
+    _, data_args, train_args, finetune_args, _ = _parse_train_args({**recipe, "bf16": False})  # CPU: no bf16 check
+    assert (finetune_args.finetuning_type, finetune_args.freeze_vision_tower, finetune_args.freeze_multi_modal_projector,
+            finetune_args.freeze_language_model) == ("full", True, True, False)
+    assert not train_args.remove_unused_columns and data_args.tokenized_path.endswith("data2/tokenized")
+    swift = yaml.safe_load((REPO / "qzoom_swift" / "recipes" / (slug if slug != "llava1_5_7b" else "qwen2_5_vl_7b")
+                            / "stage2_post_sft.yaml").read_text())
+    for key in ("learning_rate", "adam_beta2", "weight_decay", "lr_scheduler_type", "warmup_ratio", "num_train_epochs",
+                "max_grad_norm"):
+        ours, theirs = recipe[key], swift[key]  # YAML reads 1e-6 as a string, 1.0e-6 as a float
+        assert (ours == theirs if isinstance(theirs, str) and not theirs[0].isdigit() else
+                float(ours) == float(theirs)), key
+    assert recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] == \
+        swift["per_device_train_batch_size"] * swift["gradient_accumulation_steps"] == 64
