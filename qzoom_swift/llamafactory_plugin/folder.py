@@ -309,9 +309,9 @@ def lf_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="the model folder to write (must be empty unless --force)")
     p.add_argument("--checkpoint", default=None,
                    help="a branch checkpoint to take the branches from (default: fresh copies of the base layers)")
-    p.add_argument("--train", choices=("rpn", "gate", "rpn,gate"), default=None,
-                   help="the branch llamafactory-cli trains: rpn (stage 1), gate (stage 3); omit for stage 2 and "
-                        "inference (every branch frozen)")
+    p.add_argument("--train", choices=("rpn", "gate", "rpn,gate"), default=None, metavar="BRANCH",
+                   help="the branch llamafactory-cli trains: rpn (stage 1), gate (stage 3) or rpn,gate; omit for "
+                        "stage 2 and inference (every branch frozen)")
     p.add_argument("--branch-layer", type=int, default=None, help="B (fresh branches only; default: the model's)")
     p.add_argument("--branch-depth", type=int, default=None, help="R (fresh branches only; default 3)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
