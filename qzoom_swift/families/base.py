@@ -284,6 +284,20 @@ class FamilyAdapter:
         size = (w * self.patch_unit, h * self.patch_unit)
         return image if image.size == size else image.resize(size, resample=3)  # bicubic, as labelling
 
+    def stage1_image(self, image, processor=None, *, pad_square: bool = False, grid_hw: tuple[int, int] | None = None):
+        """The image as stage-1 training shows it: the first-pass view, padded to a square when it was labelled so
+        (``qzoom_pad_square``), at its label grid when given.
+
+        The one rule both trainers follow (ms-swift's template, the LLaMA-Factory export), so a label cell is the
+        cell the RPN trains on in either.
+        """
+        from qzoom_swift.roi import pad_to_square
+
+        image = self.source_image(image, processor)
+        if pad_square:
+            image = pad_to_square(image.convert("RGB"), self.square_fill(processor))
+        return image if grid_hw is None else self.image_at_grid(image, grid_hw)
+
     # ---- the zoom pass: how a re-encoded crop enters the sequence ----
     def resize_for_budget(self, image, min_tokens: int, max_tokens: int, what: str = "image"):
         """The image resized so the processor encodes it within the token budget (identity if fixed-size).

@@ -223,20 +223,18 @@ class RowBuilder:
         return self._final(self.adapter.resize_for_budget(image, budget[0], budget[1]))
 
     def _stage1_image(self, image, rec: dict):
-        """``_show_training_image``'s rule: padded as labelled, then the label grid unless the row has a budget."""
-        from qzoom_swift.roi import pad_to_square
-
-        image = self.adapter.source_image(image, self.processor)
-        if rec.get("qzoom_pad_square"):
-            image = pad_to_square(image.convert("RGB"), self.adapter.square_fill(self.processor))
+        """The ms-swift template's rule (``adapter.stage1_image``): padded as labelled, at the label grid unless the
+        row asks for its own budget (then training resamples the labels, ``training.resample_label_map``)."""
+        pad = bool(rec.get("qzoom_pad_square"))
         budget = _budget_tokens(rec.get("chat_template_kwargs"), self.adapter.patch_unit)
         if budget is not None:
-            return self._at_budget(image, budget)
+            return self._at_budget(self.adapter.stage1_image(image, self.processor, pad_square=pad), budget)
         labels = rec.get("qzoom_rpn_labels")
         grid = (len(labels), len(labels[0])) if labels else rec.get("qzoom_attn_grid")
         if not grid:
             raise ValueError("a stage-1 row needs qzoom_rpn_labels or qzoom_attn_grid (its label grid)")
-        return self._final(self.adapter.image_at_grid(image, tuple(grid)))
+        return self._final(self.adapter.stage1_image(image, self.processor, pad_square=pad,
+                                                     grid_hw=tuple(int(v) for v in grid)))
 
     # ---- rows
     def build(self, index: int, rec: dict, base_dir: Path) -> Row | Rejected:

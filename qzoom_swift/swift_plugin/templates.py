@@ -69,7 +69,6 @@ def _show_training_image(inputs, index: int, family: str, processor) -> None:
     resamples its labels (``training.resample_label_map``).
     """
     from qzoom_swift.families import get_adapter
-    from qzoom_swift.roi import pad_to_square
 
     adapter = get_adapter(family)
     extra = inputs.extra_kwargs or {}
@@ -78,13 +77,10 @@ def _show_training_image(inputs, index: int, family: str, processor) -> None:
         from swift.template import load_image
 
         image = load_image(image)
-    image = adapter.source_image(image, processor)
-    if extra.get("qzoom_pad_square"):
-        image = pad_to_square(image.convert("RGB"), adapter.square_fill(processor))
     own_budget = {"min_pixels", "max_pixels"} & set(inputs.chat_template_kwargs or {})
     grid = None if own_budget else _label_grid(extra, len(inputs.images or []))
+    image = adapter.stage1_image(image, processor, pad_square=bool(extra.get("qzoom_pad_square")), grid_hw=grid)
     if grid is not None:
-        image = adapter.image_at_grid(image, grid)
         inputs.chat_template_kwargs.update(adapter.budget_template_kwargs(grid[0] * grid[1], grid[0] * grid[1]))
     inputs.images[index] = image
 
