@@ -105,7 +105,7 @@ class Rejected:
 def read_job(job_dir: Path) -> tuple[str, dict, list[dict]]:
     """(kind, job.json, training rows) of a finished labelling job, the rows its ms-swift recipe trains on."""
     from qzoom_swift.labels.gate_job import GATE_TRAIN_FILE
-    from qzoom_swift.labels.jobs import JOB_FILE
+    from qzoom_swift.labels.jobs import JOB_FILE, SUMMARY_FILE
     from qzoom_swift.labels.mining import POST_SFT_FILE
 
     job_path = job_dir / JOB_FILE
@@ -119,8 +119,10 @@ def read_job(job_dir: Path) -> tuple[str, dict, list[dict]]:
                           f"{sorted(STAGE_OF_KIND)}")
     if kind == "pseudo-labels":
         files = sorted(job_dir.glob("shard-*.jsonl"))
-        if not files:
-            raise ExportError(f"{job_dir}: no shard-*.jsonl yet; run (or resume) the pseudo-label job first")
+        if not files or not (job_dir / SUMMARY_FILE).is_file():
+            raise ExportError(f"{job_dir}: the pseudo-label job has not finished (no {SUMMARY_FILE}; a sharded job "
+                              "writes it once every part is done): rerun its command to finish it (it resumes), "
+                              "or `qzoom merge-shards` for a sharded one")
     else:
         name = GATE_TRAIN_FILE if kind == "gate-labels" else POST_SFT_FILE
         if not (job_dir / name).is_file():

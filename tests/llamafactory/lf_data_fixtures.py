@@ -40,6 +40,7 @@ def write_job(root: Path, kind: str, rows: list[dict]) -> Path:
     name = {"pseudo-labels": "shard-00000.jsonl", "gate-labels": "gate_train.jsonl", "mine-hard": "post_sft.jsonl"}
     (root / name[kind]).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "job.json").write_text(json.dumps({"kind": kind, "settings": {"dataset": str(root / "data.jsonl")}}))
+    (root / "summary.json").write_text("{}")
     return root
 
 

@@ -213,6 +213,24 @@ def test_rerun_refused_force_replaces_and_a_failed_export_leaves_the_old_one(tin
         "renamed"}
 
 
+def test_an_unfinished_or_unknown_job_is_refused(tmp_path):
+    from qzoom_swift.llamafactory_plugin.data import ExportError, read_job
+
+    job = write_job(tmp_path / "labels", "pseudo-labels", [{"messages": chat(), "images": []}])
+    (job / "summary.json").unlink()
+    with pytest.raises(ExportError, match="has not finished"):
+        read_job(job)
+    with pytest.raises(ExportError, match="holds no job.json"):
+        read_job(tmp_path)
+    (job / "job.json").write_text(json.dumps({"kind": "labelling"}))
+    with pytest.raises(ExportError, match="job kind 'labelling' has no LLaMA-Factory export"):
+        read_job(job)
+    mined = write_job(tmp_path / "mined", "mine-hard", [])
+    (mined / "post_sft.jsonl").unlink()
+    with pytest.raises(ExportError, match="has no post_sft.jsonl"):
+        read_job(mined)
+
+
 def test_too_long_rows_are_rejected_and_the_rest_exported(tiny_dir, tmp_path):
     family = "qwen2_5_vl"
     job = write_job(tmp_path / "labels", "pseudo-labels", _stage1_rows(tmp_path, family)[:3])
