@@ -64,8 +64,8 @@ def reported_part(summary: dict) -> bool:
 
 
 DATASET_SOURCES = ("; or anything ms-swift loads: a dataset folder, PATH#N (a seeded draw of N rows), "
-                   "a hub id")
-"""The ``--dataset`` forms read through ms-swift's loader (``labels.sources``)."""
+                   "a hub id; or a LLaMA-Factory dataset, path/to/dataset_info.json:NAME")
+"""The ``--dataset`` forms read through ms-swift's or LLaMA-Factory's loader (``labels.sources``)."""
 
 def pseudo_labels_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model dir (Qwen2.5-VL, Qwen3-VL or LLaVA-1.5-HF)")
