@@ -187,6 +187,11 @@ def test_stage3_trains_only_the_gate_from_the_stage1_branches(stage1, tiny_dir):
     stage1_rpn = {k: v for k, v in folder_tensors(out1).items() if k.startswith("qzoom_branch.rpn.")}
     stage3 = folder_tensors(out)
     assert all(torch.equal(v, stage3[k]) for k, v in stage1_rpn.items())
+    res = subprocess.run([str(QZOOM), "lf-branches", str(out), "--out", str(root / "branches3")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    config = json.loads((root / "branches3" / "qzoom_config.json").read_text())
+    assert config["extra"]["trained_branches"] == ["rpn", "gate"]  # the record spans both stages
 
 
 def test_a_ragged_column_stops_the_run_before_the_collator_naming_the_column_and_the_fix(tmp_path, tiny_dir):
