@@ -183,30 +183,37 @@ def test_patch_model_keeps_a_generation_mixin_generate(lf_folder):
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava"])
 def test_chat_engine_gives_qzoom_model_tokens(family, lf_folder, reference, monkeypatch):
-    """LLaMA-Factory's ChatModel (what chat/api/webchat run) answers with QZoomModel.generate's tokens, never and
-    always, from the same prompt ids and the same original image; streaming gives the same text."""
+    """LLaMA-Factory's ChatModel (what chat/api/webchat run) answers with QZoomModel.generate's tokens in modes never,
+    always and zoom (the gate deciding), from the same prompt ids and the same original image; streaming gives the
+    same text."""
     from llamafactory.chat import ChatModel
 
     image, qm = grid_image(family), reference(family)
     monkeypatch.setenv("QZOOM_TAU_ROI", f"{partial_box_tau(qm, image):.6f}")
+    monkeypatch.setenv("QZOOM_TAU_GATE", "0")  # mode zoom: the gate fires at any probability
     chat = ChatModel(lf_args(lf_folder(family), family))
+    for model in (chat.engine.model, qm.model):  # a fresh folder records an untrained gate (mode zoom would not ask it)
+        monkeypatch.setitem(model.qzoom_branch.qzoom_config.extra, "trained_branches", ["rpn", "gate"])
     rec = Recorder(chat.engine.model, monkeypatch)
-    for mode in ("never", "always"):
+    stats = {}
+    for mode in ("never", "always", "zoom"):
         monkeypatch.setenv("QZOOM_MODE", mode)
         rec.zoom_calls.clear()
         text = ask(chat, image, family)
-        lf_stats = chat.engine.model.qzoom_last_stats[0]
+        stats[mode] = lf_stats = chat.engine.model.qzoom_last_stats[0]
         ref = qm.generate(image, QUESTION, max_new_tokens=MAX_NEW)[0]
         (lf_ids, lf_source), (ref_ids, ref_source) = rec.zoom_calls
         assert lf_ids.tolist() == ref_ids.tolist(), f"{family} {mode}: first-pass prompt ids differ"
         assert np.array_equal(np.asarray(lf_source), np.asarray(image)), "the crop source is not the original image"
         assert rec.new_tokens() == ref.token_ids, f"{family} {mode}"
         assert text == qm.processor.batch_decode([ref.token_ids], skip_special_tokens=True)[0]
-        for key in ("zoomed", "reason", "grid_box", "grid", "visual_tokens_low", "visual_tokens_roi", "prompt_tokens"):
+        for key in ("zoomed", "reason", "gate_prob", "grid_box", "grid", "visual_tokens_low", "visual_tokens_roi",
+                    "prompt_tokens"):
             assert lf_stats[key] == getattr(ref.stats, key), (family, mode, key)
-    rows, cols = lf_stats["grid"]
-    x0, y0, x1, y1 = lf_stats["grid_box"]
-    assert lf_stats["zoomed"] and 0 < (x1 - x0) * (y1 - y0) < rows * cols, "mode always cut no partial crop"
+    assert [stats[m]["reason"] for m in stats] == ["never", "forced", "gate"]
+    rows, cols = stats["always"]["grid"]
+    x0, y0, x1, y1 = stats["always"]["grid_box"]
+    assert 0 < (x1 - x0) * (y1 - y0) < rows * cols, "mode always cut no partial crop"
     streamed = "".join(chat.stream_chat(user_turn(family), images=[image]))
     assert streamed == text
 
