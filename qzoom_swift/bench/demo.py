@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.bench.lf_train import LF_STAGE1_RECIPE, LF_STAGE3_RECIPE
 from qzoom_swift.bench.report import RUN_LABELS, acceptance, render_report, throughput_ceiling
-from qzoom_swift.bench.settings import NUMERICS_ENV, PRESETS, DemoConfig, demo_config
+from qzoom_swift.bench.settings import NUMERICS_ENV, PRESETS, TRAINERS, DemoConfig, demo_config
 from qzoom_swift.fileio import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from qzoom_swift.recipes_command import RECIPES_DIR
 
@@ -92,6 +93,12 @@ class Stage:
     always call it, it returns at once when its output exists."""
     recipe: Path | None = None
     """The swift sft recipe it runs: an edited recipe invalidates the stage."""
+    lf_recipe: Path | None = None
+    """The llamafactory-cli recipe it runs with ``trainer=llamafactory``: the trainer and this recipe join the key
+    (``recipe`` stays in it: its ENV block is the model folder's Q-Zoom settings)."""
+
+    def title_for(self, cfg: DemoConfig) -> str:
+        return self.title.format(trainer=TRAINERS[cfg.trainer])
 
 
 @dataclass
@@ -157,12 +164,30 @@ def _train_outputs(out_dir: Path, steps: int, loss_key: str, log: Path) -> tuple
     logs = _rows(out_dir / "logging.jsonl")
     losses = [row[loss_key] for row in logs if loss_key in row]
     runtime = next((row["train_runtime"] for row in logs if "train_runtime" in row), None)
+    return _checkpoint_outputs(ckpt, steps, loss_key, log, losses, runtime), ckpt
+
+
+def _checkpoint_outputs(ckpt: Path, steps: int, loss_key: str, log: Path, losses: list[float],
+                        runtime: float | None) -> dict[str, Any]:
+    """A training stage's outputs, whichever trainer wrote the branch checkpoint ``ckpt``."""
     config = json.loads((ckpt / "qzoom_config.json").read_text())
     return {"checkpoint": str(ckpt), "steps": steps, "log": str(log), "loss_key": loss_key,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "losses": [round(x, 6) for x in losses], "train_runtime_s": runtime,
             "trained_branches": config.get("extra", {}).get("trained_branches"),
-            "branch_layer": config.get("branch_layer"), "branch_depth": config.get("branch_depth")}, ckpt
+            "branch_layer": config.get("branch_layer"), "branch_depth": config.get("branch_depth")}
+
+
+def _train_lf(ctx: Context, stage_dir: str, **kwargs: Any) -> tuple[dict[str, Any], Path]:
+    """``lf_train.train_branch`` in ``stage_dir/lf``, with the outputs the swift path returns plus its own."""
+    from qzoom_swift.bench.lf_train import lf_environment, train_branch
+
+    res = train_branch(lf_environment(ctx.cfg.lf_bin), base=_model_dir(ctx), workdir=ctx.path(stage_dir, "lf"),
+                       seed=ctx.cfg.seed, **kwargs)
+    ckpt = res.pop("checkpoint")
+    outputs = _checkpoint_outputs(ckpt, kwargs["steps"], "loss", res.pop("log"), res.pop("losses"),
+                                  res.pop("train_runtime"))
+    return {**outputs, **res, "recipe": _recipe_rel(kwargs["recipe"])}, ckpt
 
 
 def _sft(ctx: Context, recipe: Path, overrides: list[str], workdir: Path, env: dict[str, str] | None = None) -> Path:
@@ -284,25 +309,36 @@ def _stage_rpn_train(ctx: Context) -> StageResult:
     from qzoom_swift.bench.toy_model import budget_kwargs
 
     c = ctx.cfg
-    rows = []
+    rows, grids = [], []
     for shard in ctx.outputs("pseudo_labels")["shards"]:
         for row in _rows(Path(shard)):
             rows.append({"messages": row["messages"], "images": row["images"],
                          "qzoom_rpn_labels": row.get("qzoom_rpn_labels"),
                          "chat_template_kwargs": budget_kwargs(c.low_tokens)})
+            grids.append(row.get("qzoom_attn_grid"))
     train = write_jsonl_atomic(ctx.path("stage1", "rpn_train.jsonl"), rows)
-    out = ctx.path("stage1", "train")
-    shutil.rmtree(out, ignore_errors=True)
-    overrides = ["--model", _model_dir(ctx), "--dataset", str(train), "--output_dir", str(out),
-                 "--max_steps", str(c.rpn_steps), "--save_steps", str(c.rpn_steps), "--seed", str(c.seed)]
     env = {"QZOOM_TAU_ROI": str(c.tau_roi), "QZOOM_LOW_MIN_TOKENS": str(c.low_tokens),
            "QZOOM_LOW_MAX_TOKENS": str(c.low_tokens)}  # saved into the checkpoint: the budget the RPN learns at
-    log = _sft(ctx, STAGE1_RECIPE, overrides, ctx.path("stage1"), env=env)
-    outputs, ckpt = _train_outputs(out, c.rpn_steps, "qzoom_rpn_loss", log)
-    outputs.update(recipe=_recipe_rel(STAGE1_RECIPE), rows=len(rows),
-                   labelled_rows=sum(r["qzoom_rpn_labels"] is not None for r in rows))
-    line = (f"swift sft {outputs['recipe']} on {len(rows)} rows at {c.low_tokens} tokens: {c.rpn_steps} steps, "
-            f"rpn loss {outputs['loss_first']:.4f} -> {outputs['loss_last']:.4f} -> {ckpt}")
+    if c.trainer == "llamafactory":
+        from qzoom_swift.bench.lf_train import recipe_qzoom_settings
+
+        # LLaMA-Factory's label column has one length: a row ignored at labelling names its grid (all cells ignored)
+        lf_rows = [r if r["qzoom_rpn_labels"] is not None else {**r, "qzoom_attn_grid": g} for r, g in zip(rows, grids)]
+        outputs, ckpt = _train_lf(ctx, "stage1", train="rpn", job=Path(ctx.outputs("pseudo_labels")["dir"]),
+                                  rows=lf_rows, recipe=LF_STAGE1_RECIPE, steps=c.rpn_steps,
+                                  qzoom_overrides=recipe_qzoom_settings(STAGE1_RECIPE, env))
+    else:
+        out = ctx.path("stage1", "train")
+        shutil.rmtree(out, ignore_errors=True)
+        overrides = ["--model", _model_dir(ctx), "--dataset", str(train), "--output_dir", str(out),
+                     "--max_steps", str(c.rpn_steps), "--save_steps", str(c.rpn_steps), "--seed", str(c.seed)]
+        log = _sft(ctx, STAGE1_RECIPE, overrides, ctx.path("stage1"), env=env)
+        outputs, ckpt = _train_outputs(out, c.rpn_steps, "qzoom_rpn_loss", log)
+        outputs.update(recipe=_recipe_rel(STAGE1_RECIPE))
+    outputs.update(rows=len(rows), labelled_rows=sum(r["qzoom_rpn_labels"] is not None for r in rows),
+                   trainer=c.trainer)
+    line = (f"{TRAINERS[c.trainer]} {outputs['recipe']} on {len(rows)} rows at {c.low_tokens} tokens: {c.rpn_steps} "
+            f"steps, rpn loss {outputs['loss_first']:.4f} -> {outputs['loss_last']:.4f} -> {ckpt}")
     return StageResult(line, outputs, [str(ckpt / "qzoom_branch.safetensors")])
 
 
@@ -365,12 +401,22 @@ def _stage_gate_train(ctx: Context) -> StageResult:
         source = "bench ground truth (fallback)"
         notes.append("the consistency filter kept no gate label (the toy base cannot yet read the digit at the top "
                      "budget), so the gate trained on the bench's question kinds instead: fine = zoom, coarse = not")
-    overrides = ["--model", _model_dir(ctx), "--adapters", stage1, "--dataset", str(train), "--output_dir", str(out),
-                 "--max_steps", str(c.gate_steps), "--save_steps", str(c.gate_steps), "--seed", str(c.seed)]
-    log = _sft(ctx, STAGE3_RECIPE, overrides, ctx.path("stage3"))
-    outputs, ckpt = _train_outputs(out, c.gate_steps, "qzoom_gate_loss", log)
-    outputs.update(recipe=_recipe_rel(STAGE3_RECIPE), adapters=stage1, labels=source, dataset=str(train))
-    line = (f"swift sft {outputs['recipe']} --adapters <stage 1> on {source}: {c.gate_steps} steps, gate loss "
+    if c.trainer == "llamafactory":
+        from qzoom_swift.bench.lf_train import recipe_qzoom_settings
+
+        outputs, ckpt = _train_lf(ctx, "stage3", train="gate", job=Path(ctx.outputs("gate_labels")["gate_train"]).parent,
+                                  rows=_rows(train), recipe=LF_STAGE3_RECIPE, steps=c.gate_steps, checkpoint=stage1,
+                                  qzoom_overrides=recipe_qzoom_settings(STAGE3_RECIPE))
+        start = "--checkpoint <stage 1>"
+    else:
+        overrides = ["--model", _model_dir(ctx), "--adapters", stage1, "--dataset", str(train), "--output_dir",
+                     str(out), "--max_steps", str(c.gate_steps), "--save_steps", str(c.gate_steps), "--seed", str(c.seed)]
+        log = _sft(ctx, STAGE3_RECIPE, overrides, ctx.path("stage3"))
+        outputs, ckpt = _train_outputs(out, c.gate_steps, "qzoom_gate_loss", log)
+        outputs.update(recipe=_recipe_rel(STAGE3_RECIPE))
+        start = "--adapters <stage 1>"
+    outputs.update(adapters=stage1, labels=source, dataset=str(train), trainer=c.trainer)
+    line = (f"{TRAINERS[c.trainer]} {outputs['recipe']} {start} on {source}: {c.gate_steps} steps, gate loss "
             f"{outputs['loss_first']:.4f} -> {outputs['loss_last']:.4f} -> {ckpt}")
     return StageResult(line, outputs, [str(ckpt / "qzoom_branch.safetensors")], notes=notes)
 
@@ -525,12 +571,13 @@ STAGES: tuple[Stage, ...] = (
           ("label_images", "label_new_tokens", "label_heads", "label_queries", "label_sink", "label_tau_fg",
            "high_tokens"),
           _stage_pseudo_labels),
-    Stage("rpn_train", "stage 1: RPN training (swift sft)", ("toy_base", "pseudo_labels"),
-          ("rpn_steps", "low_tokens", "tau_roi", "seed"), _stage_rpn_train, recipe=STAGE1_RECIPE),
+    Stage("rpn_train", "stage 1: RPN training ({trainer})", ("toy_base", "pseudo_labels"),
+          ("rpn_steps", "low_tokens", "tau_roi", "seed"), _stage_rpn_train, recipe=STAGE1_RECIPE,
+          lf_recipe=LF_STAGE1_RECIPE),
     Stage("gate_labels", "stage 3: gate labels", ("bench", "toy_base"),
           ("label_images", "gate_images", "gate_budgets", "gate_stable_top", "seed"), _stage_gate_labels),
-    Stage("gate_train", "stage 3: gate training (swift sft)", ("toy_base", "rpn_train", "gate_labels"),
-          ("gate_steps", "seed"), _stage_gate_train, recipe=STAGE3_RECIPE),
+    Stage("gate_train", "stage 3: gate training ({trainer})", ("toy_base", "rpn_train", "gate_labels"),
+          ("gate_steps", "seed"), _stage_gate_train, recipe=STAGE3_RECIPE, lf_recipe=LF_STAGE3_RECIPE),
     Stage("calibrate", "stage 3: gate calibration", ("toy_base", "gate_labels", "gate_train"),
           ("max_accuracy_drop", "threshold_rule"), _stage_calibrate),
     Stage("evaluate", "evaluation (baselines, Q-Zoom)", ("bench", "toy_base", "pseudo_labels", "calibrate"),
@@ -547,6 +594,8 @@ def _stage_key(ctx: Context, stage: Stage) -> dict[str, Any]:
     key = {"settings": {k: getattr(ctx.cfg, k) for k in stage.settings}, "upstream": upstream}
     if stage.recipe is not None:
         key["recipe"] = _sha(stage.recipe)
+    if stage.lf_recipe is not None and ctx.cfg.trainer != "swift":  # a swift run keeps the key it had before
+        key.update(trainer=ctx.cfg.trainer, lf_recipe=_sha(stage.lf_recipe))
     return key
 
 
@@ -570,7 +619,8 @@ def _run_stage(ctx: Context, index: int, stage: Stage) -> dict:
 
     key = _stage_key(ctx, stage)
     record = None if stage.own_cache else _cached(ctx, stage, key)
-    prefix = f"[{index}/{len(STAGES)}] {stage.title:<36}"
+    title = stage.title_for(ctx.cfg)
+    prefix = f"[{index}/{len(STAGES)}] {title:<36}"
     if record is not None:
         record = {**record, "this_run": "cached"}
     else:
@@ -584,11 +634,11 @@ def _run_stage(ctx: Context, index: int, stage: Stage) -> dict:
             with output_to(log):
                 result = stage.run(ctx)
         except Exception:
-            print(f"[{index}/{len(STAGES)}] {stage.title}: FAILED; log {log}:", file=sys.stderr)
+            print(f"[{index}/{len(STAGES)}] {title}: FAILED; log {log}:", file=sys.stderr)
             print(log.read_text(errors="replace")[-3000:] if log.exists() else "", file=sys.stderr)
             raise
         seconds = time.perf_counter() - t0
-        record = {"name": stage.name, "title": stage.title, "key": key, "status": "ran",
+        record = {"name": stage.name, "title": title, "key": key, "status": "ran",
                   "seconds": round(seconds, 3), "line": result.line, "outputs": result.outputs,
                   "artefacts": result.artefacts, "notes": result.notes, "log": str(log),
                   "run_id": result.run_id or f"{time.time():.6f}", "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -634,6 +684,8 @@ def _summary(ctx: Context, metrics: dict[str, Any], figures: dict[str, str], tot
         "command": " ".join(["qzoom", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "qzoom demo",
         "preset": args.preset, "demo_config": dataclasses.asdict(cfg), "config": metrics["config"],
         "sft": args.sft, "versions": library_versions(), "seeds": demo_seeds(cfg),
+        "trainer": {"name": cfg.trainer, "command": TRAINERS[cfg.trainer],
+                    "versions": ctx.outputs("rpn_train").get("lf_versions")},
         "bench": ctx.outputs("bench")["meta"], "metrics": {k: v for k, v in metrics.items() if k != "overlays"},
         "variants": variants, "calibration": {k: ctx.outputs("calibrate").get(k) for k in ("rule", "plateau", "tau_gate")},
         "model_dir": _model_dir(ctx), "checkpoint": ctx.outputs("calibrate")["checkpoint"],
@@ -661,6 +713,13 @@ def run(args: argparse.Namespace) -> int:
     from qzoom_swift.extras import require_extra
 
     require_extra("swift", "qzoom demo (it trains the toy and the branches with swift sft)")
+    if cfg.trainer == "llamafactory":  # before any stage runs: a missing environment is a start-up error
+        from qzoom_swift.bench.lf_train import lf_environment
+
+        try:
+            lf_environment(cfg.lf_bin)
+        except (OSError, RuntimeError) as exc:
+            raise SystemExit(f"qzoom demo: {exc}") from exc
     # On a shared CPU, OpenMP threads spinning at barriers while another process holds a core make every
     # torch op several times slower. Passive waiting must be chosen before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

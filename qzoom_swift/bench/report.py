@@ -66,6 +66,15 @@ def _provenance(summary: dict[str, Any]) -> str:
             f"summary.json except for timings and paths (`bench.report.reproducible_view`).")
 
 
+def _trainer_line(summary: dict[str, Any]) -> str:
+    """Which trainer ran stages 1 and 3 (summaries written before the choice existed: swift sft)."""
+    t = summary.get("trainer") or {"name": "swift", "command": "swift sft"}
+    v = t.get("versions") or {}
+    where = "" if not v else (f", in its own environment: LLaMA-Factory {v.get('llamafactory', '-')}, transformers "
+                              f"{v.get('transformers', '-')}, torch {v.get('torch', '-')}")
+    return f"Branch training (stages 1 and 3): `{t['command']}` (trainer={t['name']}{where})."
+
+
 def _calibration_row(summary: dict[str, Any], cfg: dict[str, Any]) -> str:
     cal = summary.get("calibration") or {}
     plateau = cal.get("plateau")
@@ -147,7 +156,7 @@ def render_report(summary: dict[str, Any]) -> str:
              f"Command: `{summary['command']}` - total {summary['total_s']:.1f} s this run (stages run now: "
              f"{summary['stages_ran']}, cached: {summary['stages_cached']}), CPU threads {m['threads']}, kernels "
              f"{m.get('cpu_kernels') or '-'} (numerics={summary['demo_config'].get('numerics', 'native')}).", "",
-             _provenance(summary), ""]
+             _provenance(summary), "", _trainer_line(summary), ""]
     if summary["preset"] == "quick":
         lines += ["> Reduced preset: every stage ran on a handful of samples and a few steps; the numbers below are "
                   "not meaningful. `qzoom demo` without arguments runs the measured configuration.", ""]

@@ -19,6 +19,9 @@ NUMERICS_ENV: dict[str, dict[str, str]] = {
 }
 """Environment each ``DemoConfig.numerics`` sets before torch is imported (torch reads these once, at start-up)."""
 
+TRAINERS: dict[str, str] = {"swift": "swift sft", "llamafactory": "llamafactory-cli"}
+"""``DemoConfig.trainer`` choices and the command each trains stages 1 and 3 with (stage titles, report)."""
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -78,6 +81,14 @@ class DemoConfig:
     label_sink: str = "none"
     """The L2-norm sink test flags the red target box itself in this toy (fine-question labels: 0.46 precision
     with it, 0.91 without, on 40 train questions); a model trained from scratch has no massive-activation sinks."""
+    trainer: str = "swift"
+    """What trains the branches in stages 1 and 3 (everything else is the same code): ``swift`` (``swift sft`` on
+    ``recipes/toy/``) or ``llamafactory`` (``llamafactory-cli train`` on ``recipes/llamafactory/toy/``, in the
+    LLaMA-Factory environment ``lf_bin``: ``qzoom lf-model`` folders, ``qzoom lf-dataset`` rows, ``qzoom lf-branches``
+    back to the branch checkpoint the calibration and evaluation read), so the bench compares the two trainers."""
+    lf_bin: str = ""
+    """The ``bin/`` folder of the LLaMA-Factory environment (``llamafactory-cli``, ``qzoom``, ``python``) that
+    ``trainer=llamafactory`` runs; empty: the checkout's ``.venv-lf/bin`` (``make venv-lf`` builds it)."""
     rpn_steps: int = 1200
     tau_roi: float = 0.2
     """Saved into the stage-1 checkpoint. On the val split's fine questions (heatmaps of the first full run):
@@ -145,7 +156,8 @@ class DemoConfig:
 
         for key, allowed in (("numerics", tuple(NUMERICS_ENV)), ("threshold_rule", THRESHOLD_RULES),
                              ("roi_fallback", ROI_FALLBACKS),
-                             ("eval_split", ("test", "val")), ("toy_preset", ("", "full", "quick"))):
+                             ("eval_split", ("test", "val")), ("toy_preset", ("", "full", "quick")),
+                             ("trainer", TRAINERS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: choose from {', '.join(map(repr, allowed))}")
         if self.canvas % 112 or self.canvas < 112:

@@ -63,6 +63,20 @@ def run_swift_concurrently(commands: dict[str, list[str]], workdir: Path, env: d
     return runs
 
 
+def run_logged(cmd: list, log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> SwiftRun:
+    """Run ``cmd`` with its stdout and stderr in ``log``; a non-zero exit raises with the log's tail (the demo's
+    LLaMA-Factory steps: each command keeps its own log beside its outputs)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "wb") as f:
+        rc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    run = SwiftRun(rc, time.perf_counter() - t0, log)
+    if rc != 0:
+        raise RuntimeError(f"{Path(str(cmd[0])).name} {' '.join(map(str, cmd[1:3]))} failed (exit {rc}); log {log}:\n"
+                           f"{run.tail(2000)}")
+    return run
+
+
 CPU_TRAIN_FLAGS = ["--check_model", "false", "--fp16", "false", "--bf16", "false", "--report_to", "none",
                    "--dataloader_num_workers", "0", "--torch_dtype", "float32"]
 """What `swift sft` needs on a CPU machine (see README): no hub check, no mixed precision, no workers."""
