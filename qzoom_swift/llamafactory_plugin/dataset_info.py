@@ -36,7 +36,7 @@ def load_lf_records(info_path: Path, name: str) -> list[dict[str, Any]]:
     from llamafactory.data.parser import get_dataset_list
     from llamafactory.hparams import DataArguments
 
-    folder = info_path.parent
+    folder = Path(info_path).resolve().parent  # media paths resolve against it, as LLaMA-Factory's media_dir
     try:
         attr = get_dataset_list([name], str(folder))[0]
     except ValueError as exc:

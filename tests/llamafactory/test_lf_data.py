@@ -180,6 +180,7 @@ def test_stage2_export_two_images_and_roi(tiny_dir, tmp_path):
     assert rows[0]["qzoom_roi"]["grid"] == data[0]["qzoom_roi"][4:]  # the exact stored cells were used once
 
 
+@pytest.mark.slow  # four exports
 def test_rerun_refused_force_replaces_and_a_failed_export_leaves_the_old_one(tiny_dir, tmp_path, monkeypatch):
     from qzoom_swift.llamafactory_plugin import data as lf_data
 
@@ -231,6 +232,7 @@ def test_an_unfinished_or_unknown_job_is_refused(tmp_path):
         read_job(mined)
 
 
+@pytest.mark.slow  # two exports
 def test_too_long_rows_are_rejected_and_the_rest_exported(tiny_dir, tmp_path):
     family = "qwen2_5_vl"
     job = write_job(tmp_path / "labels", "pseudo-labels", _stage1_rows(tmp_path, family)[:3])
@@ -282,7 +284,8 @@ def test_pseudo_labels_read_a_lf_dataset_and_export_back(tiny_dir, tmp_path):
     (src / "dataset_info.json").write_text(json.dumps({
         "shapes": {"file_name": "shapes.json", "formatting": "sharegpt",
                    "columns": {"messages": "conversations", "images": "pics"}},
-        "alp": {"file_name": "alp.jsonl", "columns": {"images": "images"}}}))
+        "alp": {"file_name": "alp.jsonl", "columns": {"prompt": "instruction", "query": "input", "response": "output",
+                                                      "images": "images"}}}))
 
     def label(spec: str, out: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(QZOOM), "pseudo-labels", "--model", str(tiny_dir(family)), "--dataset", spec,
