@@ -413,8 +413,11 @@ def check_tokenized(path: str | Path) -> dict[str, int]:
     """Check a pre-tokenized dataset (``tokenized_path``) before training: its ``qzoom_*`` columns have one length.
 
     What the export guarantees, checked on any saved dataset (one built by hand included); the error names the
-    column and a row instead of the collator's tensor-conversion crash. Returns {column: length}.
+    column and a row instead of the collator's tensor-conversion crash. Reads the Arrow lengths only (a fixed-size
+    column is fixed by its type), so a large dataset is checked in moments. Returns {column: length}.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
     from datasets import DatasetDict, load_from_disk
 
     data = load_from_disk(str(path))
@@ -422,15 +425,26 @@ def check_tokenized(path: str | Path) -> dict[str, int]:
     out: dict[str, int] = {}
     for split in splits:
         for column in (c for c in split.column_names if c.startswith("qzoom_")):
-            sizes: dict[int | None, int] = {}
-            for i, value in enumerate(split[column]):
-                sizes.setdefault(len(value) if isinstance(value, list) else None, i)
-            if len(sizes) > 1:
-                (a, ia), (b, ib) = list(sizes.items())[:2]
-                raise ValueError(f"{path}: column {column} is not fixed-length (row {ia}: {a}, row {ib}: {b}); "
-                                 "LLaMA-Factory's collator would crash on it. Re-export with `qzoom lf-dataset`, which "
-                                 "pads qzoom_rpn_labels with -100 to one length")
-            out[column] = next(iter(sizes)) or 1
+            values = split.data.column(column)
+            if values.null_count:
+                row = values.is_null().to_pylist().index(True)
+                raise ValueError(f"{path}: column {column} is empty at row {row}; every row needs a value (re-export "
+                                 "with `qzoom lf-dataset`)")
+            if pa.types.is_fixed_size_list(values.type):
+                out[column] = values.type.list_size
+                continue
+            if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
+                out[column] = 1  # one scalar per row
+                continue
+            lengths = pc.list_value_length(values)
+            low, high = (v.as_py() for v in pc.min_max(lengths).values())
+            if low != high:
+                sizes = lengths.to_pylist()
+                other = next(i for i, n in enumerate(sizes) if n != sizes[0])
+                raise ValueError(f"{path}: column {column} is not fixed-length (row 0: {sizes[0]}, row {other}: "
+                                 f"{sizes[other]}); LLaMA-Factory's collator would crash on it. Re-export with "
+                                 "`qzoom lf-dataset`, which pads qzoom_rpn_labels with -100 to one length")
+            out[column] = int(high or 0)
     return out
 
 

@@ -263,6 +263,14 @@ def test_a_variable_length_column_gets_a_clear_error(tiny_dir, tmp_path):
                                              {"input_ids": [1], "qzoom_roi": [0, 0, 1, 1]}])}).save_to_disk(str(ragged))
     with pytest.raises(ValueError, match=r"column qzoom_roi is not fixed-length \(row 0: 6, row 1: 4\)"):
         check_tokenized(ragged)
+    holes = tmp_path / "holes"
+    DatasetDict({"train": Dataset.from_list([{"qzoom_gate": 1, "qzoom_roi": [0, 0, 1, 1, 2, 2]},
+                                             {"qzoom_gate": 0, "qzoom_roi": None}])}).save_to_disk(str(holes))
+    with pytest.raises(ValueError, match="column qzoom_roi is empty at row 1"):
+        check_tokenized(holes)
+    exported = tmp_path / "exported"
+    assert lf_dataset(job, tiny_dir(family), family, exported).returncode == 0
+    assert check_tokenized(exported / "tokenized") == {"qzoom_rpn_labels": 36, "qzoom_rpn_grid": 2}
     with pytest.raises(ValueError, match="column qzoom_rpn_grid: row 1 has length 3, not 2"):
         fixed_length_columns([{"qzoom_rpn_labels": [1], "qzoom_rpn_grid": [1, 1]},
                               {"qzoom_rpn_labels": [1], "qzoom_rpn_grid": [1, 1, 1]}])
