@@ -12,16 +12,16 @@ What this means for the answer (the tolerance the tests assert):
 - tokens equal ``QZoomModel.generate``'s on the same image whenever LLaMA-Factory's view IS the image:
   its sides are multiples of the patch unit (28 px Qwen2.5-VL, 32 px Qwen3-VL) and its pixel count lies
   within ``image_min_pixels``..``image_max_pixels`` and the processor's own bounds, with float32 weights.
-  LLaMA-Factory datasets exported by this plugin and recipes that set ``image_max_pixels`` to cover the
-  image meet it. In bfloat16 a Qwen2.5-VL rebuild may differ by one grey level (Qwen3-VL's 0.5 mean/std
-  rebuilds exactly);
+  Serve with a large ``image_max_pixels`` (e.g. 16777216): the model never encodes LLaMA-Factory's view
+  (Q-Zoom re-encodes at its own budgets), so the bound costs only preprocessing. In bfloat16 a Qwen2.5-VL
+  rebuild may differ by one grey level (Qwen3-VL's 0.5 mean/std rebuilds exactly);
 - otherwise the low pass and the crop come from LLaMA-Factory's resized view: the same grid box within
   a cell (what the test measures), but the crop carries at most ``image_max_pixels`` of detail and the
   answer may differ;
 - LLaVA-1.5 receives only the processor's fixed square (336 px; its CLIP processor centre-crops a
   non-square image, where Q-Zoom pads it): the first pass is LLaMA-Factory's own, and the crop is cut
-  from that square, so zooming adds no detail beyond it. Send square images (padded with the mean colour)
-  of the processor's size to get ``QZoomModel``'s tokens.
+  from that square, so zooming magnifies it without adding detail. Send square images (padded with the
+  mean colour) of the processor's size to get ``QZoomModel``'s tokens.
 
 ``model/patcher.py::patch_model`` swaps any ``generate`` whose function's qualified name lacks
 ``GenerationMixin`` for transformers' own: the class name here is what keeps this one.
