@@ -482,10 +482,34 @@ def _swap_in(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _column_lengths(stage: int, records: list[dict], rpn_cells: int | None) -> dict[str, int]:
+    """The fixed length of each ``qzoom_*`` column, known before any row is tokenized (the rows stream to disk)."""
+    if stage == 3:
+        return {"qzoom_gate": 1}
+    if stage == 2:
+        return {"qzoom_roi": FIXED_LENGTHS["qzoom_roi"]}
+    cells = []
+    for rec in records:
+        labels, grid = rec.get("qzoom_rpn_labels"), rec.get("qzoom_attn_grid")
+        if labels:
+            cells.append(len(labels) * len(labels[0]))
+        elif grid:
+            cells.append(int(grid[0]) * int(grid[1]))
+    need = max(cells, default=1)
+    if rpn_cells is not None and rpn_cells < need:
+        raise ValueError(f"column qzoom_rpn_labels: a row has {need} cells, more than the fixed length {rpn_cells}: "
+                         f"raise --rpn-cells to at least {need} (or leave it out: the largest map sets it)")
+    return {"qzoom_rpn_labels": rpn_cells or need, "qzoom_rpn_grid": FIXED_LENGTHS["qzoom_rpn_grid"]}
+
+
 def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
-    """Export one labelling job for ``llamafactory-cli train``; returns the manifest (also ``DIR/qzoom_lf_dataset.json``)."""
+    """Export one labelling job for ``llamafactory-cli train``; returns the manifest (also ``DIR/qzoom_lf_dataset.json``).
+
+    Rows stream to disk (the ShareGPT file and an Arrow file), so a large job is never held in memory.
+    """
     import datasets
     from datasets import Dataset, DatasetDict, Features, Sequence, Value
+    from datasets.arrow_writer import ArrowWriter
     from tqdm import tqdm
 
     from qzoom_swift.config import QZoomConfig, effective_config, read_env
@@ -508,10 +532,17 @@ def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
     except ValueError as exc:
         raise ExportError(f"Q-Zoom settings of {opts.model}: {exc}") from exc
     noise = read_env().roi_noise if opts.roi_noise is None else float(opts.roi_noise)
+    lengths = _column_lengths(stage, records, opts.rpn_cells)
+    features = Features({"input_ids": Sequence(Value("int32")), "attention_mask": Sequence(Value("int32")),
+                         "labels": Sequence(Value("int32")), "images": Sequence(Value("string")),
+                         "videos": Value("null"), "audios": Value("null"),
+                         **{c: (Value("int32") if c == "qzoom_gate" else Sequence(Value("int32"), length=n))
+                            for c, n in lengths.items()}})
 
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / IMAGES_DIR).mkdir(parents=True)
+    arrow_path = staging / "rows.arrow"
     try:
         entry = {"file_name": f"{name}.json", "formatting": "sharegpt",
                  "columns": {"messages": "messages", "images": "images"},
@@ -522,66 +553,53 @@ def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
         builder = RowBuilder(kind, family, lf.processor, model_config, qz_config, noise, opts.seed)
         image_token = int(model_config.get("image_token_id", model_config.get("image_token_index", -1)))
         base_dir = _job_base_dir(job, job_dir)
-        shared, tokenized, rejects = [], [], []
-        for index, rec in enumerate(tqdm(records, desc=f"lf-dataset {kind}", unit="row", disable=not opts.progress)):
-            row = builder.build(index, rec, base_dir)
-            if isinstance(row, Rejected):
-                rejects.append(row)
-                continue
-            paths = []
-            for k, image in enumerate(row.images):
-                rel = f"{IMAGES_DIR}/{len(shared):06d}-{k}.png"
-                image.convert("RGB").save(staging / rel)
-                paths.append(rel)
-            example = {"messages": row.messages, "images": paths}
-            try:
-                encoded = lf.encode(example)
-            except Exception as exc:  # LLaMA-Factory's plugins raise ValueError, OSError, PIL errors...
-                rejects.append(Rejected(index, row.rid, "lf_error", f"{type(exc).__name__}: {str(exc)[:300]}"))
-                continue
-            if encoded is None:
-                rejects.append(Rejected(index, row.rid, "lf_dropped", "LLaMA-Factory drops it (roles must alternate "
-                                        "user/assistant and end with one assistant turn)"))
-                continue
-            n = len(encoded["input_ids"])
-            if n > opts.cutoff_len:
-                rejects.append(Rejected(index, row.rid, "too_long", f"{n} tokens > cutoff_len {opts.cutoff_len}; "
-                                        "LLaMA-Factory would cut it (and its image tokens): raise --cutoff-len and "
-                                        "the recipe's cutoff_len, or drop the row"))
-                continue
-            bad_grid = _check_grids(encoded["input_ids"], image_token, row.grids, builder.fixed)
-            if bad_grid:
-                rejects.append(Rejected(index, row.rid, "grid_changed", bad_grid))
-                continue
-            shared.append({**example, **row.columns, "qzoom_id": row.rid})
-            tokenized.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
-                              "labels": encoded["labels"],
-                              "images": [str(out / p) for p in paths], "videos": None, "audios": None,
-                              **row.columns})
-        if not tokenized:
+        rejects: list[Rejected] = []
+        kept = 0
+        writer = ArrowWriter(features=features, path=str(arrow_path))
+        with open(staging / f"{name}.json", "w", encoding="utf-8") as shared, \
+                open(staging / REJECTS_FILE, "w", encoding="utf-8") as rejected:
+            shared.write("[")
+            for index, rec in enumerate(tqdm(records, desc=f"lf-dataset {kind}", unit="row",
+                                             disable=not opts.progress)):
+                row = builder.build(index, rec, base_dir)
+                if not isinstance(row, Rejected):
+                    paths = [f"{IMAGES_DIR}/{kept:06d}-{k}.png" for k in range(len(row.images))]
+                    for path, image in zip(paths, row.images):
+                        image.convert("RGB").save(staging / path)
+                    example = {"messages": row.messages, "images": paths}
+                    row = _tokenized_row(lf, row, example, opts.cutoff_len, image_token, builder.fixed)
+                    if isinstance(row, Rejected):
+                        for path in paths:
+                            (staging / path).unlink()
+                if isinstance(row, Rejected):
+                    rejects.append(row)
+                    rejected.write(json.dumps(row.__dict__, ensure_ascii=False) + "\n")
+                    continue
+                encoded, columns = row
+                fixed_length_columns([columns], lengths)  # pads qzoom_rpn_labels; refuses a wrong length
+                shared.write(("," if kept else "") + "\n" + json.dumps({**example, **columns, "qzoom_id": encoded.pop(
+                    "qzoom_id")}, ensure_ascii=False))
+                writer.write({**encoded, "images": [str(out / p) for p in example["images"]], "videos": None,
+                              "audios": None, **columns})
+                kept += 1
+            shared.write("\n]\n")
+        writer.finalize()
+        writer.close()
+        if not kept:
             reasons = sorted({r.reason for r in rejects})
             raise ExportError(f"{job_dir}: no row could be exported ({len(rejects)} rejected: {reasons}); see the "
-                              "reasons above")
-        lengths = fixed_length_columns(tokenized, {"qzoom_rpn_labels": opts.rpn_cells} if opts.rpn_cells else None)
-        for r, t in zip(shared, tokenized):
-            r.update({k: t[k] for k in lengths})
-        features = Features({"input_ids": Sequence(Value("int32")), "attention_mask": Sequence(Value("int32")),
-                             "labels": Sequence(Value("int32")), "images": Sequence(Value("string")),
-                             "videos": Value("null"), "audios": Value("null"),
-                             **{c: (Value("int32") if c == "qzoom_gate" else Sequence(Value("int32"), length=n))
-                                for c, n in lengths.items()}})
-        DatasetDict({"train": Dataset.from_list(tokenized, features=features)}).save_to_disk(
-            str(staging / TOKENIZED_DIR))
-        (staging / f"{name}.json").write_text(json.dumps(shared, ensure_ascii=False), encoding="utf-8")
-        (staging / REJECTS_FILE).write_text("".join(json.dumps(r.__dict__, ensure_ascii=False) + "\n"
-                                                    for r in rejects), encoding="utf-8")
+                              f"reasons in the rejects")
+        train = Dataset.from_file(str(arrow_path))
+        DatasetDict({"train": train}).save_to_disk(str(staging / TOKENIZED_DIR))
+        del train
+        arrow_path.unlink()
         counts: dict[str, int] = {}
         for r in rejects:
             counts[r.reason] = counts.get(r.reason, 0) + 1
         manifest = {
             "format": 1, "kind": kind, "stage": stage, "qzoom_train": TRAIN_OF_STAGE[stage], "job": str(job_dir),
             "model": str(Path(opts.model).resolve()), "family": family, "template": opts.template, "name": name,
-            "rows": len(tokenized), "rejected": len(rejects), "rejects": counts, "columns": lengths,
+            "rows": kept, "rejected": len(rejects), "rejects": counts, "columns": lengths,
             "cutoff_len": opts.cutoff_len, "image_max_pixels": opts.image_max_pixels,
             "image_min_pixels": opts.image_min_pixels, "roi_noise": noise if stage == 2 else None,
             "recipe": {"dataset_dir": str(out), "dataset": name, "tokenized_path": str(out / TOKENIZED_DIR),
@@ -593,3 +611,24 @@ def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _tokenized_row(lf: LFTokenizer, row: Row, example: dict, cutoff_len: int, image_token: int,
+                   fixed: bool) -> tuple[dict, dict] | Rejected:
+    """(LLaMA-Factory's tokens, the row's columns), or why LLaMA-Factory would drop or cut the row."""
+    try:
+        encoded = lf.encode(example)
+    except Exception as exc:  # LLaMA-Factory's plugins raise ValueError, OSError, PIL errors...
+        return Rejected(row.index, row.rid, "lf_error", f"{type(exc).__name__}: {str(exc)[:300]}")
+    if encoded is None:
+        return Rejected(row.index, row.rid, "lf_dropped", "LLaMA-Factory drops it (roles must alternate "
+                        "user/assistant and end with one assistant turn)")
+    n = len(encoded["input_ids"])
+    if n > cutoff_len:
+        return Rejected(row.index, row.rid, "too_long", f"{n} tokens > cutoff_len {cutoff_len}; LLaMA-Factory would "
+                        "cut it (and its image tokens): raise --cutoff-len and the recipe's cutoff_len, or drop the row")
+    bad_grid = _check_grids(encoded["input_ids"], image_token, row.grids, fixed)
+    if bad_grid:
+        return Rejected(row.index, row.rid, "grid_changed", bad_grid)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+            "labels": encoded["labels"], "qzoom_id": row.rid}, dict(row.columns)

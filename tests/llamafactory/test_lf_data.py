@@ -246,6 +246,7 @@ def test_too_long_rows_are_rejected_and_the_rest_exported(tiny_dir, tmp_path):
     assert manifest(out)["rejects"] == {"too_long": 1} and manifest(out)["rows"] == 2
     reject = json.loads((out / "rejects.jsonl").read_text())
     assert reject["index"] == longest and f"{max(lengths)} tokens > cutoff_len" in reject["detail"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000-0.png", "000001-0.png"]  # none orphaned
 
 
 def test_a_variable_length_column_gets_a_clear_error(tiny_dir, tmp_path):
