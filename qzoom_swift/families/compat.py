@@ -15,6 +15,10 @@ these functions instead of the transformers internals:
    stock decoder layer takes, exactly (three copies of the composed table compose to itself).
 3. Qwen3-VL's ``get_image_features().deepstack_features`` is split per image in 5.19; in 5.6 each level is
    one tensor over all images. :func:`concat_levels` gives one tensor per level either way.
+4. Checkpoint key renames (legacy names such as Qwen2.5-VL's ``model.layers.*`` or llava-hf's
+   ``language_model.lm_head``) reach a remote-code subclass of a stock model (the LLaMA-Factory folder's class)
+   by ``model_type`` in 5.6; 5.19 skips them for custom code unless the user registered them (by class name or
+   model type). :func:`share_checkpoint_renames` registers the stock renames for the subclass.
 
 The tests run the core files under both ends of the range (``make test``: the main .venv at 5.19 and
 .venv-tf56 at 5.6.0, see requirements-tf56.txt).
@@ -117,3 +121,29 @@ def concat_levels(deepstack) -> list[torch.Tensor] | None:
     if deepstack is None:
         return None
     return [level if isinstance(level, torch.Tensor) else torch.cat(list(level), dim=0) for level in deepstack]
+
+
+# ---- 4. checkpoint key renames for remote-code subclasses of stock models ----
+def share_checkpoint_renames(class_name: str, stock_class_name: str, model_type: str) -> None:
+    """Make the custom (remote-code) class ``class_name`` load and save the stock checkpoint key names.
+
+    transformers 5.19 looks renames up by class name, then ``model_type`` (Qwen2.5-VL's are keyed by its class
+    names, llava's by model type), and applies them to custom code only when the user registered them: this
+    registers the stock class's renames under ``class_name``, or re-registers the model type's own. 5.6 applies
+    them to every class of the model type: nothing to do there.
+    """
+    from transformers import PreTrainedModel
+
+    if not hasattr(PreTrainedModel, "is_custom_code"):
+        return
+    from transformers import conversion_mapping as cm
+
+    if class_name in cm.USER_REGISTERED_MAPPINGS or model_type in cm.USER_REGISTERED_MAPPINGS:
+        return
+    by_class = cm.get_checkpoint_conversion_mapping(stock_class_name)
+    if by_class is not None:
+        cm.register_checkpoint_conversion_mapping(class_name, by_class, overwrite=True)
+        return
+    by_type = cm.get_checkpoint_conversion_mapping(model_type)
+    if by_type is not None:
+        cm.register_checkpoint_conversion_mapping(model_type, by_type, overwrite=True)

@@ -168,13 +168,20 @@ class QZoomLFModelMixin:
             get_branches(self).requires_grad_(False)
 
     def __init_subclass__(cls, **kwargs):
-        """Give each concrete class a ``forward`` with its stock class's signature.
+        """Give each concrete class the stock checkpoint names and a ``forward`` with its stock class's signature.
 
         transformers' ``generate`` checks model kwargs against ``inspect.signature(forward)``, and the trainer
         reads it too; ``functools.wraps`` makes the signature the stock one while the qzoom_* columns pass
         through ``**kwargs``.
         """
         super().__init_subclass__(**kwargs)
+        stock_cls = next((c for c in cls.__mro__[1:] if c.__module__.startswith("transformers.models.")), None)
+        model_type = getattr(getattr(cls, "config_class", None), "model_type", None)
+        if stock_cls is not None and model_type:
+            from qzoom_swift.families.compat import share_checkpoint_renames
+
+            # base folders keep the stock (often legacy) tensor names
+            share_checkpoint_renames(cls.__name__, stock_cls.__name__, model_type)
         if "forward" in vars(cls):
             return
         stock = super().forward
