@@ -15,6 +15,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "eval": ("evalscope",),
     "swift": ("swift",),
     "llamafactory": ("llamafactory.cli",),
+    "vllm": ("vllm",),
 }
 """extra -> the modules it brings (setup.cfg's ``extras_require`` installs them)."""
 

@@ -140,6 +140,8 @@ class ZoomPlan:
     """The crop's processor outputs, on the model's device."""
     encode_s: float
     """Seconds spent cropping and encoding (part of the sample's pass-2 cost)."""
+    crop: Image.Image | None = field(default=None, compare=False, repr=False)
+    """The resized crop that ``encoded`` holds (a serving engine re-encodes it, e.g. the vLLM wing)."""
 
     @property
     def grid_box(self) -> tuple[int, int, int, int]:
@@ -401,11 +403,30 @@ def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list
 
     t0 = time.perf_counter()
     state = _pass1(model, inputs, attention_mask)
+    stats, plans = route_and_plan(model, processor, state, cfg, source_images, router, t0)
+    if continuation == "per_sample" or generate_kwargs.get("streamer") is not None:
+        generated = [_answer(model, state, b, plan, stats[b], generate_kwargs) for b, plan in enumerate(plans)]
+    else:
+        generated = _answer_batched(model, state, plans, stats, generate_kwargs)
+    return ZoomOutput(generated, stats)
+
+
+def route_and_plan(model: nn.Module, processor, state: BranchPrefill, cfg: QZoomConfig,
+                   source_images: list[list[Image.Image]], router=None,
+                   started: float | None = None) -> tuple[list[ZoomStats], list[ZoomPlan | None]]:
+    """The decision and the box of every sample after pass 1: ``ZoomStats`` (reason, gate probability) and the
+    zoomed samples' plans (None: answered from the low-resolution prompt).
+
+    One home for the routing rules, shared by ``zoom_generate`` and the serving wings (vLLM's front router), so
+    every backend zooms the same samples on the same boxes. ``started`` (``perf_counter`` before pass 1) sets
+    the pass-1 time share.
+    """
+    router = router or TorchRouter()
     fallback_mode = untrained_gate_mode(cfg)
     if fallback_mode is not None:
         _warn_gate_untrained(cfg, fallback_mode)
     probs, decisions = _route(model, state, cfg, router, fallback_mode or cfg.mode)
-    pass1 = (time.perf_counter() - t0) / len(decisions)
+    pass1 = 0.0 if started is None else (time.perf_counter() - started) / len(decisions)
 
     visual_counts = state.embedded.visual_mask.sum(dim=1).tolist()
     stats = [ZoomStats(gate_prob=probs[b], reason=reason, visual_tokens_low=int(visual_counts[b]),
@@ -413,11 +434,7 @@ def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list
              for b, (_, reason) in enumerate(decisions)]
     plans = [_plan_sample(processor, cfg, state, b, source_images[b], stats[b]) if zoom else None
              for b, (zoom, _) in enumerate(decisions)]
-    if continuation == "per_sample" or generate_kwargs.get("streamer") is not None:
-        generated = [_answer(model, state, b, plan, stats[b], generate_kwargs) for b, plan in enumerate(plans)]
-    else:
-        generated = _answer_batched(model, state, plans, stats, generate_kwargs)
-    return ZoomOutput(generated, stats)
+    return stats, plans
 
 
 def _plan_sample(processor, cfg: QZoomConfig, state: BranchPrefill, b: int, images: list[Image.Image],
@@ -661,7 +678,7 @@ def _plan_zoom(processor, cfg: QZoomConfig, state: BranchPrefill, b: int,
     visual = state.embedded.visual_mask[b, start:].nonzero().flatten()
     rows, cols = grid
     return ZoomPlan(sample=b, start=start, grid=tuple(grid), box=box, box_norm=pixel_box.normalized(*image.size),
-                    visual_index=visual[-rows * cols:], encoded=encoded, encode_s=time.perf_counter() - t0)
+                    visual_index=visual[-rows * cols:], encoded=encoded, encode_s=time.perf_counter() - t0, crop=crop)
 
 
 def roi_augmented_sequence(model: nn.Module, adapter: FamilyAdapter, input_ids: torch.Tensor,

@@ -1,0 +1,46 @@
+"""The vLLM wing: Q-Zoom served by vLLM (continuous batching, paged attention, prefix caching).
+
+- ``register()`` (the ``vllm.general_plugins`` entry point, run in every vLLM process) registers the model
+  subclasses that place a crop at Q-Zoom's positions; an engine picks one with
+  ``hf_overrides={"architectures": [ARCHITECTURES[family]]}``, so the model folder stays untouched.
+- ``QZoomVLLM`` (``qzoom_swift.vllm_plugin.engine``) is the Python API: the front router (the core's pass 1,
+  gate and RPN on the low-resolution prompt) decides each sample, then each sample is one vLLM request.
+
+vLLM is an extra (``pip install 'qzoom_swift[vllm]'``): nothing here imports it at module import, and nothing
+here imports ms-swift.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+ARCHITECTURES: dict[str, str | None] = {
+    "qwen2_5_vl": "QZoomQwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "QZoomQwen3VLForConditionalGeneration",
+    "llava": None,
+}
+"""family -> registered architecture; None: vLLM's stock model already gives Q-Zoom's positions (LLaVA-1.5's
+are sequential, so the crop as a second image right after the first is the zoomed sequence)."""
+
+if TYPE_CHECKING:
+    from qzoom_swift.vllm_plugin.engine import QZoomVLLM
+
+
+def register() -> None:
+    """Register the Q-Zoom model classes with vLLM (lazily: vLLM imports them only when an engine uses them)."""
+    from vllm import ModelRegistry
+
+    for name in ARCHITECTURES.values():
+        if name is not None and name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, f"qzoom_swift.vllm_plugin.models:{name}")
+
+
+def __getattr__(name: str):
+    if name == "QZoomVLLM":
+        from qzoom_swift.vllm_plugin.engine import QZoomVLLM
+
+        return QZoomVLLM
+    raise AttributeError(f"module 'qzoom_swift.vllm_plugin' has no attribute {name!r}")
+
+
+__all__ = ["ARCHITECTURES", "QZoomVLLM", "register"]
