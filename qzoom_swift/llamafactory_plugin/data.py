@@ -102,8 +102,24 @@ class Rejected:
 # ------------------------------------------------------------------------------------------ job output
 
 
-def read_job(job_dir: Path) -> tuple[str, dict, list[dict]]:
-    """(kind, job.json, training rows) of a finished labelling job, the rows its ms-swift recipe trains on."""
+HEAVY_COLUMNS = ("qzoom_attn", "qzoom_sink_attn", "qzoom_vis_norm")
+"""Per-row maps a pseudo-label shard keeps for inspection; the export never needs them."""
+
+
+def iter_rows(files: list[Path]):
+    """The rows of the job's training files, one at a time, without the inspection maps (a large job stays small)."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    for key in HEAVY_COLUMNS:
+                        row.pop(key, None)
+                    yield row
+
+
+def read_job(job_dir: Path) -> tuple[str, dict, list[Path]]:
+    """(kind, job.json, the files of training rows) of a finished labelling job: what its ms-swift recipe trains on."""
     from qzoom_swift.labels.gate_job import GATE_TRAIN_FILE
     from qzoom_swift.labels.jobs import JOB_FILE, SUMMARY_FILE
     from qzoom_swift.labels.mining import POST_SFT_FILE
@@ -129,8 +145,7 @@ def read_job(job_dir: Path) -> tuple[str, dict, list[dict]]:
             raise ExportError(f"{job_dir} has no {name}: the {kind} job writes it when it finishes; rerun its "
                               "command to finish it (it resumes)")
         files = [job_dir / name]
-    rows = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return kind, job, rows
+    return kind, job, files
 
 
 def _job_base_dir(job: dict, job_dir: Path) -> Path:
@@ -482,24 +497,25 @@ def _swap_in(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _column_lengths(stage: int, records: list[dict], rpn_cells: int | None) -> dict[str, int]:
-    """The fixed length of each ``qzoom_*`` column, known before any row is tokenized (the rows stream to disk)."""
-    if stage == 3:
-        return {"qzoom_gate": 1}
-    if stage == 2:
-        return {"qzoom_roi": FIXED_LENGTHS["qzoom_roi"]}
-    cells = []
-    for rec in records:
+def _column_lengths(stage: int, files: list[Path], rpn_cells: int | None) -> tuple[dict[str, int], int]:
+    """(the fixed length of each ``qzoom_*`` column, the number of rows), known before any row is tokenized."""
+    cells, rows = [1], 0
+    for rec in iter_rows(files):
+        rows += 1
         labels, grid = rec.get("qzoom_rpn_labels"), rec.get("qzoom_attn_grid")
-        if labels:
+        if stage == 1 and labels:
             cells.append(len(labels) * len(labels[0]))
-        elif grid:
+        elif stage == 1 and grid:
             cells.append(int(grid[0]) * int(grid[1]))
-    need = max(cells, default=1)
+    if stage == 3:
+        return {"qzoom_gate": 1}, rows
+    if stage == 2:
+        return {"qzoom_roi": FIXED_LENGTHS["qzoom_roi"]}, rows
+    need = max(cells)
     if rpn_cells is not None and rpn_cells < need:
         raise ValueError(f"column qzoom_rpn_labels: a row has {need} cells, more than the fixed length {rpn_cells}: "
                          f"raise --rpn-cells to at least {need} (or leave it out: the largest map sets it)")
-    return {"qzoom_rpn_labels": rpn_cells or need, "qzoom_rpn_grid": FIXED_LENGTHS["qzoom_rpn_grid"]}
+    return {"qzoom_rpn_labels": rpn_cells or need, "qzoom_rpn_grid": FIXED_LENGTHS["qzoom_rpn_grid"]}, rows
 
 
 def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
@@ -518,7 +534,7 @@ def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
     if not opts.progress:
         datasets.disable_progress_bars()
     job_dir, out = Path(opts.job).resolve(), Path(opts.out).resolve()
-    kind, job, records = read_job(job_dir)
+    kind, job, files = read_job(job_dir)
     stage = STAGE_OF_KIND[kind]
     name = opts.name or f"qzoom_stage{stage}"
     _prepare_out(out, opts.force)
@@ -532,7 +548,7 @@ def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
     except ValueError as exc:
         raise ExportError(f"Q-Zoom settings of {opts.model}: {exc}") from exc
     noise = read_env().roi_noise if opts.roi_noise is None else float(opts.roi_noise)
-    lengths = _column_lengths(stage, records, opts.rpn_cells)
+    lengths, total = _column_lengths(stage, files, opts.rpn_cells)
     features = Features({"input_ids": Sequence(Value("int32")), "attention_mask": Sequence(Value("int32")),
                          "labels": Sequence(Value("int32")), "images": Sequence(Value("string")),
                          "videos": Value("null"), "audios": Value("null"),
@@ -559,7 +575,7 @@ def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
         with open(staging / f"{name}.json", "w", encoding="utf-8") as shared, \
                 open(staging / REJECTS_FILE, "w", encoding="utf-8") as rejected:
             shared.write("[")
-            for index, rec in enumerate(tqdm(records, desc=f"lf-dataset {kind}", unit="row",
+            for index, rec in enumerate(tqdm(iter_rows(files), total=total, desc=f"lf-dataset {kind}", unit="row",
                                              disable=not opts.progress)):
                 row = builder.build(index, rec, base_dir)
                 if not isinstance(row, Rejected):
