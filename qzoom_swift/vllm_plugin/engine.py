@@ -62,13 +62,22 @@ class PlannedRequest:
     error: str | None = None
 
 
-def collapse_image_runs(ids: list[int], image_token: int) -> list[int]:
-    """Each run of image tokens as one token: vLLM expands every image placeholder itself, from its own grid."""
+def collapse_image_runs(ids: list[int], image_token: int, counts: list[int]) -> list[int]:
+    """Each image's ``counts[k]`` image tokens as one: vLLM expands every image placeholder itself, from its own
+    grid. Counted, not by runs: LLaVA's crop tokens directly follow the source image's."""
     out: list[int] = []
+    k = skip = 0
     for t in ids:
-        if t == image_token and out and out[-1] == image_token:
+        if skip:
+            skip -= 1
             continue
         out.append(t)
+        if t == image_token:
+            if k >= len(counts):
+                raise ValueError(f"more images in the prompt than the {len(counts)} given")
+            skip, k = counts[k] - 1, k + 1
+    if k != len(counts) or skip:
+        raise ValueError(f"the prompt holds {k} of {len(counts)} images' tokens")
     return out
 
 
@@ -185,16 +194,18 @@ class QZoomVLLM:
         start = int(state.attention_mask[b].nonzero()[0])
         ids, positions = state.input_ids[b, start:], state.position_ids[..., b:b + 1, start:]
         images, boxes, prefix_end = list(low), [None] * len(low), int(ids.numel())
+        counts = [r * c for (r, c), owner in zip(state.embedded.grids, state.image_samples()) if owner == b]
         if plan is not None:
             roi_grid = adapter.encoded_grid(model, plan.encoded)
             ids, positions, prefix_end = roi_augmented_sequence(model, adapter, ids, positions, plan.visual_index,
                                                                 plan.grid, plan.box, roi_grid)
             images.append(plan.crop)
+            counts.append(roi_grid[0] * roi_grid[1])
             boxes.append(list(plan.grid_box))
             st.zoomed, st.box, st.grid_box, st.grid = True, plan.box_norm, plan.grid_box, plan.grid
             st.visual_tokens_roi = roi_grid[0] * roi_grid[1]
         token_ids = ids.tolist()
-        prompt: dict = {"prompt_token_ids": collapse_image_runs(token_ids, adapter.image_token_id(model))}
+        prompt: dict = {"prompt_token_ids": collapse_image_runs(token_ids, adapter.image_token_id(model), counts)}
         if images:
             prompt["multi_modal_data"] = {"image": images}
         if plan is not None and self.family != "llava":
