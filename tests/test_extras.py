@@ -20,6 +20,8 @@ def test_every_extra_module_is_installed_in_the_locked_environment():
         if extra == "llamafactory":  # its own environment (.venv-lf): it cannot share one with ms-swift
             assert importlib.util.find_spec("llamafactory.cli") is None
             continue
+        if extra == "vllm":  # its own environment (.venv-vllm): vLLM pins another torch
+            continue
         require_extra(extra, f"the {extra} extra")  # raises if the lock lost one
         assert all(importlib.util.find_spec(m) is not None for m in modules)
 
@@ -45,3 +47,12 @@ def test_onnx_router_names_the_extra(monkeypatch, tmp_path):
     _hide(monkeypatch, "onnxruntime")
     with pytest.raises(ImportError, match=r"QZOOM_ROUTER=onnx\) needs onnxruntime: pip install 'qzoom_swift\[onnx\]'"):
         OnnxRouter(tmp_path)
+
+
+def test_qzoom_vllm_names_the_vllm_extra(monkeypatch):
+    from qzoom_swift.extras import MissingExtraError
+    from qzoom_swift.vllm_plugin import QZoomVLLM
+
+    _hide(monkeypatch, "vllm")
+    with pytest.raises(MissingExtraError, match=r"needs vllm: pip install 'qzoom_swift\[vllm\]'"):
+        QZoomVLLM("any/model")  # before loading anything
