@@ -24,8 +24,15 @@ class MissingExtraError(ImportError):
     """An optional part is not installed; the message is the one line that fixes it (``qzoom`` prints only it)."""
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name (llamafactory.cli) whose parent package is missing
+        return False
+
+
 def require_extra(extra: str, purpose: str, modules: tuple[str, ...] | None = None) -> None:
     """Raise MissingExtraError naming ``pip install 'qzoom_swift[extra]'`` when a module of ``extra`` is missing."""
-    missing = [m for m in (modules or EXTRAS[extra]) if importlib.util.find_spec(m) is None]
+    missing = [m for m in (modules or EXTRAS[extra]) if not _installed(m)]
     if missing:
         raise MissingExtraError(f"{purpose} needs {', '.join(missing)}: pip install 'qzoom_swift[{extra}]'")
