@@ -20,6 +20,12 @@ FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava"]
 QUESTION = "What is written in the small box?"
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request) -> str:
+    """Module-scoped, so pytest runs every test of one family before starting the next family's engine."""
+    return request.param
+
+
 def _low(router, image):
     return router.adapter.resize_for_budget(image, LOW_BUDGET["low_min_tokens"], LOW_BUDGET["low_max_tokens"])
 
@@ -48,7 +54,6 @@ def _hf_prompt_logprobs(model, family, ids, positions, pixel_values, grid_thw) -
     return torch.log_softmax(logits, -1).gather(1, ids[1:, None]).flatten()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_zoomed_request_is_the_transformers_zoomed_sequence(engines, family):
     from vllm import SamplingParams
 
@@ -118,7 +123,6 @@ def _thresholds(engine, images, questions) -> dict:
     return {"tau_gate": tau_gate, "tau_roi": tau_roi, "sink_mask": False}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_routing_equals_transformers_in_every_mode(engines, family):
     from vllm import SamplingParams
 
@@ -152,7 +156,6 @@ def test_routing_equals_transformers_in_every_mode(engines, family):
             assert [a.token_ids for a in got] == [list(o.outputs[0].token_ids) for o in plain]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_zoomed_request_reuses_the_direct_prompts_blocks(engines, family):
     engine = engines(family)
     image = shapes_image(seed=11)
@@ -170,25 +173,28 @@ def test_zoomed_request_reuses_the_direct_prompts_blocks(engines, family):
     assert need > 0 and zoomed.cached_tokens >= need
 
 
-def test_an_unreadable_image_gets_its_own_error(engines, tmp_path):
-    engine = engines("qwen2_5_vl")
+def test_an_unreadable_image_or_a_too_long_prompt_gets_its_own_error(engines, family, tmp_path):
+    engine = engines(family)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
-    images = [shapes_image(seed=1), str(broken), str(tmp_path / "missing.jpg"), shapes_image(seed=2)]
-    answers = engine.generate(images, ["What colour?"] * 4, config_overrides={"mode": "always"}, max_new_tokens=3)
+    images = [shapes_image(seed=1), str(broken), str(tmp_path / "missing.jpg"), shapes_image(seed=2),
+              shapes_image(seed=3)]
+    questions = ["What colour?"] * 4 + ["box " * 1100]  # past max_model_len=1024
+    answers = engine.generate(images, questions, config_overrides={"mode": "always"}, max_new_tokens=3)
     assert answers[0].error is None and answers[3].error is None
     assert len(answers[0].token_ids) == len(answers[3].token_ids) == 3
+    assert "sample 4" in answers[4].error and "max_model_len=1024" in answers[4].error
     assert "sample 1" in answers[1].error and "broken.png" in answers[1].error
     assert "sample 2" in answers[2].error and "missing.jpg" in answers[2].error
     assert answers[1].token_ids is None and answers[1].stats.reason == "error"
 
 
-def test_a_checkpoint_of_another_model_is_refused_naming_both(engines, tiny_dir, tmp_path):
+def test_a_checkpoint_of_another_model_is_refused_naming_both(engines, family, tiny_dir, tmp_path):
     from qzoom_swift.checkpoint import BranchCheckpointError
     from qzoom_swift.vllm_plugin.engine import QZoomVLLM
 
-    ckpt = engines("qwen2_5_vl").router.save_branches(tmp_path / "qwen_branches")
-    base = tiny_dir("qwen3_vl")
+    ckpt = engines(family).router.save_branches(tmp_path / f"{family}_branches")
+    base = tiny_dir(FAMILIES[(FAMILIES.index(family) + 1) % len(FAMILIES)])
     with pytest.raises(BranchCheckpointError) as err:
         QZoomVLLM(base, checkpoint=ckpt)  # refused before any engine starts
     assert str(base) in str(err.value) and str(ckpt) in str(err.value)
