@@ -21,6 +21,11 @@ a stage whose record matches the current settings and whose files still exist, `
                       (gated) and its ``always`` ablation at the low budget (``never`` is the low baseline);
                       accuracy, throughput, visual tokens, zoom rate, box and gate quality against GT.
 
+With ``--set trainer=llamafactory`` stages 4 and 6 train through ``llamafactory-cli train``
+(``recipes/llamafactory/toy/``) in the LLaMA-Factory environment instead (``bench/lf_train.py``), and return the
+converted branch checkpoint: every other stage is the same, and a run folder holding the swift run's stages 1-3
+and 5 reuses them.
+
 Then ``report.md``, ``summary.json`` and the figures (``pareto.png``, ``overlays.png``,
 ``gate_calibration.png``) are written. ``--preset hires`` is the same bench at 1120 px, where visual tokens
 dominate the cost (100 against 1,600). ``--preset quick`` is a reduced configuration (minutes; the test
