@@ -62,6 +62,28 @@ class PlannedRequest:
     error: str | None = None
 
 
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _wait_for(pids: set[int], timeout: float = 60.0) -> None:
+    """Wait until the engine's processes have exited (shutdown signals them; multiprocessing's resource tracker,
+    started with them, lives as long as this process and is left alone)."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if "resource_tracker" not in " ".join(proc.cmdline()):
+                procs.append(proc)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(procs, timeout=timeout)
+
+
 def collapse_image_runs(ids: list[int], image_token: int, counts: list[int]) -> list[int]:
     """Each image's ``counts[k]`` image tokens as one: vLLM expands every image placeholder itself, from its own
     grid. Counted, not by runs: LLaVA's crop tokens directly follow the source image's."""
@@ -128,7 +150,9 @@ class QZoomVLLM:
         arch = ARCHITECTURES[self.family]
         if arch is not None:
             kwargs["hf_overrides"] = {**kwargs.get("hf_overrides", {}), "architectures": [arch]}
+        before = _child_pids()
         self.llm = LLM(model=str(Path(model)), **{k: v for k, v in kwargs.items() if v is not None})
+        self._engine_pids = _child_pids() - before
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
     def shutdown(self) -> None:
@@ -137,6 +161,7 @@ class QZoomVLLM:
         if llm is not None:
             self.llm = None
             llm.llm_engine.engine_core.shutdown()
+            _wait_for(self._engine_pids)
 
     def plan(self, images, questions: str | list[str], config_overrides: dict | None = None) -> list[PlannedRequest]:
         """Route every sample (router pass 1, gate, RPN, box) and build its vLLM prompt; bad samples get ``error``."""

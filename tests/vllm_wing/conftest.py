@@ -77,3 +77,8 @@ def engines(tiny_dir, tmp_path_factory):
     yield get
     for engine in held.values():
         engine.shutdown()
+    # with the entry point installed the engine runs in spawned processes, which start multiprocessing's resource
+    # tracker: it would outlive the module (the suite fails on leftover processes); nothing is tracked any more
+    from multiprocessing import resource_tracker
+
+    resource_tracker._resource_tracker._stop()
