@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from qzoom_swift.branches import attach_branches, detach_branches
 from qzoom_swift.checkpoint import load_branch_checkpoint, save_branch_checkpoint
@@ -35,21 +34,11 @@ from qzoom_swift.onnx.export import (
 )
 from qzoom_swift.onnx.router import OnnxRouter, OnnxRouterError, router_from_env
 from qzoom_swift.prefill import gate_logits, prefill, prefill_to_branch, rpn_token_logits
+from qzoom_swift.synthetic.images import rectangles_image
 from qzoom_swift.zoom import zoom_generate
 
 DEPTH = 2  # R: gate = 2 layers + Linear, RPN = 1 layer + q/k head (keeps the exports short)
 TOL = 1e-4
-
-
-def _image(size=(640, 480), seed=0):
-    img = Image.new("RGB", size, (235, 235, 235))
-    draw = ImageDraw.Draw(img)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(6):
-        x0 = int(torch.randint(0, size[0] - 60, (1,), generator=g))
-        y0 = int(torch.randint(0, size[1] - 60, (1,), generator=g))
-        draw.rectangle((x0, y0, x0 + 50, y0 + 40), fill=tuple(int(c) for c in torch.randint(0, 255, (3,), generator=g)))
-    return img
 
 
 class Exported:
@@ -192,7 +181,7 @@ def test_router_on_a_real_left_padded_batch(exported, family):
     """Gate probabilities and heatmaps (RPN logits at the visual tokens) of a real two-image prefill."""
     ex = exported(family)
     model = ex.reset()
-    batch = chat_inputs(ex.processor, [[_image(seed=1)], [_image((480, 640), seed=2)]],
+    batch = chat_inputs(ex.processor, [[rectangles_image(seed=1)], [rectangles_image((480, 640), seed=2)]],
                         ["Which colour is the box on the left?", "Colour?"])
     assert bool((batch["attention_mask"][:, 0] == 0).any()), "expected a left-padded batch"
     state = prefill_to_branch(model, **batch, use_cache=False)
@@ -228,7 +217,7 @@ def test_fp16_router_is_close(exported):
 def test_zoom_generate_decisions_and_boxes_equal_the_torch_router(exported, family):
     ex = exported(family)
     model = ex.reset()
-    imgs = [_image(seed=4), _image((480, 640), seed=5)]
+    imgs = [rectangles_image(seed=4), rectangles_image((480, 640), seed=5)]
     questions = ["What colour is the box on the left?", "Colour?"]
     batch = chat_inputs(ex.processor, [[imgs[0]], [imgs[1]]], questions)
     with torch.no_grad():
@@ -267,7 +256,7 @@ def test_sink_masks_and_boxes_equal_the_torch_router(exported, family, monkeypat
 
     ex = exported(family)
     model = ex.reset()
-    imgs = [_image(seed=6), _image((480, 640), seed=7)]
+    imgs = [rectangles_image(seed=6), rectangles_image((480, 640), seed=7)]
     batch = chat_inputs(ex.processor, [[imgs[0]], [imgs[1]]], ["What colour is the box on the left?", "Colour?"])
     with torch.no_grad():
         state = prefill(model, **batch)
@@ -303,7 +292,7 @@ def test_graphs_from_another_model_are_refused(exported):
     llava, qwen = exported("llava"), exported("qwen2_5_vl")
     router = llava.router()
     model = qwen.reset()
-    state = prefill_to_branch(model, **chat_inputs(qwen.processor, [_image()], "Colour?"), use_cache=False)
+    state = prefill_to_branch(model, **chat_inputs(qwen.processor, [rectangles_image()], "Colour?"), use_cache=False)
     with pytest.raises(OnnxRouterError) as err:
         router.gate_logits(model, state)
     msg = str(err.value)

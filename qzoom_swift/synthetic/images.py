@@ -84,3 +84,18 @@ def write_shape_dataset(out_dir: str | Path, n: int = 4, *, size: tuple[int, int
     jsonl = out / name
     write_jsonl_atomic(jsonl, rows)
     return jsonl
+
+
+def rectangles_image(size: tuple[int, int] = (640, 480), seed: int = 0):
+    """Six seeded coloured rectangles on grey: an image whose every region differs, for parity tests of crops."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, (235, 235, 235))
+    draw = ImageDraw.Draw(img)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(6):
+        x0 = int(torch.randint(0, size[0] - 60, (1,), generator=g))
+        y0 = int(torch.randint(0, size[1] - 60, (1,), generator=g))
+        draw.rectangle((x0, y0, x0 + 50, y0 + 40), fill=tuple(int(c) for c in torch.randint(0, 255, (3,), generator=g)))
+    return img

@@ -25,6 +25,8 @@ import pytest
 import torch
 from PIL import Image
 
+from qzoom_swift.testing.serving import stop_process_tree
+
 LF_CLI = Path(sys.executable).parent / "llamafactory-cli"
 TEMPLATES = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "llava": "llava"}
 UNIT = {"qwen2_5_vl": 28, "qwen3_vl": 32}
@@ -344,12 +346,7 @@ def test_api_request_with_an_image_gives_qzoom_model_tokens(lf_folder, reference
                                          {"Content-Type": "application/json"})
             reply = json.loads(urllib.request.urlopen(req, timeout=300).read())
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process_tree(server)
     assert reply["choices"][0]["message"]["content"] == ref.text
     assert reply["usage"]["completion_tokens"] == len(ref.token_ids)
     s = ref.stats

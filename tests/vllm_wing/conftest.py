@@ -15,21 +15,9 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 
 BLOCK = 32
 LOW_BUDGET = {"low_min_tokens": 16, "low_max_tokens": 64, "roi_min_tokens": 16, "roi_max_tokens": 64}
-
-
-def shapes_image(size=(640, 480), seed=0) -> Image.Image:
-    img = Image.new("RGB", size, (235, 235, 235))
-    draw = ImageDraw.Draw(img)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(6):
-        x0 = int(torch.randint(0, size[0] - 60, (1,), generator=g))
-        y0 = int(torch.randint(0, size[1] - 60, (1,), generator=g))
-        draw.rectangle((x0, y0, x0 + 50, y0 + 40), fill=tuple(int(c) for c in torch.randint(0, 255, (3,), generator=g)))
-    return img
 
 
 def llava_hf_layout(path: Path, out: Path) -> Path:

@@ -8,11 +8,12 @@ import math
 
 import pytest
 import torch
-from conftest import BLOCK, LOW_BUDGET, shapes_image
+from conftest import BLOCK, LOW_BUDGET
 
 from qzoom_swift.inputs import chat_inputs
 from qzoom_swift.prefill import prefill
 from qzoom_swift.roi import heatmap_probabilities
+from qzoom_swift.synthetic.images import rectangles_image
 from qzoom_swift.zoom import zoom_prefill
 
 pytestmark = pytest.mark.slow
@@ -59,7 +60,7 @@ def test_zoomed_request_is_the_transformers_zoomed_sequence(engines, family):
 
     engine = engines(family)
     router, model = engine.router, engine.router.model
-    image = shapes_image(seed=5)
+    image = rectangles_image(seed=5)
     overrides = {"mode": "always", "tau_roi": _partial_tau(router, image, QUESTION), "roi_min_tokens": 48}
     [req] = engine.plan([image], [QUESTION], overrides)
     assert req.error is None and req.stats.zoomed, req.stats
@@ -100,7 +101,7 @@ def test_zoomed_request_is_the_transformers_zoomed_sequence(engines, family):
 
 def _batch(router):
     """8 samples: 6 images with questions, a text-only question and an image whose question differs."""
-    images = [shapes_image(seed=s) for s in range(6)] + [None, shapes_image(seed=9, size=(500, 700))]
+    images = [rectangles_image(seed=s) for s in range(6)] + [None, rectangles_image(seed=9, size=(500, 700))]
     questions = ["What colour is the box?", QUESTION, "How many boxes?", "Where is the red box?",
                  "Read the label.", "Is there a circle?", "Say hello.", "What is at the top?"]
     return images, questions
@@ -158,7 +159,7 @@ def test_routing_equals_transformers_in_every_mode(engines, family):
 
 def test_zoomed_request_reuses_the_direct_prompts_blocks(engines, family):
     engine = engines(family)
-    image = shapes_image(seed=11)
+    image = rectangles_image(seed=11)
     question = f"Which box is largest ({family})?"  # a prompt no other test sent
     overrides = {"tau_roi": _partial_tau(engine.router, image, question)}
     [direct] = engine.generate([image], [question], config_overrides={**overrides, "mode": "never"},
@@ -177,8 +178,8 @@ def test_an_unreadable_image_or_a_too_long_prompt_gets_its_own_error(engines, fa
     engine = engines(family)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
-    images = [shapes_image(seed=1), str(broken), str(tmp_path / "missing.jpg"), shapes_image(seed=2),
-              shapes_image(seed=3)]
+    images = [rectangles_image(seed=1), str(broken), str(tmp_path / "missing.jpg"), rectangles_image(seed=2),
+              rectangles_image(seed=3)]
     questions = ["What colour?"] * 4 + ["box " * 1100]  # past max_model_len=1024
     answers = engine.generate(images, questions, config_overrides={"mode": "always"}, max_new_tokens=3)
     assert answers[0].error is None and answers[3].error is None
