@@ -48,6 +48,9 @@ WRITES = {
     "mine-hard": ("shard-00000.jsonl", "post_sft.jsonl", "summary.json"),
     "swift sft": ("last-checkpoint",),  # ms-swift's link to the newest checkpoint-<step> (add_version: false)
     "swift export": ("",),  # the merged model directory itself
+    "lf-model": ("config.json", "modeling_qzoom.py", "qzoom_branch.safetensors"),  # a LLaMA-Factory model folder
+    "lf-branches": ("qzoom_branch.safetensors", "qzoom_config.json"),  # the plugin's branch checkpoint
+    "lf-dataset": ("dataset_info.json", "tokenized"),  # ShareGPT + the pre-tokenized form
 }
 # What `qzoom demo` (default --out runs/demo) writes that the toy recipes name; tests/test_demo.py runs it.
 DEMO_WRITES = ("runs/demo/stage1/rpn_train.jsonl", "runs/demo/stage1/train/last-checkpoint",
