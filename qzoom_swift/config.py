@@ -495,6 +495,11 @@ def config_from_env(base: QZoomConfig | None = None, environ: Mapping[str, str] 
     return effective_config(base, None, environ)
 
 
+def set_process_env(**values: str) -> None:
+    """Set variables a library reads from this process's environment (vLLM's engine settings, before it starts)."""
+    os.environ.update(values)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The process environment plus ``extra``: what a child process (a worker, ``swift sft``) should get."""
     return {**os.environ, **extra}

@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from qzoom_swift.families.registry import FAMILY_NAMES
 from qzoom_swift.inputs import chat_inputs
 from qzoom_swift.llamafactory_plugin.folder import write_model_folder
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_folder_loads_the_base_weights_and_generates_like_the_stock_model(tmp_path, tiny_dir, family):
     from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationMixin
 

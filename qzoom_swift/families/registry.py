@@ -33,6 +33,12 @@ class FamilySpec:
     """ms-swift ``ModelArch`` name of the stock model."""
     adapter: str
     """``module:Class`` of the family adapter (imported on first use: it needs torch)."""
+    llamafactory_template: str = ""
+    """LLaMA-Factory's chat template of the family's base chat format (a recipe's ``template``; Qwen3-VL Instruct
+    checkpoints use ``qwen3_vl_nothink``, LLaMA-Factory's own mapping for them)."""
+    vllm_architecture: str | None = None
+    """The Q-Zoom model class registered with vLLM (``vllm_plugin.models``); None when vLLM's stock model already
+    places the crop at Q-Zoom's positions (sequential positions: the crop right after the source image)."""
     known_branch_layers: dict[tuple[int, int], int] = field(default_factory=dict)
     """B of the released checkpoints: (decoder layers, hidden size) -> B."""
 
@@ -51,16 +57,18 @@ FAMILIES: dict[str, FamilySpec] = {
     for spec in (
         FamilySpec("qwen2_5_vl", "Qwen2.5-VL", ("qwen2_5_vl",), patch_unit=28, fixed_resolution=False,
                    swift_model_type="qwen2_5_vl", swift_template="qwen2_5_vl", swift_model_arch="qwen2_vl",
-                   adapter="qzoom_swift.families.qwen:Qwen2_5VLAdapter",
+                   adapter="qzoom_swift.families.qwen:Qwen2_5VLAdapter", llamafactory_template="qwen2_vl",
+                   vllm_architecture="QZoomQwen2_5_VLForConditionalGeneration",
                    known_branch_layers={(36, 2048): 24,  # Qwen2.5-VL-3B
                                         (28, 3584): 18}),  # Qwen2.5-VL-7B
         FamilySpec("qwen3_vl", "Qwen3-VL", ("qwen3_vl",), patch_unit=32, fixed_resolution=False,
                    swift_model_type="qwen3_vl", swift_template="qwen3_vl", swift_model_arch="qwen3_vl",
-                   adapter="qzoom_swift.families.qwen:Qwen3VLAdapter",
+                   adapter="qzoom_swift.families.qwen:Qwen3VLAdapter", llamafactory_template="qwen3_vl",
+                   vllm_architecture="QZoomQwen3VLForConditionalGeneration",
                    known_branch_layers={(36, 2560): 24}),  # Qwen3-VL-4B
         FamilySpec("llava", "LLaVA-1.5", ("llava",), patch_unit=14, fixed_resolution=True,
                    swift_model_type="llava1_5_hf", swift_template="llava1_5_hf", swift_model_arch="llava_hf",
-                   adapter="qzoom_swift.families.llava:LlavaAdapter",
+                   adapter="qzoom_swift.families.llava:LlavaAdapter", llamafactory_template="llava",
                    known_branch_layers={(32, 4096): 15,  # LLaVA-1.5-7B
                                         (40, 5120): 15}),  # LLaVA-1.5-13B
     )

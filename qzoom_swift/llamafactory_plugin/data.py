@@ -518,15 +518,85 @@ def _column_lengths(stage: int, files: list[Path], rpn_cells: int | None) -> tup
     return {"qzoom_rpn_labels": rpn_cells or need, "qzoom_rpn_grid": FIXED_LENGTHS["qzoom_rpn_grid"]}, rows
 
 
+def _arrow_features(lengths: dict[str, int]):
+    """The tokenized rows' schema: the qzoom_* columns as fixed-size lists (LLaMA-Factory's collator needs them)."""
+    from datasets import Features, Sequence, Value
+
+    return Features({"input_ids": Sequence(Value("int32")), "attention_mask": Sequence(Value("int32")),
+                     "labels": Sequence(Value("int32")), "images": Sequence(Value("string")),
+                     "videos": Value("null"), "audios": Value("null"),
+                     **{c: (Value("int32") if c == "qzoom_gate" else Sequence(Value("int32"), length=n))
+                        for c, n in lengths.items()}})
+
+
+def _manifest(opts: LFExportOptions, kind: str, job_dir: Path, out: Path, family: str, name: str, kept: int,
+              rejects: list, lengths: dict[str, int], noise: float) -> dict[str, Any]:
+    """What was exported, and the recipe keys a ``llamafactory-cli train`` run on it must repeat."""
+    stage = STAGE_OF_KIND[kind]
+    counts: dict[str, int] = {}
+    for r in rejects:
+        counts[r.reason] = counts.get(r.reason, 0) + 1
+    return {
+        "format": 1, "kind": kind, "stage": stage, "qzoom_train": TRAIN_OF_STAGE[stage], "job": str(job_dir),
+        "model": str(Path(opts.model).resolve()), "family": family, "template": opts.template, "name": name,
+        "rows": kept, "rejected": len(rejects), "rejects": counts, "columns": lengths,
+        "cutoff_len": opts.cutoff_len, "image_max_pixels": opts.image_max_pixels,
+        "image_min_pixels": opts.image_min_pixels, "roi_noise": noise if stage == 2 else None,
+        "recipe": {"dataset_dir": str(out), "dataset": name, "tokenized_path": str(out / TOKENIZED_DIR),
+                   "remove_unused_columns": False, "template": opts.template, "cutoff_len": opts.cutoff_len,
+                   "image_max_pixels": opts.image_max_pixels, "image_min_pixels": opts.image_min_pixels}}
+
+
+def _write_rows(files: list, total: int, builder: RowBuilder, lf: LFTokenizer, opts: LFExportOptions,
+                staging: Path, out: Path, name: str, image_token: int, lengths: dict[str, int], features, kind: str,
+                base_dir: Path) -> tuple[int, list[Rejected]]:
+    """Build, tokenize and write each row (ShareGPT file + Arrow file + rejects), one row in memory at a time."""
+    from datasets.arrow_writer import ArrowWriter
+    from tqdm import tqdm
+
+    arrow_path = staging / "rows.arrow"
+    rejects: list[Rejected] = []
+    kept = 0
+    writer = ArrowWriter(features=features, path=str(arrow_path))
+    with open(staging / f"{name}.json", "w", encoding="utf-8") as shared, \
+            open(staging / REJECTS_FILE, "w", encoding="utf-8") as rejected:
+        shared.write("[")
+        for index, rec in enumerate(tqdm(iter_rows(files), total=total, desc=f"lf-dataset {kind}", unit="row",
+                                         disable=not opts.progress)):
+            row = builder.build(index, rec, base_dir)
+            if not isinstance(row, Rejected):
+                paths = [f"{IMAGES_DIR}/{kept:06d}-{k}.png" for k in range(len(row.images))]
+                for path, image in zip(paths, row.images):
+                    image.convert("RGB").save(staging / path)
+                example = {"messages": row.messages, "images": paths}
+                row = _tokenized_row(lf, row, example, opts.cutoff_len, image_token, builder.fixed)
+                if isinstance(row, Rejected):
+                    for path in paths:
+                        (staging / path).unlink()
+            if isinstance(row, Rejected):
+                rejects.append(row)
+                rejected.write(json.dumps(row.__dict__, ensure_ascii=False) + "\n")
+                continue
+            encoded, columns = row
+            fixed_length_columns([columns], lengths)  # pads qzoom_rpn_labels; refuses a wrong length
+            shared.write(("," if kept else "") + "\n" + json.dumps({**example, **columns, "qzoom_id": encoded.pop(
+                "qzoom_id")}, ensure_ascii=False))
+            writer.write({**encoded, "images": [str(out / p) for p in example["images"]], "videos": None,
+                          "audios": None, **columns})
+            kept += 1
+        shared.write("\n]\n")
+    writer.finalize()
+    writer.close()
+    return kept, rejects
+
+
 def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
     """Export one labelling job for ``llamafactory-cli train``; returns the manifest (also ``DIR/qzoom_lf_dataset.json``).
 
     Rows stream to disk (the ShareGPT file and an Arrow file), so a large job is never held in memory.
     """
     import datasets
-    from datasets import Dataset, DatasetDict, Features, Sequence, Value
-    from datasets.arrow_writer import ArrowWriter
-    from tqdm import tqdm
+    from datasets import Dataset, DatasetDict
 
     from qzoom_swift.config import QZoomConfig, effective_config, read_env
     from qzoom_swift.families.registry import family_for_model_type
@@ -549,11 +619,7 @@ def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
         raise ExportError(f"Q-Zoom settings of {opts.model}: {exc}") from exc
     noise = read_env().roi_noise if opts.roi_noise is None else float(opts.roi_noise)
     lengths, total = _column_lengths(stage, files, opts.rpn_cells)
-    features = Features({"input_ids": Sequence(Value("int32")), "attention_mask": Sequence(Value("int32")),
-                         "labels": Sequence(Value("int32")), "images": Sequence(Value("string")),
-                         "videos": Value("null"), "audios": Value("null"),
-                         **{c: (Value("int32") if c == "qzoom_gate" else Sequence(Value("int32"), length=n))
-                            for c, n in lengths.items()}})
+    features = _arrow_features(lengths)
 
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -569,38 +635,8 @@ def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
         builder = RowBuilder(kind, family, lf.processor, model_config, qz_config, noise, opts.seed)
         image_token = int(model_config.get("image_token_id", model_config.get("image_token_index", -1)))
         base_dir = _job_base_dir(job, job_dir)
-        rejects: list[Rejected] = []
-        kept = 0
-        writer = ArrowWriter(features=features, path=str(arrow_path))
-        with open(staging / f"{name}.json", "w", encoding="utf-8") as shared, \
-                open(staging / REJECTS_FILE, "w", encoding="utf-8") as rejected:
-            shared.write("[")
-            for index, rec in enumerate(tqdm(iter_rows(files), total=total, desc=f"lf-dataset {kind}", unit="row",
-                                             disable=not opts.progress)):
-                row = builder.build(index, rec, base_dir)
-                if not isinstance(row, Rejected):
-                    paths = [f"{IMAGES_DIR}/{kept:06d}-{k}.png" for k in range(len(row.images))]
-                    for path, image in zip(paths, row.images):
-                        image.convert("RGB").save(staging / path)
-                    example = {"messages": row.messages, "images": paths}
-                    row = _tokenized_row(lf, row, example, opts.cutoff_len, image_token, builder.fixed)
-                    if isinstance(row, Rejected):
-                        for path in paths:
-                            (staging / path).unlink()
-                if isinstance(row, Rejected):
-                    rejects.append(row)
-                    rejected.write(json.dumps(row.__dict__, ensure_ascii=False) + "\n")
-                    continue
-                encoded, columns = row
-                fixed_length_columns([columns], lengths)  # pads qzoom_rpn_labels; refuses a wrong length
-                shared.write(("," if kept else "") + "\n" + json.dumps({**example, **columns, "qzoom_id": encoded.pop(
-                    "qzoom_id")}, ensure_ascii=False))
-                writer.write({**encoded, "images": [str(out / p) for p in example["images"]], "videos": None,
-                              "audios": None, **columns})
-                kept += 1
-            shared.write("\n]\n")
-        writer.finalize()
-        writer.close()
+        kept, rejects = _write_rows(files, total, builder, lf, opts, staging, out, name, image_token, lengths,
+                                    features, kind, base_dir)
         if not kept:
             reasons = sorted({r.reason for r in rejects})
             raise ExportError(f"{job_dir}: no row could be exported ({len(rejects)} rejected: {reasons}); see the "
@@ -609,18 +645,7 @@ def export_lf_dataset(opts: LFExportOptions) -> dict[str, Any]:
         DatasetDict({"train": train}).save_to_disk(str(staging / TOKENIZED_DIR))
         del train
         arrow_path.unlink()
-        counts: dict[str, int] = {}
-        for r in rejects:
-            counts[r.reason] = counts.get(r.reason, 0) + 1
-        manifest = {
-            "format": 1, "kind": kind, "stage": stage, "qzoom_train": TRAIN_OF_STAGE[stage], "job": str(job_dir),
-            "model": str(Path(opts.model).resolve()), "family": family, "template": opts.template, "name": name,
-            "rows": kept, "rejected": len(rejects), "rejects": counts, "columns": lengths,
-            "cutoff_len": opts.cutoff_len, "image_max_pixels": opts.image_max_pixels,
-            "image_min_pixels": opts.image_min_pixels, "roi_noise": noise if stage == 2 else None,
-            "recipe": {"dataset_dir": str(out), "dataset": name, "tokenized_path": str(out / TOKENIZED_DIR),
-                       "remove_unused_columns": False, "template": opts.template, "cutoff_len": opts.cutoff_len,
-                       "image_max_pixels": opts.image_max_pixels, "image_min_pixels": opts.image_min_pixels}}
+        manifest = _manifest(opts, kind, job_dir, out, family, name, kept, rejects, lengths, noise)
         write_json_atomic(staging / MANIFEST_FILE, manifest)
         _swap_in(staging, out)
     except BaseException:

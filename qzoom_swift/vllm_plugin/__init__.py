@@ -14,25 +14,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-ARCHITECTURES: dict[str, str | None] = {
-    "qwen2_5_vl": "QZoomQwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "QZoomQwen3VLForConditionalGeneration",
-    "llava": None,
-}
-"""family -> registered architecture; None: vLLM's stock model already gives Q-Zoom's positions (LLaVA-1.5's
-are sequential, so the crop as a second image right after the first is the zoomed sequence)."""
+from qzoom_swift.vllm_plugin.registration import ARCHITECTURES, register
 
 if TYPE_CHECKING:
     from qzoom_swift.vllm_plugin.engine import QZoomVLLM
-
-
-def register() -> None:
-    """Register the Q-Zoom model classes with vLLM (lazily: vLLM imports them only when an engine uses them)."""
-    from vllm import ModelRegistry
-
-    for name in ARCHITECTURES.values():
-        if name is not None and name not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(name, f"qzoom_swift.vllm_plugin.models:{name}")
 
 
 def __getattr__(name: str):

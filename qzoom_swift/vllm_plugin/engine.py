@@ -19,6 +19,7 @@ import torch
 
 from qzoom_swift.extras import require_extra
 from qzoom_swift.model import QZoomModel, ZoomAnswer
+from qzoom_swift.vllm_plugin.registration import ARCHITECTURES, register
 from qzoom_swift.zoom import ZoomPlan, ZoomStats
 
 logger = logging.getLogger(__name__)
@@ -132,17 +133,17 @@ class QZoomVLLM:
         self.router_batch_size = max(1, int(router_batch_size))
         from vllm import LLM
 
-        from qzoom_swift.vllm_plugin import ARCHITECTURES, register
+        from qzoom_swift.config import set_process_env
 
         register()
         if not plugin_installed():  # vLLM's other processes would not know the Q-Zoom models: keep them in this one
             if tensor_parallel_size != 1:
                 raise RuntimeError(f"{ENTRY_POINT_HINT}; without it only tensor_parallel_size=1 runs (in-process)")
             logger.warning("Q-Zoom: %s; running the vLLM engine in this process", ENTRY_POINT_HINT)
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            set_process_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")
             engine_kwargs.setdefault("distributed_executor_backend", "uni")
         if kv_cache_space_gb is not None:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_space_gb)
+            set_process_env(VLLM_CPU_KVCACHE_SPACE=str(kv_cache_space_gb))
         kwargs = {"dtype": dtype, "tensor_parallel_size": tensor_parallel_size, "max_model_len": max_model_len,
                   "limit_mm_per_prompt": {"image": 2}, "enable_prefix_caching": True, **engine_kwargs}
         if gpu_memory_utilization is not None:
@@ -233,7 +234,7 @@ class QZoomVLLM:
         prompt: dict = {"prompt_token_ids": collapse_image_runs(token_ids, adapter.image_token_id(model), counts)}
         if images:
             prompt["multi_modal_data"] = {"image": images}
-        if plan is not None and self.family != "llava":
+        if plan is not None and ARCHITECTURES[self.family] is not None:  # a Q-Zoom model class reads the box
             prompt["mm_processor_kwargs"] = {ROI_FIELD: boxes}
         st.prompt_tokens = len(token_ids)
         return PlannedRequest(st, prompt, token_ids, positions, prefix_end)

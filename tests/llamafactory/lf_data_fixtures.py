@@ -11,8 +11,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from qzoom_swift.families.registry import FAMILY_NAMES, get_spec
+
 QZOOM = Path(sys.executable).parent / "qzoom"
-LF_TEMPLATES = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "llava": "llava"}
+LF_TEMPLATES = {name: get_spec(name).llamafactory_template for name in FAMILY_NAMES}
 UNIT = {"qwen2_5_vl": 28, "qwen3_vl": 32}
 
 

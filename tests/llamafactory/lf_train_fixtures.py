@@ -16,16 +16,19 @@ from pathlib import Path
 
 import torch
 
+from qzoom_swift.families.registry import FAMILY_NAMES, get_spec
+
 REPO = Path(__file__).resolve().parents[2]
 LF_CLI = Path(sys.executable).parent / "llamafactory-cli"
 QZOOM = Path(sys.executable).parent / "qzoom"
-TEMPLATES = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink", "llava": "llava"}
-GRIDS = {"qwen2_5_vl": (4, 6), "qwen3_vl": (4, 6), "llava": (16, 16)}
+# the recipes' templates: Qwen3-VL Instruct trains with qwen3_vl_nothink, LLaMA-Factory's mapping for it
+TEMPLATES = {name: get_spec(name).llamafactory_template for name in FAMILY_NAMES} | {"qwen3_vl": "qwen3_vl_nothink"}
+GRIDS = {name: (16, 16) if get_spec(name).fixed_resolution else (4, 6) for name in FAMILY_NAMES}
 """The merged token grid each family's tiny images train at (LLaVA: the processor's fixed 224 px square)."""
 
 
 def image_side(family: str) -> int:
-    return {"qwen2_5_vl": 28, "qwen3_vl": 32, "llava": 14}[family]
+    return get_spec(family).patch_unit
 
 
 def label_map(grid: tuple[int, int], i: int) -> list[list[int]]:

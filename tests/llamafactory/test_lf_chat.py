@@ -25,10 +25,11 @@ import pytest
 import torch
 from PIL import Image
 
+from qzoom_swift.families.registry import FAMILY_NAMES, get_spec
 from qzoom_swift.testing.serving import stop_process_tree
 
 LF_CLI = Path(sys.executable).parent / "llamafactory-cli"
-TEMPLATES = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "llava": "llava"}
+TEMPLATES = {name: get_spec(name).llamafactory_template for name in FAMILY_NAMES}
 UNIT = {"qwen2_5_vl": 28, "qwen3_vl": 32}
 """Pixels per merged token (an exact grid image keeps its size through LLaMA-Factory and the processor)."""
 LLAVA_SIDE = 224
@@ -146,7 +147,7 @@ def test_pixels_round_trip_and_image_runs(lf_folder):
 
     from qzoom_swift.llamafactory_plugin.generation import pixels_to_images, replace_image_runs
 
-    for family in ("qwen2_5_vl", "qwen3_vl", "llava"):
+    for family in FAMILY_NAMES:
         ip = AutoProcessor.from_pretrained(lf_folder(family)).image_processor
         images = [grid_image(family, (3, 5), seed=1), grid_image(family, (4, 2), seed=2)]
         out = ip(images=images, return_tensors="pt")
@@ -183,7 +184,7 @@ def test_patch_model_keeps_a_generation_mixin_generate(lf_folder):
     assert model.generate.__func__ is GenerationMixin.generate  # replaced: the stock decoding, no zoom
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_chat_engine_gives_qzoom_model_tokens(family, lf_folder, reference, monkeypatch):
     """LLaMA-Factory's ChatModel (what chat/api/webchat run) answers with QZoomModel.generate's tokens in modes never,
     always and zoom (the gate deciding), from the same prompt ids and the same original image; streaming gives the

@@ -18,6 +18,7 @@ from PIL import Image
 
 from qzoom_swift.branches import attach_branches, branch_parameters, build_branches, mark_trained_branches
 from qzoom_swift.checkpoint import save_branch_checkpoint
+from qzoom_swift.families.registry import FAMILY_NAMES
 from qzoom_swift.inputs import chat_inputs
 from qzoom_swift.llamafactory_plugin.folder import (
     FOLDER_BRANCH_FILE,
@@ -27,7 +28,7 @@ from qzoom_swift.llamafactory_plugin.folder import (
 )
 from qzoom_swift.llamafactory_plugin.modeling import check_launch_dataset, parse_train, rpn_label_maps
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
+FAMILIES = FAMILY_NAMES
 
 
 def load(folder, remote: bool = True):

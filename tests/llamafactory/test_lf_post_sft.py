@@ -19,6 +19,7 @@ from PIL import Image
 
 from qzoom_swift.config import QZoomConfig
 from qzoom_swift.families import get_adapter
+from qzoom_swift.families.registry import FAMILY_NAMES
 from qzoom_swift.llamafactory_plugin.data import LFExportOptions, export_lf_dataset
 from qzoom_swift.llamafactory_plugin.post_sft import zoomed_position_ids
 from qzoom_swift.post_sft import roi_training_sequence
@@ -101,7 +102,7 @@ def _stock_model(path: Path):
 
 
 @pytest.mark.slow  # LLaMA-Factory's loader runs three times per family
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_ids_and_positions_reaching_forward_equal_the_post_sft_builder(tiny_dir, tmp_path, family):
     rows, out = _export(tmp_path, tiny_dir(family), family)
     model = _stock_model(tiny_dir(family))

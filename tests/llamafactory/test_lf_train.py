@@ -19,6 +19,7 @@ import torch
 from lf_train_fixtures import (
     QZOOM,
     REPO,
+    TEMPLATES,
     folder_tensors,
     logged_losses,
     run_lf,
@@ -27,11 +28,11 @@ from lf_train_fixtures import (
 )
 
 from qzoom_swift.branches import branch_parameters
+from qzoom_swift.families.registry import FAMILY_NAMES
 from qzoom_swift.llamafactory_plugin.folder import write_model_folder
 from qzoom_swift.llamafactory_plugin.modeling import rpn_label_maps
 
 RECIPES = REPO / "qzoom_swift" / "recipes" / "llamafactory" / "tiny"
-TEMPLATES = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink", "llava": "llava"}
 STEPS = 8
 
 
@@ -122,7 +123,7 @@ def stage1(tmp_path_factory, tiny_dir):
     return get
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_stage1_trains_only_the_rpn_under_llamafactory_cli(stage1, family):
     root, folder, proc, out = stage1(family)
     check_run(proc, out, folder, "rpn")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import BLOCK, LOW_BUDGET
 
+from qzoom_swift.families.registry import FAMILY_NAMES
 from qzoom_swift.inputs import chat_inputs
 from qzoom_swift.prefill import prefill
 from qzoom_swift.roi import heatmap_probabilities
@@ -17,7 +18,7 @@ from qzoom_swift.synthetic.images import rectangles_image
 from qzoom_swift.zoom import zoom_prefill
 
 pytestmark = pytest.mark.slow
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava"]
+FAMILIES = list(FAMILY_NAMES)
 QUESTION = "What is written in the small box?"
 
 
