@@ -39,6 +39,19 @@ QUESTION = "What is in the picture?"
 MAX_NEW = 6
 
 
+
+@pytest.fixture(autouse=True)
+def _restore_llamafactory_templates():
+    """LLaMA-Factory writes a run's ``default_system`` into its global template object (template.py,
+    get_template_and_fix_tokenizer): the LLaVA tests' empty system prompt would otherwise reach later tests in this
+    process (the dataset export's LLaVA rows lost their system prompt that way)."""
+    from llamafactory.data.template import TEMPLATES as LF_GLOBAL_TEMPLATES
+
+    saved = {name: t.default_system for name, t in LF_GLOBAL_TEMPLATES.items()}
+    yield
+    for name, system in saved.items():
+        LF_GLOBAL_TEMPLATES[name].default_system = system
+
 def grid_image(family: str, cells: tuple[int, int] = (9, 12), seed: int = 0) -> Image.Image:
     """Random pixels on the family's exact grid (rows x cols cells; LLaVA: its processor's square)."""
     h, w = (LLAVA_SIDE, LLAVA_SIDE) if family == "llava" else (cells[0] * UNIT[family], cells[1] * UNIT[family])
