@@ -411,6 +411,20 @@ def zoom_generate(model: nn.Module, processor, inputs: dict, source_images: list
     return ZoomOutput(generated, stats)
 
 
+def describe_decisions(stats: list[ZoomStats]) -> str:
+    """The ``qzoom:`` log line of one generate call or request, the same for every backend (ms-swift's
+    transformers and vLLM engines, LLaMA-Factory): serving APIs have no field for the decision, and scripts and
+    tests read it from the log."""
+    parts = []
+    for s in stats:
+        p = None if s.gate_prob is None else round(s.gate_prob, 3)
+        box = "" if s.grid_box is None else f" box={list(s.grid_box)}/{list(s.grid)}"
+        fallback = "," + s.fallback if s.fallback else ""
+        parts.append(f"{'zoom' if s.zoomed else 'direct'}({s.reason}{fallback}) p={p}{box} read={s.prompt_tokens} "
+                     f"visual={s.visual_tokens_low}+{s.visual_tokens_roi}")
+    return "qzoom: " + "; ".join(parts)
+
+
 def route_and_plan(model: nn.Module, processor, state: BranchPrefill, cfg: QZoomConfig,
                    source_images: list[list[Image.Image]], router=None,
                    started: float | None = None) -> tuple[list[ZoomStats], list[ZoomPlan | None]]:

@@ -117,18 +117,6 @@ def replace_image_runs(input_ids: torch.Tensor, image_token_id: int, counts: lis
     return torch.tensor(out, dtype=input_ids.dtype, device=input_ids.device)
 
 
-def describe_stats(stats) -> str:
-    """The per-request log line (LLaMA-Factory's API has no field for the decision), as the ms-swift wing's."""
-    parts = []
-    for s in stats:
-        p = None if s.gate_prob is None else round(s.gate_prob, 3)
-        box = "" if s.grid_box is None else f" box={list(s.grid_box)}/{list(s.grid)}"
-        fallback = "," + s.fallback if s.fallback else ""
-        parts.append(f"{'zoom' if s.zoomed else 'direct'}({s.reason}{fallback}) p={p}{box} read={s.prompt_tokens} "
-                     f"visual={s.visual_tokens_low}+{s.visual_tokens_roi}")
-    return "qzoom: " + "; ".join(parts)
-
-
 def _request_logger() -> logging.Logger:
     """A logger LLaMA-Factory's handler prints (its ``llamafactory`` namespace, ``LLAMAFACTORY_VERBOSITY``)."""
     try:
@@ -182,7 +170,7 @@ class QZoomGenerationMixin:
         from qzoom_swift.config import effective_config
         from qzoom_swift.families import get_adapter
         from qzoom_swift.onnx.router import router_from_env
-        from qzoom_swift.zoom import zoom_generate
+        from qzoom_swift.zoom import describe_decisions, zoom_generate
 
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] != 1:
             shape = None if input_ids is None else tuple(input_ids.shape)
@@ -228,6 +216,6 @@ class QZoomGenerationMixin:
         finally:
             _ACTIVE.on = False
         self.qzoom_last_stats = [s.to_dict() for s in out.stats]
-        _request_logger().info(describe_stats(out.stats))
+        _request_logger().info(describe_decisions(out.stats))
         new = out.generated[0].to(device=device, dtype=input_ids.dtype)
         return torch.cat([input_ids, new[None]], dim=1)
