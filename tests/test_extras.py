@@ -56,3 +56,16 @@ def test_qzoom_vllm_names_the_vllm_extra(monkeypatch):
     _hide(monkeypatch, "vllm")
     with pytest.raises(MissingExtraError, match=r"needs vllm: pip install 'qzoom_swift\[vllm\]'"):
         QZoomVLLM("any/model")  # before loading anything
+
+
+def test_qzoom_eval_backend_vllm_says_what_to_install_in_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    _hide(monkeypatch, "vllm")  # as in the main .venv, which has no vLLM (it pins another torch)
+    argv = ["eval", "--backend", "vllm", "--model", "m", "--data-root", "d", "--run", "baseline:64", "--out", "o"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and not captured.out, captured
+    assert lines[0].startswith("qzoom eval: error: qzoom eval --backend vllm needs vllm: pip install "
+                               "'qzoom_swift[vllm]'; in this checkout run it with .venv-vllm/bin/qzoom"), lines
+    assert "make venv-vllm" in lines[0] and not (tmp_path / "o").exists()

@@ -44,6 +44,7 @@ from qzoom_swift.eval.suite import (
     preset_for,
     resolve_run,
 )
+from qzoom_swift.eval.vllm_backend import BACKENDS, VLLM_INSTALL_HINT, engine_args
 from qzoom_swift.loading import add_model_args
 from qzoom_swift.procs import die_with_parent, run_child
 
@@ -78,6 +79,13 @@ Datasets are never downloaded: --data-root DIR must hold one folder per benchmar
 
 With --devices cuda:0,cuda:1,... the (run x benchmark) jobs run in parallel, one worker process per device
 (cpu,cpu: two CPU workers); --eval-batch-size N answers N samples per model call.
+
+--backend vllm answers with QZoomVLLM (the router decides each sample, vLLM generates): one engine per run's
+worker, shared by its benchmarks, stopped when the worker ends; --eval-batch-size N sends N samples to vLLM at
+once. It needs vLLM (pip install 'qzoom_swift[vllm]'; in this checkout: .venv-vllm/bin/qzoom eval ..., the
+environment `make venv-vllm` builds, since vLLM pins its own torch). Engine settings: --vllm-arg KEY=VALUE, e.g.
+--vllm-arg max_model_len=8192 --vllm-arg gpu_memory_utilization=0.85 (on the CPU build kv_cache_space_gb=4,
+enforce_eager=true). Verified on CPU with tiny models only.
 
 Results are stored per run and benchmark under <out>/runs/<run>/ (evalscope's predictions with per-sample
 qzoom metadata: gate_prob, zoomed, box, visual_tokens, latency); a finished run is not redone on restart.
@@ -118,6 +126,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=_positive_int, default=1, metavar="N",
                    help="samples answered together: evalscope sends N concurrent requests and the model API "
                         "groups them into one QZoomModel.generate batch (default: 1, per-sample latency)")
+    p.add_argument("--backend", choices=BACKENDS, default="transformers",
+                   help="what answers: transformers (QZoomModel.generate, default) or vllm (QZoomVLLM: vLLM "
+                        "engine behind the Q-Zoom router; needs vLLM, in this checkout the .venv-vllm environment "
+                        "built by `make venv-vllm`: .venv-vllm/bin/qzoom eval --backend vllm ...)")
+    p.add_argument("--vllm-arg", dest="vllm_args", action="append", default=[], metavar="KEY=VALUE",
+                   help="a QZoomVLLM / vllm.LLM argument for --backend vllm (repeatable; VALUE read as JSON when it "
+                        "parses), e.g. max_model_len=8192, gpu_memory_utilization=0.85, tensor_parallel_size=2, "
+                        "kv_cache_space_gb=4 (CPU build), enforce_eager=true")
     p.add_argument("--progress-interval", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="while a run's worker runs, print its progress (benchmark, samples done/total, elapsed, "
                         "ETA, log path) at most this often (default: 30)")
@@ -194,6 +210,10 @@ def build_run_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
         if args.device != "auto":
             raise ValueError("give --device (one worker at a time) or --devices (parallel workers), not both")
         device = device_kind(parse_devices(args.devices))  # the worker's own device is not part of a result's key
+    backend = getattr(args, "backend", "transformers")
+    vllm_args = engine_args(getattr(args, "vllm_args", None) or [])
+    if vllm_args and backend != "vllm":
+        raise ValueError("--vllm-arg goes with --backend vllm")
     specs = []
     for run in runs:
         checkpoint = run.checkpoint or (args.checkpoint if run.uses_checkpoint else None)
@@ -202,6 +222,8 @@ def build_run_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
                   "device": device,  # auto attention = sdpa; stored as None, as results stored before the loader
                   "attn_implementation": None if args.attn_implementation == "auto" else args.attn_implementation,
                   "eval_batch_size": args.eval_batch_size, "prompts": args.prompts}
+        if backend != "transformers":  # absent for transformers: results stored before --backend stay current
+            common.update(backend=backend, engine_args=vllm_args)
         benches = {}
         for name in names:
             settings = {"overrides": resolve_run(run, name, table), "dataset": str(Path(paths[name]).resolve()),
@@ -352,7 +374,12 @@ def run(args: argparse.Namespace) -> int:
     from qzoom_swift.extras import require_extra
 
     require_extra("eval", "qzoom eval")  # here, not in a worker's log
+    if getattr(args, "backend", "transformers") == "vllm":
+        _require_vllm()
     try:
+        if getattr(args, "backend", "transformers") == "vllm" and args.devices:
+            raise ValueError("--devices runs transformers workers only; with --backend vllm use one worker (vLLM "
+                             "spreads a model over GPUs with --vllm-arg tensor_parallel_size=N)")
         specs, names = build_run_specs(args)
         if not args.summary_only:
             check_datasets({n: Path(b["dataset"]) for n, b in specs[0]["benchmarks"].items()})
@@ -409,6 +436,16 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _require_vllm() -> None:
+    """vLLM is an extra with a torch of its own: say what to install, and where this checkout has it."""
+    from qzoom_swift.extras import MissingExtraError, require_extra
+
+    try:
+        require_extra("vllm", "qzoom eval --backend vllm")
+    except MissingExtraError as exc:
+        raise MissingExtraError(f"{exc}; {VLLM_INSTALL_HINT}") from None
+
+
 # ------------------------------------------------------------------------------------------------ worker
 
 
@@ -417,13 +454,23 @@ def worker(spec_path: str | Path, parent_pid: int | None = None) -> int:
 
     With ``parent_pid`` (``qzoom eval`` passes its own) the worker exits when that parent dies, even by SIGKILL.
     """
-    import logging
-
     if parent_pid is not None:
         die_with_parent(signal.SIGTERM, parent_pid)
 
     spec = json.loads(Path(spec_path).read_text())
     import qzoom_swift.eval.model_api  # noqa: F401  (registers the model API and the plugin benchmarks)
+    from qzoom_swift.eval.vllm_backend import shutdown_engines, stop_engines_on_signal
+
+    if spec.get("backend") == "vllm":
+        stop_engines_on_signal()  # a stopped run stops its engine's processes too
+    try:
+        return _run_pending(spec)
+    finally:
+        shutdown_engines()  # the vLLM engines this run started (none with transformers)
+
+
+def _run_pending(spec: dict[str, Any]) -> int:
+    import logging
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     model_id = spec["run"]["name"]
@@ -456,6 +503,8 @@ def _run_benchmark(spec: dict[str, Any], name: str, index: int, count: int) -> d
                   "dtype": spec["dtype"], "device": spec["device"],
                   "attn_implementation": spec["attn_implementation"],
                   "max_batch_size": spec["eval_batch_size"], **bench["overrides"]}
+    if spec.get("backend", "transformers") != "transformers":
+        model_args.update(backend=spec["backend"], engine_args=spec.get("engine_args") or {})
     dataset_args: dict[str, Any] = {"dataset_id": bench["dataset"]}
     if bench.get("prompt_template"):
         dataset_args["prompt_template"] = bench["prompt_template"]

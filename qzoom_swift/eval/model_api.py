@@ -31,11 +31,18 @@ one batch runs at a time, and a batch that fails is retried sample by sample. ``
 sample's share of its batch (the sum over a benchmark is the model time, so throughput counts the
 batching gain); ``max_batch_size=1`` (the default) answers one sample at a time, for per-sample latency.
 
+``backend="vllm"`` (``qzoom eval --backend vllm``) answers through ``QZoomVLLM`` instead
+(``qzoom_swift.eval.vllm_backend``): one engine per model, checkpoint and dtype per process, the same batcher in
+front of it, the same per-sample metadata; ``latency`` is then the router's pass-1 share, the crop's encoding
+and the sample's share of the engine call (vLLM prefills and decodes in one call, so no ``ttft``), and
+``metadata["qzoom"]["backend"]`` says which backend answered.
+
 A sample that cannot be answered (an unreadable image: ``unreadable_image``; a failure inside the model:
-``out_of_memory`` or ``model_error``) is answered with empty text, so the benchmark scores it as failed and
-counts it, and the run goes on: its ``ModelOutput.error`` and ``metadata["qzoom"]`` (``failed``, ``failure``,
-``error``) record why in the predictions. More than ``MAX_CONSECUTIVE_FAILURES`` model failures in a row
-is a broken model or setup, not bad samples: that raises, and the benchmark stops.
+``out_of_memory`` or ``model_error``, also a vLLM answer's ``error``) is answered with empty text, so the
+benchmark scores it as failed and counts it, and the run goes on: its ``ModelOutput.error`` and
+``metadata["qzoom"]`` (``failed``, ``failure``, ``error``) record why in the predictions. More than
+``MAX_CONSECUTIVE_FAILURES`` model failures in a row is a broken model or setup, not bad samples: that raises,
+and the benchmark stops.
 """
 
 from __future__ import annotations
@@ -222,23 +229,41 @@ class QZoomAPI(ModelAPI):
         attn_implementation: e.g. sdpa (the paper's throughput runs) or flash_attention_2.
         max_batch_size: most concurrent samples answered in one ``generate`` batch (default 1; set it to
             evalscope's ``eval_batch_size``). batch_window_s: longest wait for companions (default 0.05 s).
+        backend: ``transformers`` (``QZoomModel.generate``) or ``vllm`` (``QZoomVLLM.generate``; needs vLLM).
+        engine_args: ``QZoomVLLM`` keyword arguments for the vllm backend (max_model_len, kv_cache_space_gb,
+            enforce_eager, gpu_memory_utilization, tensor_parallel_size, any ``vllm.LLM`` argument).
     """
 
     def __init__(self, model_name: str, base_url: str | None = None, api_key: str | None = None,
                  config: GenerateConfig | None = None, *, checkpoint: str | None = None,
                  max_new_tokens: int = 128, dtype: str | None = "auto", device: str | None = "auto",
                  attn_implementation: str | None = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 batch_window_s: float = DEFAULT_BATCH_WINDOW_S, **model_args: Any) -> None:
+                 batch_window_s: float = DEFAULT_BATCH_WINDOW_S, backend: str = "transformers",
+                 engine_args: dict[str, Any] | None = None, **model_args: Any) -> None:
         super().__init__(model_name, base_url, api_key, config if config is not None else GenerateConfig())
         unknown = sorted(k for k in model_args if k not in CONFIG_KEYS)
         if unknown:
             raise ValueError(f"qzoom model_args: unknown keys {unknown}; known: checkpoint, max_new_tokens, dtype, "
-                             f"device, attn_implementation, max_batch_size, batch_window_s, {', '.join(CONFIG_KEYS)}")
+                             f"device, attn_implementation, max_batch_size, batch_window_s, backend, engine_args, "
+                             f"{', '.join(CONFIG_KEYS)}")
+        from qzoom_swift.eval.vllm_backend import BACKENDS
+
+        if backend not in BACKENDS or (engine_args and backend != "vllm"):
+            raise ValueError(f"qzoom model_args: backend {backend!r} must be one of {', '.join(BACKENDS)}; "
+                             "engine_args go with backend='vllm' only")
         if int(max_batch_size) < 1 or float(batch_window_s) < 0:
             raise ValueError(f"qzoom model_args: max_batch_size {max_batch_size} must be >= 1 and batch_window_s "
                              f"{batch_window_s} >= 0")
         self.max_batch_size, self.batch_window_s = int(max_batch_size), float(batch_window_s)
-        self.qz, self._batcher = load_qzoom_model(model_name, checkpoint, dtype, device, attn_implementation)
+        self.backend = backend
+        self.engine = None
+        if backend == "vllm":  # the router (a QZoomModel) holds the config; the engine answers
+            from qzoom_swift.eval.vllm_backend import load_vllm_engine
+
+            self.engine, self._batcher = load_vllm_engine(model_name, checkpoint, dtype, device, engine_args)
+            self.qz = self.engine.router
+        else:
+            self.qz, self._batcher = load_qzoom_model(model_name, checkpoint, dtype, device, attn_implementation)
         self.overrides = dict(model_args)
         # what QZoomModel.generate will use: checkpoint < QZOOM_* environment < this task's model_args
         self.effective_config = effective_config(self.qz.config, self.overrides)
@@ -274,6 +299,11 @@ class QZoomAPI(ModelAPI):
         except Exception as exc:  # the batcher already retried a failed batch one sample at a time
             self._count_model_failure(exc)
             return self._failed(model_failure_reason(exc), exc, input)
+        error = getattr(answer, "error", None)  # a vLLM answer names a sample the engine could not answer
+        if error:
+            exc = RuntimeError(error)
+            self._count_model_failure(exc)
+            return self._failed(model_failure_reason(exc), exc, input)
         with self._failures_lock:
             self._failures_in_a_row = 0
         wall = batch_wall / batch_size  # this sample's share of its batch
@@ -282,7 +312,8 @@ class QZoomAPI(ModelAPI):
         out_tokens = len(answer.token_ids or [])  # the generated tokens themselves (incl. a final end token)
         model_time = st.time_pass1_s + st.time_pass2_s + st.time_decode_s
         latency = model_time if model_time > 0 else wall
-        ttft = st.time_pass1_s + st.time_pass2_s if model_time > 0 else None
+        # on vLLM prefill and decode are one engine call (time_decode_s): no time to first token is measured
+        ttft = st.time_pass1_s + st.time_pass2_s if model_time > 0 and self.engine is None else None
         output = ModelOutput.from_content(model=self.model_name, content=text,
                                           stop_reason="max_tokens" if out_tokens >= max_new else "stop")
         output.usage = ModelUsage(input_tokens=st.prompt_tokens, output_tokens=out_tokens,
@@ -294,7 +325,8 @@ class QZoomAPI(ModelAPI):
         output.metadata = {"qzoom": {
             **st.to_dict(),
             "latency_s": latency, "wall_s": wall, "output_tokens": out_tokens, "batch_size": batch_size,
-            "batch_wall_s": batch_wall,
+            "batch_wall_s": batch_wall, "backend": self.backend,
+            **({"cached_tokens": answer.cached_tokens} if self.engine is not None else {}),
             "mode": cfg.mode, "tau_gate": cfg.tau_gate, "tau_roi": cfg.tau_roi,
             "low_tokens": [cfg.low_min_tokens, cfg.low_max_tokens],
             "roi_tokens": [cfg.roi_min_tokens, cfg.roi_max_tokens],
@@ -321,8 +353,8 @@ class QZoomAPI(ModelAPI):
         output.usage = ModelUsage(input_tokens=0, output_tokens=0, total_tokens=0)
         output.time = 0.0
         cfg = self.effective_config
-        output.metadata = {"qzoom": {"failed": True, "failure": reason, "error": error, "mode": cfg.mode,
-                                     "tau_gate": cfg.tau_gate, "tau_roi": cfg.tau_roi}}
+        output.metadata = {"qzoom": {"failed": True, "failure": reason, "error": error, "backend": self.backend,
+                                     "mode": cfg.mode, "tau_gate": cfg.tau_gate, "tau_roi": cfg.tau_roi}}
         return output
 
 
