@@ -1,4 +1,5 @@
-"""The plugin's templates refuse ms-swift engines that never call ``template.generate`` (zoom would be off)."""
+"""The plugin's templates refuse ms-swift engines that neither call ``template.generate`` nor route (zoom would be
+off); vLLM routes in ``encode`` (served for real in tests/vllm_wing/test_swift_vllm.py)."""
 
 from __future__ import annotations
 
@@ -36,11 +37,46 @@ def test_non_transformers_backends_are_refused_with_the_fix(templates, family, b
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_training_and_transformers_modes_pass(templates, family):
+def test_training_transformers_and_vllm_modes_pass(templates, family):
     template = templates[family]
-    for mode in ("train", "transformers"):
+    for mode in ("train", "vllm", "transformers"):
         template.set_mode(mode)
         assert template.mode == mode
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_vllm_mode_names_the_qzoom_model_class_and_needs_its_router(templates, family):
+    """The engine gets the family's registered class (LLaVA: the stock one); encoding without the router that
+    ``swift infer/deploy`` loads says how to get one instead of serving without Q-Zoom."""
+    from qzoom_swift.families.registry import FAMILIES
+
+    template = templates[family]
+    template.set_mode("vllm")
+    try:
+        arch = FAMILIES[family].vllm_architecture
+        assert template.prepare_engine_kwargs() == ({} if arch is None else {"hf_overrides": {"architectures": [arch]}})
+        with pytest.raises(RuntimeError, match="no front router.*--infer_backend vllm"):
+            template.encode({"messages": [{"role": "user", "content": "hello"}]})
+    finally:
+        template.set_mode("transformers")
+
+
+def test_vllm_takes_one_branch_checkpoint_and_refuses_a_lora_with_the_fix(tmp_path):
+    from qzoom_swift.checkpoint import BRANCH_WEIGHTS_NAME, CONFIG_NAME
+    from qzoom_swift.swift_plugin.vllm_serving import split_adapters
+
+    branches, lora = tmp_path / "branches", tmp_path / "lora"
+    for folder, files in ((branches, (BRANCH_WEIGHTS_NAME, CONFIG_NAME)), (lora, ("adapter_config.json",))):
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("{}")
+    assert split_adapters([str(branches)]) == str(branches)
+    assert split_adapters([]) is None
+    with pytest.raises(ValueError, match="Merge the LoRA first") as exc:
+        split_adapters([str(branches), str(lora)])
+    assert str(lora) in str(exc.value)
+    with pytest.raises(ValueError, match="names 2 Q-Zoom branch checkpoints"):
+        split_adapters([str(branches), str(branches)])
 
 
 @pytest.fixture

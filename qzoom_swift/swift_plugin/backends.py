@@ -1,12 +1,13 @@
-"""Refuse ms-swift inference backends that cannot zoom, before any engine or server starts.
+"""Which ms-swift inference backends zoom, checked before any engine or server starts; vLLM's set-up.
 
-Q-Zoom decides and zooms inside the template's ``generate``, which only ms-swift's transformers engine
-calls; vLLM, LMDeploy and SGLang use the template to encode and generate on their own, so with them a
-``qzoom_*`` model would silently answer from the low-resolution pass. vLLM calls ``Template.set_mode``
-before it builds its engine, LMDeploy and SGLang only per request, and ``swift eval`` builds no engine in
-its own process at all (it spawns ``swift deploy`` and waits for the port, forever if the server dies).
-So the plugin wraps the two ms-swift entry points that see the arguments first:
-``SwiftInfer.get_infer_engine`` (``swift infer``, ``swift deploy``, the app) and ``SwiftEval.run``.
+Q-Zoom zooms inside the template: in ``generate`` on the transformers engine, in ``encode`` on the vLLM engine
+(a front router decides each request before vLLM sees it: ``vllm_serving``). LMDeploy and SGLang use the template
+to encode and generate on their own, so with them a ``qzoom_*`` model would silently answer from the
+low-resolution pass. They set the template's mode only per request, and ``swift eval`` builds no engine in its
+own process at all (it spawns ``swift deploy`` and waits for the port, forever if the server dies). So the plugin
+wraps the two ms-swift entry points that see the arguments first: ``SwiftInfer.get_infer_engine`` (``swift
+infer``, ``swift deploy``, the app; for vLLM it also loads the router and takes the branch checkpoint out of
+vLLM's LoRA arguments) and ``SwiftEval.run``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import sys
 
 from qzoom_swift.families.registry import FAMILIES
 
-UNSUPPORTED_BACKENDS = ("vllm", "lmdeploy", "sglang")
-"""ms-swift inference engines that encode with the template but generate without it."""
-SUPPORTED_BACKENDS = ("transformers", "pt")
-"""The transformers engine (``pt`` is its ms-swift 3.x name, still accepted by ms-swift 4.6)."""
+UNSUPPORTED_BACKENDS = ("lmdeploy", "sglang")
+"""ms-swift inference engines that encode with the template but generate without it, and do not route."""
+SUPPORTED_BACKENDS = ("transformers", "pt", "vllm")
+"""The transformers engine (``pt`` is its ms-swift 3.x name, still accepted by ms-swift 4.6) and vLLM."""
 QZOOM_NAMES = frozenset(spec.qzoom_model_type for spec in FAMILIES.values())
 _GUARD_FLAG = "__qzoom_backend_guard__"
 
@@ -27,10 +28,10 @@ _GUARD_FLAG = "__qzoom_backend_guard__"
 def backend_refusal(subject: str, backend: str) -> ValueError:
     """The one message for every refusal: what was asked, why it cannot zoom, the flag that fixes it."""
     return ValueError(
-        f"{subject} needs --infer_backend transformers (got {backend}; `pt`, the ms-swift 3.x name of the "
-        f"transformers engine, works too): Q-Zoom decides and zooms inside the transformers engine's generate, "
-        f"which the {backend} engine never calls, so it would answer from the low-resolution pass only. "
-        "Use --infer_backend transformers (or pt), or the stock model type and template without Q-Zoom.")
+        f"{subject} needs --infer_backend transformers or vllm (got {backend}; `pt`, the ms-swift 3.x name of the "
+        f"transformers engine, works too): Q-Zoom zooms inside the transformers engine's generate or in front of "
+        f"vLLM, and the {backend} engine would answer from the low-resolution pass only. "
+        "Use --infer_backend transformers (or pt) or vllm, or the stock model type and template without Q-Zoom.")
 
 
 def qzoom_subject(args, template=None) -> str | None:
@@ -58,8 +59,21 @@ def check_infer_backend(args, template=None, backend: str | None = None) -> None
 def _guarded_get_infer_engine(original):
     @functools.wraps(original)
     def get_infer_engine(args, template=None, **kwargs):
-        check_infer_backend(args, template, kwargs.get("infer_backend"))
-        return original(args, template, **kwargs)
+        backend = kwargs.get("infer_backend") or getattr(args, "infer_backend", None)
+        check_infer_backend(args, template, backend)
+        if backend != "vllm" or template is None or qzoom_subject(args, template) is None:
+            return original(args, template, **kwargs)
+        from qzoom_swift.swift_plugin.vllm_serving import drop_branch_adapter, prepare
+
+        adapters = list(getattr(args, "adapters", None) or [])
+        checkpoint = prepare(args, template)
+        args.adapters = [a for a in adapters if checkpoint is None or a != checkpoint]  # not a LoRA for vLLM
+        try:
+            engine = original(args, template, **kwargs)
+        finally:
+            args.adapters = adapters
+        drop_branch_adapter(engine, checkpoint)
+        return engine
 
     setattr(get_infer_engine, _GUARD_FLAG, True)
     return staticmethod(get_infer_engine)

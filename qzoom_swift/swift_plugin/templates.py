@@ -190,15 +190,37 @@ class QZoomTemplateMixin(PairingGuardMixin):
     qzoom_family: str = ""
 
     def set_mode(self, mode):
-        """Refuse the engines that never call ``generate``: zoom would be silently off there.
+        """Refuse the engines that neither call ``generate`` nor route (LMDeploy, SGLang): zoom would be silently off.
 
         The last line of defence: ``backends.install_backend_guard`` refuses them before any engine is built
-        (vLLM also sets the mode before building; LMDeploy and SGLang only per request, which this still stops
-        when an engine is built around the guard, e.g. from Python). Training and transformers pass through.
+        (LMDeploy and SGLang set the mode only per request, which this still stops when an engine is built around
+        the guard, e.g. from Python). Training, transformers and vLLM (routed in ``encode``) pass through.
         """
         if mode in UNSUPPORTED_BACKENDS:
             raise backend_refusal(f"the Q-Zoom template {self.template_meta.template_type!r}", mode)
         return super().set_mode(mode)
+
+    def prepare_engine_kwargs(self):
+        """vLLM: the registered Q-Zoom model class, which places a crop at Q-Zoom's positions."""
+        if self.mode == "vllm":
+            from qzoom_swift.swift_plugin.vllm_serving import engine_kwargs
+
+            return engine_kwargs(self.qzoom_family)
+        return super().prepare_engine_kwargs()
+
+    def encode(self, inputs, return_template_inputs: bool = False, return_length: bool = False):
+        """vLLM: the request as vLLM's prompt, after the front router decided it (``vllm_serving.route_encoded``).
+
+        ms-swift's ``vllm`` mode bypasses ``_encode`` (it calls ``Template._encode`` directly), hence here.
+        """
+        if self.mode != "vllm" or self.is_training:
+            return super().encode(inputs, return_template_inputs=return_template_inputs, return_length=return_length)
+        from qzoom_swift.swift_plugin.vllm_serving import route_encoded
+
+        encoded = route_encoded(self, super().encode(inputs, return_template_inputs=True, return_length=return_length))
+        if not return_template_inputs:
+            encoded.pop("template_inputs", None)
+        return encoded
 
     def _qzoom_config(self, model=None):
         from qzoom_swift.branches import get_branches
@@ -329,7 +351,7 @@ class QZoomTemplateMixin(PairingGuardMixin):
         """Gated two-pass generation; output sequences are the pass-1 prompt followed by the new tokens."""
         from qzoom_swift.branches import get_branches
         from qzoom_swift.onnx.router import router_from_env
-        from qzoom_swift.zoom import zoom_generate
+        from qzoom_swift.zoom import describe_decisions, zoom_generate
 
         sources = kwargs.pop("qzoom_src_images", None)
         base = self.get_base_model(model)
@@ -350,9 +372,7 @@ class QZoomTemplateMixin(PairingGuardMixin):
         base.qzoom_last_stats = [s.to_dict() for s in out.stats]  # for callers that want the decisions
         report_read_tokens(inputs.get("attention_mask"), [s.prompt_tokens for s in out.stats])
 
-        get_logger().info("qzoom: " + "; ".join(
-            f"{'zoom' if s.zoomed else 'direct'}({s.reason}{',' + s.fallback if s.fallback else ''}) p={s.gate_prob if s.gate_prob is None else round(s.gate_prob, 3)} "
-            f"read={s.prompt_tokens} visual={s.visual_tokens_low}+{s.visual_tokens_roi}" for s in out.stats))
+        get_logger().info(describe_decisions(out.stats))
         pad = self.tokenizer.pad_token_id
         width = max((len(g) for g in out.generated), default=0)
         input_ids = inputs["input_ids"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from qzoom_swift.extras import require_extra
 from qzoom_swift.model import QZoomModel, ZoomAnswer
 from qzoom_swift.vllm_plugin.registration import ARCHITECTURES, register
-from qzoom_swift.vllm_plugin.router import PlannedRequest, VLLMRouter
+from qzoom_swift.vllm_plugin.router import PlannedRequest, VLLMRouter, load_router
 
 logger = logging.getLogger(__name__)
 ENTRY_POINT = "qzoom_swift.vllm_plugin:register"
@@ -80,13 +80,8 @@ class QZoomVLLM:
                  router_batch_size: int = 8, **engine_kwargs):
         require_extra("vllm", "QZoomVLLM (Q-Zoom on vLLM)")
         if router is None:  # a checkpoint that does not fit the model is refused here, before any engine starts
-            from qzoom_swift.checkpoint import BranchCheckpointError
-
-            try:
-                router = QZoomModel.from_pretrained(model, checkpoint=checkpoint, config_overrides=config_overrides,
-                                                    device=router_device, dtype=router_dtype)
-            except BranchCheckpointError as exc:
-                raise BranchCheckpointError(f"base model {model}: {exc}") from exc
+            router = load_router(model, checkpoint, device=router_device, dtype=router_dtype,
+                                 config_overrides=config_overrides)
         self.router = router
         self.family = router.adapter.name
         self.planner = VLLMRouter(router, batch_size=router_batch_size)

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from qzoom_swift.model import QZoomModel
 from qzoom_swift.vllm_plugin.registration import ARCHITECTURES
@@ -77,6 +78,53 @@ def expand_image_placeholders(ids: list[int], image_token: int, counts: list[int
     if k != len(counts):
         raise ValueError(f"the prompt has {k} image placeholders for {len(counts)} images")
     return out
+
+
+class DroppedModule(nn.Module):
+    """Stands where the router dropped a module it never runs; running it is a bug, said loudly."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this module was dropped: the vLLM front router runs vision, layers [0, B) and the "
+                           "branches only (vLLM answers)")
+
+
+def drop_unrouted_modules(model: nn.Module) -> int:
+    """Drop what pass 1 never runs: base layers [B, L) (the branches hold their own copies of B..B+R-1) and an
+    untied LM head; returns the number of parameters freed."""
+    from qzoom_swift.branches import require_branches
+    from qzoom_swift.families import get_adapter
+
+    layers = get_adapter(model).decoder_layers(model)
+    freed = 0
+    for i in range(require_branches(model).first_layer, len(layers)):
+        freed += sum(p.numel() for p in layers[i].parameters())
+        layers[i] = DroppedModule()
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embed.weight:
+        freed += head.weight.numel()
+        model.set_output_embeddings(DroppedModule())
+    return freed
+
+
+def load_router(model_dir, checkpoint=None, *, processor=None, device: str | None = None, dtype=None,
+                config_overrides: dict | None = None) -> QZoomModel:
+    """The router's ``QZoomModel`` with only the weights pass 1 needs on ``device`` (auto: the GPU when there is
+    one): loaded on the CPU, trimmed (``drop_unrouted_modules``), then moved, so the device never holds the
+    whole model a second time beside vLLM's copy. A checkpoint that does not fit the base is refused here."""
+    from qzoom_swift.checkpoint import BranchCheckpointError
+    from qzoom_swift.loading import resolve_device, resolve_dtype
+
+    target = resolve_device(device)
+    try:
+        qz = QZoomModel.from_pretrained(model_dir, checkpoint=checkpoint, processor=processor, device="cpu",
+                                        dtype=resolve_dtype(dtype, target), config_overrides=config_overrides)
+    except BranchCheckpointError as exc:
+        raise BranchCheckpointError(f"base model {model_dir}: {exc}") from exc
+    total = sum(p.numel() for p in qz.model.parameters())
+    freed = drop_unrouted_modules(qz.model)
+    qz.model.to(target)
+    qz.router_parameters = (total - freed, total)  # (kept, loaded): the share of the model the router holds
+    return qz
 
 
 class VLLMRouter:
