@@ -34,7 +34,7 @@ from qzoom_swift.synthetic.tokenizer import (
     build_qwen_tokenizer,
 )
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: LLaVA towers saved in llava-hf's key layout
 SIZES = ("tiny", "bench")
 
 
@@ -350,7 +350,23 @@ def _write_model_dir(family: str, config, out_dir: Path, seed: int) -> None:
     model.eval()
     model.generation_config = GenerationConfig(**builder.generation(tokenizer))
     model.save_pretrained(str(out_dir))
+    if family == "llava":
+        _llava_hf_key_layout(out_dir)
     processor.save_pretrained(str(out_dir))
+
+
+def _llava_hf_key_layout(out_dir: Path) -> None:
+    """Give the saved CLIP tower llava-hf's ``vision_tower.vision_model.`` key level, as real checkpoints
+    (llava-hf/llava-1.5-7b-hf) have it: transformers saves the tower without it and loads either, vLLM's loader
+    reads only the real layout. Same tensors, renamed keys."""
+    from safetensors.torch import load_file, save_file
+
+    for f in out_dir.glob("*.safetensors"):
+        tensors = load_file(f)
+        renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]
+                    if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+                   for k, v in tensors.items()}
+        save_file(renamed, f, metadata={"format": "pt"})
 
 
 def tiny_config(family: str, size: str = "tiny"):

@@ -7,8 +7,6 @@ own processes register the models themselves); either way one engine per family 
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -20,29 +18,8 @@ BLOCK = 32
 LOW_BUDGET = {"low_min_tokens": 16, "low_max_tokens": 64, "roi_min_tokens": 16, "roi_max_tokens": 64}
 
 
-def llava_hf_layout(path: Path, out: Path) -> Path:
-    """A copy of a tiny LLaVA folder whose CLIP tower keys have llava-hf's ``vision_tower.vision_model.`` level.
-
-    The synthetic builder saves the tower without it; transformers loads either, vLLM's loader only llava-hf's
-    (what real checkpoints such as llava-hf/llava-1.5-7b-hf hold). Same tensors, renamed keys.
-    """
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    for f in path.iterdir():
-        if f.suffix == ".safetensors":
-            tensors = load_file(f)
-            renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]
-                        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
-                       for k, v in tensors.items()}
-            save_file(renamed, out / f.name, metadata={"format": "pt"})
-        elif f.is_file():
-            shutil.copy(f, out / f.name)
-    return out
-
-
 @pytest.fixture(scope="module")
-def engines(tiny_dir, tmp_path_factory):
+def engines(tiny_dir):
     """Factory: ``engines(family)`` -> QZoomVLLM on the tiny model with fresh branches (one alive at a time)."""
     from qzoom_swift.config import QZoomConfig
     from qzoom_swift.model import QZoomModel
@@ -57,8 +34,7 @@ def engines(tiny_dir, tmp_path_factory):
             path = tiny_dir(family)
             torch.manual_seed(0)  # the gate head is a fresh Linear: the same draw in every run
             router = QZoomModel.from_pretrained(path, QZoomConfig(**LOW_BUDGET), dtype="float32", device="cpu")
-            served = llava_hf_layout(path, tmp_path_factory.mktemp("llava_hf")) if family == "llava" else path
-            held[family] = QZoomVLLM(served, router=router, dtype="float32", enforce_eager=True, block_size=BLOCK,
+            held[family] = QZoomVLLM(path, router=router, dtype="float32", enforce_eager=True, block_size=BLOCK,
                                      max_model_len=1024, seed=0)
         return held[family]
 
