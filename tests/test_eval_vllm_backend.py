@@ -170,3 +170,37 @@ def test_run_specs_record_the_backend_only_for_vllm(tmp_path):
     assert served["benchmarks"]["docvqa"]["fingerprint"] != plain["benchmarks"]["docvqa"]["fingerprint"]
     with pytest.raises(ValueError, match="--vllm-arg goes with --backend vllm"):
         build_run_specs(parser.parse_args([*base, "--vllm-arg", "max_model_len=2048"]))
+
+
+def test_a_signalled_worker_stops_its_children_even_those_ignoring_sigterm(tmp_path):
+    """What a stopped ``qzoom eval --backend vllm`` worker does: its engine's processes (and multiprocessing's
+    resource tracker, which ignores SIGTERM) go with it, then it exits with 128 + the signal."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "from qzoom_swift.eval.vllm_backend import stop_engines_on_signal\n"
+        "stop_engines_on_signal()\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(120)'], "
+        "stdout=subprocess.PIPE)\n"
+        "child.stdout.readline()\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n")
+    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        child = psutil.Process(int(worker.stdout.readline()))
+        t0 = time.perf_counter()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 128 + signal.SIGTERM
+        assert time.perf_counter() - t0 < 15  # within qzoom eval's grace (procs.STOP_GRACE_S)
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    finally:
+        if worker.poll() is None:
+            worker.kill()

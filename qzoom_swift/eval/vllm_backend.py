@@ -131,14 +131,40 @@ def shutdown_engines() -> int:
 
 
 def stop_engines_on_signal(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> None:
-    """On these signals stop the engines, then exit with 128 + the signal: the default action would end this
-    process at once and leave the engine's own processes running."""
+    """On these signals stop this process's children (the engines' processes, also of an engine still starting),
+    then exit with 128 + the signal: the default action would end this process at once and leave the engine's
+    processes running (they do not watch their parent).
+
+    Not ``shutdown_engines``: the signal may arrive while this thread holds the registry's lock to start an
+    engine, and ``QZoomVLLM.shutdown`` may wait longer than ``qzoom eval`` gives a stopped worker.
+    """
     def handler(signum, _frame):
-        shutdown_engines()
-        os._exit(128 + signum)
+        try:
+            _stop_children()
+        finally:
+            os._exit(128 + signum)
 
     for sig in signals:
         signal.signal(sig, handler)
+
+
+def _stop_children(timeout: float = 8.0) -> None:
+    """Terminate what this process started and is still running, then kill what outlives ``timeout`` (within
+    ``qzoom eval``'s grace before it kills this worker; multiprocessing's resource tracker ignores SIGTERM)."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            continue
 
 
 __all__ = ["BACKENDS", "engine_args", "load_vllm_engine", "shutdown_engines", "stop_engines_on_signal"]

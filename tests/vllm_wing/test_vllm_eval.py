@@ -18,7 +18,7 @@ import torch
 
 SAMPLES = 4
 MAX_NEW = 4
-MARK = "QZE_TEST_MARK"  # in the CLI's environment, so its workers and their engine processes can be found
+MARK = "QZE_TEST_MARK"  # in the CLI's environment, so its processes can be found
 
 
 def _gate_probs(ref, samples) -> list[float]:
@@ -34,11 +34,15 @@ def _gate_probs(ref, samples) -> list[float]:
     return probs
 
 
-def _marked_processes(mark: str) -> list[str]:
+def _processes_of_run(mark: str, out: Path) -> list[str]:
+    """Live processes of one ``qzoom eval``: the marker in their environment, or a file open under ``out`` (vLLM's
+    engine processes retitle themselves, which overwrites their environment as /proc shows it; they keep the
+    worker's log open)."""
     left = []
     for proc in psutil.process_iter(["pid", "name"]):
         try:
-            if proc.environ().get(MARK) == mark and proc.status() != psutil.STATUS_ZOMBIE:
+            if proc.status() != psutil.STATUS_ZOMBIE and (proc.environ().get(MARK) == mark or any(
+                    Path(f.path).is_relative_to(out) for f in proc.open_files())):
                 left.append(f"{proc.pid} {proc.info['name']}")
         except psutil.Error:  # another user's process, or it ended meanwhile
             continue
@@ -80,7 +84,7 @@ def served_eval(tiny_dir, tmp_path_factory):
     print(f"qzoom eval --backend vllm (2 runs x {SAMPLES} samples, one engine start each): {seconds:.0f} s")
     logs = "\n".join(p.read_text()[-4000:] for p in out.glob("runs/*/log.txt"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
-    left = _marked_processes(mark)
+    left = _processes_of_run(mark, out)
     assert not left, f"processes left running after qzoom eval: {left}"  # the engines were shut down
     return out, ref, proc, tau
 
