@@ -80,3 +80,33 @@ def chat_inputs(processor, images: list[Image.Image] | list[list[Image.Image]], 
     flat = [img for sample_images in images for img in sample_images]
     processor.tokenizer.padding_side = padding_side
     return processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
+
+
+def resize_image_runs(ids: list[int], image_token: int, old_counts: list[int], new_counts: list[int]) -> list[int]:
+    """``ids`` with image ``k``'s ``old_counts[k]`` image tokens as ``new_counts[k]`` tokens (markup kept).
+
+    Counted, not by runs: LLaVA's crop tokens directly follow its source image's. One home for the prompt
+    rewrites of the serving wings: a placeholder per image (count 1) for vLLM, which expands them itself, and
+    back; LLaMA-Factory's view of an image replaced by the Q-Zoom low-budget one.
+    """
+    if len(old_counts) != len(new_counts):
+        raise ValueError(f"{len(old_counts)} old and {len(new_counts)} new image token counts")
+    out: list[int] = []
+    k = skip = 0
+    for t in ids:
+        if skip:
+            if t != image_token:
+                raise ValueError(f"image {k - 1} has fewer than its {old_counts[k - 1]} tokens in the prompt")
+            skip -= 1
+            continue
+        if t != image_token:
+            out.append(t)
+            continue
+        if k >= len(old_counts):
+            raise ValueError(f"the prompt holds more image tokens than its {len(old_counts)} image(s)")
+        out.extend([image_token] * new_counts[k])
+        skip, k = old_counts[k] - 1, k + 1
+    if k != len(old_counts) or skip:
+        raise ValueError(f"the prompt holds {k} of its {len(old_counts)} image(s)' tokens")
+    return out
+

@@ -26,8 +26,21 @@ def test_placeholders_expand_and_collapse_back():
     long = expand_image_placeholders(ids, 9, [3, 2])
     assert long == [1, 9, 9, 9, 2, 9, 9, 3]
     assert collapse_image_runs(long, 9, [3, 2]) == ids
-    with pytest.raises(ValueError, match="2 image placeholders for 3 images"):
+    with pytest.raises(ValueError, match="2 of its 3 image"):
         expand_image_placeholders(ids, 9, [1, 1, 1])
+
+
+def test_image_runs_are_counted_not_split_by_runs():
+    """LLaVA's crop tokens follow the source image's directly: one run, two images; LLaMA-Factory's view resized."""
+    from qzoom_swift.inputs import resize_image_runs
+
+    assert collapse_image_runs([1, 9, 9, 9, 9, 9, 2], 9, [2, 3]) == [1, 9, 9, 2]
+    assert resize_image_runs([1, 7, 9, 9, 9, 8, 2, 7, 9, 8, 3], 9, [3, 1], [2, 4]) == \
+        [1, 7, 9, 9, 8, 2, 7, 9, 9, 9, 9, 8, 3]
+    with pytest.raises(ValueError, match="fewer than its 3 tokens"):
+        resize_image_runs([7, 9, 9, 8], 9, [3], [1])
+    with pytest.raises(ValueError, match="1 of its 2 image"):
+        resize_image_runs([7, 9, 8], 9, [1, 1], [2, 2])
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

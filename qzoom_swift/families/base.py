@@ -322,6 +322,16 @@ class FamilyAdapter:
         unit = self.patch_unit ** 2
         return {"min_pixels": min_tokens * unit, "max_pixels": max_tokens * unit}
 
+    def decode_pixels(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                      image_processor) -> list:
+        """The images an image processor turned into ``pixel_values`` (the inverse of ``encode_images``): what a
+        host framework that hands over only processed pixels (LLaMA-Factory's HF engine) showed the model.
+        Here [n, C, H, W] squares (LLaVA's CLIP processor: its resized, cropped view)."""
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected [images, channels, "
+                             "height, width]")
+        return [unnormalise(x.float().cpu(), image_processor) for x in pixel_values]
+
     def encode_images(self, processor, images: list) -> dict[str, torch.Tensor]:
         """Processor outputs for images alone: ``pixel_values`` (+ ``image_grid_thw`` for Qwen)."""
         raise NotImplementedError
@@ -370,3 +380,16 @@ class FamilyAdapter:
         positions that continue every row (LLaVA).
         """
 
+
+def unnormalise(x: torch.Tensor, image_processor):
+    """[C, H, W] normalised floats -> the uint8 RGB image (mean/std and rescale undone, rounded)."""
+    from PIL import Image
+
+    if getattr(image_processor, "do_normalize", True):
+        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(-1, 1, 1)
+        x = x * std + mean
+    if getattr(image_processor, "do_rescale", True):
+        x = x / float(image_processor.rescale_factor)
+    array = x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array, mode="RGB")

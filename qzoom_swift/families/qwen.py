@@ -12,7 +12,7 @@ from qwen_vl_utils.vision_process import MAX_RATIO as _QWEN_MAX_RATIO
 from torch import Tensor, nn
 
 from qzoom_swift.families import compat
-from qzoom_swift.families.base import Embedded, FamilyAdapter
+from qzoom_swift.families.base import Embedded, FamilyAdapter, unnormalise
 from qzoom_swift.roi import GridBox
 
 MAX_RATIO: float = float(_QWEN_MAX_RATIO)
@@ -194,6 +194,29 @@ class _QwenVLAdapter(FamilyAdapter):
         if (width, height) == image.size:
             return image
         return image.resize((width, height), resample=3)  # bicubic, as qwen_vl_utils.fetch_image
+
+    def decode_pixels(self, pixel_values, image_grid_thw, image_processor):
+        """Patch rows back to images: ``pixel_values`` is [sum(t*h*w), C * temporal_patch * patch * patch] (rows of
+        all images, in order), ``image_grid_thw`` [n, 3] in patches. The first temporal frame is the image (still
+        images are repeated over ``temporal_patch_size``). In float32 the rounded values are the processor's uint8
+        input exactly."""
+        if image_grid_thw is None:
+            raise ValueError("Qwen-VL pixel_values come with image_grid_thw (the patch grid of each image)")
+        p, m = int(image_processor.patch_size), int(image_processor.merge_size)
+        tps = int(image_processor.temporal_patch_size)
+        channels = pixel_values.shape[-1] // (tps * p * p)
+        out, offset = [], 0
+        for t, gh, gw in image_grid_thw.tolist():
+            n = t * gh * gw
+            rows = pixel_values[offset:offset + n].float().cpu()
+            offset += n
+            # processor: [t, tps, C, gh/m, m, p, gw/m, m, p] -> permute(0, 3, 6, 4, 7, 2, 1, 5, 8) -> flatten
+            x = rows.reshape(t, gh // m, gw // m, m, m, channels, tps, p, p).permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
+            out.append(unnormalise(x.reshape(t, tps, channels, gh * p, gw * p)[0, 0], image_processor))
+        if offset != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but image_grid_thw "
+                             f"{image_grid_thw.tolist()} accounts for {offset}")
+        return out
 
     def encode_images(self, processor, images):
         out = processor.image_processor(images=images, return_tensors="pt", do_resize=False)

@@ -33,88 +33,10 @@ import logging
 import threading
 
 import torch
-from PIL import Image
 
 logger = logging.getLogger(__name__)
 _ACTIVE = threading.local()
 """Set while ``zoom_generate`` runs in this thread: its own ``model.generate`` calls decode with the stock method."""
-
-
-def qwen_pixels_to_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, image_processor) -> list[Image.Image]:
-    """The images a Qwen-VL image processor turned into ``pixel_values`` (its patch layout and normalisation undone).
-
-    ``pixel_values`` is [sum(t*h*w), C * temporal_patch * patch * patch] (rows of all images, in order) and
-    ``image_grid_thw`` [n, 3] in patches. The first temporal frame is the image (still images are repeated
-    over ``temporal_patch_size``). In float32 the rounded values are the processor's uint8 input exactly.
-    """
-    p, m = int(image_processor.patch_size), int(image_processor.merge_size)
-    tps = int(image_processor.temporal_patch_size)
-    channels = pixel_values.shape[-1] // (tps * p * p)
-    out, offset = [], 0
-    for t, gh, gw in image_grid_thw.tolist():
-        n = t * gh * gw
-        rows = pixel_values[offset:offset + n].float().cpu()
-        offset += n
-        # processor: [t, tps, C, gh/m, m, p, gw/m, m, p] -> permute(0, 3, 6, 4, 7, 2, 1, 5, 8) -> flatten
-        x = rows.reshape(t, gh // m, gw // m, m, m, channels, tps, p, p).permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
-        out.append(_unnormalise(x.reshape(t, tps, channels, gh * p, gw * p)[0, 0], image_processor))
-    if offset != pixel_values.shape[0]:
-        raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but image_grid_thw "
-                         f"{image_grid_thw.tolist()} accounts for {offset}")
-    return out
-
-
-def chw_pixels_to_images(pixel_values: torch.Tensor, image_processor) -> list[Image.Image]:
-    """The images behind [n, C, H, W] ``pixel_values`` (LLaVA's CLIP processor): its resized, cropped view."""
-    return [_unnormalise(x.float().cpu(), image_processor) for x in pixel_values]
-
-
-def _unnormalise(x: torch.Tensor, image_processor) -> Image.Image:
-    """[C, H, W] normalised floats -> the uint8 RGB image (mean/std and rescale undone, rounded)."""
-    if getattr(image_processor, "do_normalize", True):
-        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(-1, 1, 1)
-        std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(-1, 1, 1)
-        x = x * std + mean
-    if getattr(image_processor, "do_rescale", True):
-        x = x / float(image_processor.rescale_factor)
-    array = x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array, mode="RGB")
-
-
-def pixels_to_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                     image_processor) -> list[Image.Image]:
-    """The images behind one request's ``pixel_values`` (Qwen patch rows with their grid, or CHW squares)."""
-    if image_grid_thw is not None:
-        return qwen_pixels_to_images(pixel_values, image_grid_thw, image_processor)
-    if pixel_values.dim() != 4:
-        raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} without image_grid_thw: expected "
-                         "[images, channels, height, width]")
-    return chw_pixels_to_images(pixel_values, image_processor)
-
-
-def replace_image_runs(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> torch.Tensor:
-    """``input_ids`` (1-D) with its k-th run of image tokens resized to ``counts[k]`` tokens.
-
-    LLaMA-Factory expands each image placeholder to the token count of its processed view; Q-Zoom's first
-    pass encodes the image at the low budget, so every run takes that image's new count (markup kept).
-    """
-    ids = input_ids.tolist()
-    out, k, i = [], 0, 0
-    while i < len(ids):
-        if ids[i] != image_token_id:
-            out.append(ids[i])
-            i += 1
-            continue
-        j = i
-        while j < len(ids) and ids[j] == image_token_id:
-            j += 1
-        if k >= len(counts):
-            raise ValueError(f"the prompt holds more image-token runs than its {len(counts)} image(s)")
-        out.extend([image_token_id] * counts[k])
-        k, i = k + 1, j
-    if k != len(counts):
-        raise ValueError(f"the prompt holds {k} image-token run(s) for {len(counts)} image(s)")
-    return torch.tensor(out, dtype=input_ids.dtype, device=input_ids.device)
 
 
 def _request_logger() -> logging.Logger:
@@ -169,6 +91,7 @@ class QZoomGenerationMixin:
         from qzoom_swift.branches import require_branches
         from qzoom_swift.config import effective_config
         from qzoom_swift.families import get_adapter
+        from qzoom_swift.inputs import resize_image_runs
         from qzoom_swift.onnx.router import router_from_env
         from qzoom_swift.zoom import describe_decisions, zoom_generate
 
@@ -195,7 +118,7 @@ class QZoomGenerationMixin:
         processor = self.qzoom_processor()
         adapter = get_adapter(self)
         cfg = effective_config(require_branches(self).qzoom_config)  # branches' config < QZOOM_* environment
-        views = pixels_to_images(pixel_values, grid_thw, processor.image_processor)  # what LF showed: crop source
+        views = adapter.decode_pixels(pixel_values, grid_thw, processor.image_processor)  # LF's view: crop source
         device = input_ids.device
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if adapter.spec.fixed_resolution:  # LLaVA: the first pass is LF's own fixed-size view
@@ -205,7 +128,10 @@ class QZoomGenerationMixin:
                    for v in views]
             encoded = adapter.encode_images(processor, low)
             counts = [adapter.encoded_grid(self, {"image_grid_thw": g[None]}) for g in encoded["image_grid_thw"]]
-            ids = replace_image_runs(input_ids[0], adapter.image_token_id(self), [h * w for h, w in counts])[None]
+            shown = [adapter.encoded_grid(self, {"image_grid_thw": g[None]}) for g in grid_thw]  # LF's own view
+            ids = resize_image_runs(input_ids[0].tolist(), adapter.image_token_id(self), [h * w for h, w in shown],
+                                    [h * w for h, w in counts])
+            ids = torch.tensor([ids], dtype=input_ids.dtype, device=input_ids.device)
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                       "pixel_values": encoded["pixel_values"].to(device, pixel_values.dtype),
                       "image_grid_thw": encoded["image_grid_thw"].to(device)}

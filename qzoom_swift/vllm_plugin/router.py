@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qzoom_swift.inputs import resize_image_runs
 from qzoom_swift.model import QZoomModel
 from qzoom_swift.vllm_plugin.registration import ARCHITECTURES
 from qzoom_swift.zoom import ZoomPlan, ZoomStats
@@ -44,40 +45,13 @@ class PlannedRequest:
 
 
 def collapse_image_runs(ids: list[int], image_token: int, counts: list[int]) -> list[int]:
-    """Each image's ``counts[k]`` image tokens as one: vLLM expands every image placeholder itself, from its own
-    grid. Counted, not by runs: LLaVA's crop tokens directly follow the source image's."""
-    out: list[int] = []
-    k = skip = 0
-    for t in ids:
-        if skip:
-            skip -= 1
-            continue
-        out.append(t)
-        if t == image_token:
-            if k >= len(counts):
-                raise ValueError(f"more images in the prompt than the {len(counts)} given")
-            skip, k = counts[k] - 1, k + 1
-    if k != len(counts) or skip:
-        raise ValueError(f"the prompt holds {k} of {len(counts)} images' tokens")
-    return out
+    """Each image's ``counts[k]`` image tokens as one placeholder: vLLM expands them itself, from its own grid."""
+    return resize_image_runs(ids, image_token, counts, [1] * len(counts))
 
 
 def expand_image_placeholders(ids: list[int], image_token: int, counts: list[int]) -> list[int]:
-    """The inverse of ``collapse_image_runs``: image ``k``'s one placeholder as ``counts[k]`` image tokens (what
-    the processor's text expansion gives, from a prompt templated for vLLM)."""
-    out: list[int] = []
-    k = 0
-    for t in ids:
-        if t != image_token:
-            out.append(t)
-            continue
-        if k >= len(counts):
-            raise ValueError(f"the prompt has more image placeholders than its {len(counts)} images")
-        out.extend([t] * counts[k])
-        k += 1
-    if k != len(counts):
-        raise ValueError(f"the prompt has {k} image placeholders for {len(counts)} images")
-    return out
+    """The inverse of ``collapse_image_runs``: what the processor's text expansion gives a vLLM-templated prompt."""
+    return resize_image_runs(ids, image_token, [1] * len(counts), counts)
 
 
 class DroppedModule(nn.Module):
@@ -188,6 +162,10 @@ class VLLMRouter:
                                                               {"image_grid_thw": grids[k:k + 1]})
                                           for k in range(len(lows)))]
         ids = expand_image_placeholders(list(prompt_ids), adapter.image_token_id(model), counts)
+        if self.max_model_len is not None and len(ids) > self.max_model_len:  # no pass 1 for a prompt vLLM refuses
+            req = PlannedRequest(ZoomStats(reason="error"), token_ids=ids)
+            self._check_length(req, what)
+            return req
         inputs["input_ids"] = torch.tensor([ids])
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         [req] = self.route(inputs, [list(sources)], [list(lows)], cfg)
