@@ -30,7 +30,7 @@ def templates(tiny_dir):
 @pytest.mark.parametrize("backend", UNSUPPORTED_BACKENDS)
 def test_non_transformers_backends_are_refused_with_the_fix(templates, family, backend):
     template = templates[family]
-    with pytest.raises(ValueError, match="needs --infer_backend transformers") as exc:
+    with pytest.raises(ValueError, match="needs --infer_backend transformers or vllm") as exc:
         template.set_mode(backend)
     assert MODEL_TYPES[family] in str(exc.value) and backend in str(exc.value)
     assert template.mode != backend  # nothing half-set

@@ -176,13 +176,36 @@ def install_media_policy(policy: MediaPolicy) -> None:
         setattr(cls, name, classmethod(guarded))
 
 
+def name_async_errors(engine) -> None:
+    """ms-swift's vLLM engine encodes each request on its own, in ``infer_async``: name the failing image's entry
+    there too (the transformers engine does it in ``_batch_encode``, ``encode_independently``)."""
+    original = engine.infer_async
+    if getattr(original, _GUARD_FLAG, False):
+        return
+
+    @functools.wraps(original)
+    async def infer_async(infer_request, *args, **kwargs):
+        try:
+            return await original(infer_request, *args, **kwargs)
+        except ImageEntryError as exc:
+            named = name_request_error(infer_request, exc)
+            detach_traceback(named)
+            raise named from None
+
+    setattr(infer_async, _GUARD_FLAG, True)
+    engine.infer_async = infer_async
+
+
 def _guarded_register_app(original):
     @functools.wraps(original)
     def _register_app(self):
         from qzoom_swift.swift_plugin.backends import qzoom_subject
 
         if qzoom_subject(self.args, getattr(self, "template", None)) is not None:
-            encode_independently(self.infer_engine)
+            if getattr(self.args, "infer_backend", None) == "vllm":
+                name_async_errors(self.infer_engine)
+            else:
+                encode_independently(self.infer_engine)
             install_media_policy(MediaPolicy.from_env())
         return original(self)
 

@@ -33,10 +33,14 @@ def _samples() -> list[tuple[object | None, str]]:
     return [(im, QUESTIONS[i % 4]) for i, im in enumerate(images)] + [(None, "Say hello.")]
 
 
-def _data_url(image) -> str:
+def _png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def _data_url(image) -> str:
+    return "data:image/png;base64," + base64.b64encode(_png_bytes(image)).decode()
 
 
 def _content(image, question: str) -> list | str:
@@ -106,11 +110,20 @@ def test_swift_deploy_vllm_answers_concurrent_requests_as_sequential_ones_and_as
         requests = [_content(im, q) for im, q in served["samples"]]
         sequential = [chat_status(base, name, c, max_tokens=MAX_TOKENS) for c in requests]
         seq_log = _decisions(log.read_text(errors="replace"))
-        with ThreadPoolExecutor(len(requests)) as pool:
-            concurrent = list(pool.map(lambda c: chat_status(base, name, c, max_tokens=MAX_TOKENS), requests))
+        # the same 8 at once, with an unreadable image and a prompt longer than the engine takes among them
+        image = served["samples"][0][0]
+        truncated = "data:image/png;base64," + base64.b64encode(_png_bytes(image)[:2000]).decode()
+        bad = [[{"type": "image_url", "image_url": {"url": truncated}}, {"type": "text", "text": "What is it?"}],
+               [{"type": "image_url", "image_url": {"url": _data_url(image)}},
+                {"type": "text", "text": "word " * 1500}]]
+        with ThreadPoolExecutor(len(requests) + 2) as pool:
+            answered = list(pool.map(lambda c: chat_status(base, name, c, max_tokens=MAX_TOKENS), requests + bad))
+        concurrent, (unreadable, too_long) = answered[:8], answered[8:]
     finally:
         stop_process_tree(proc)
     text = log.read_text(errors="replace")
+    assert unreadable[0] == 400 and "messages[0].content[0]" in json.dumps(unreadable[1]), unreadable
+    assert too_long[0] == 400 and "max_model_len=1024" in json.dumps(too_long[1]), too_long
     assert all(status == 200 for status, _ in sequential + concurrent), [b for s, b in sequential + concurrent
                                                                           if s != 200]
     seq_answers = [answer_text(b) for _, b in sequential]
@@ -118,7 +131,7 @@ def test_swift_deploy_vllm_answers_concurrent_requests_as_sequential_ones_and_as
     want = served["want"]
     assert seq_answers == [a.text for a in want]
     # the decisions: one line per request, in order for the sequential ones, equal to the transformers path's
-    assert len(seq_log) == 8 and len(_decisions(text)) == 16
+    assert len(seq_log) == 8 and len(_decisions(text)) == 16  # the two bad requests were never decided
     want_decisions = [f"{'zoom' if a.stats.zoomed else 'direct'}({a.stats.reason})" for a in want]
     assert [d for d, _, _ in seq_log] == want_decisions
     assert {"zoom(gate)", "direct(below_gate)", "direct(no_roi)", "direct(no_image)"} <= set(want_decisions)
