@@ -249,6 +249,7 @@ def run_spec(spec: VLLMRowsSpec, *, progress: bool = True, engine=None) -> dict[
     records = read_split(spec.bench_root, spec.split)[: spec.limit]
     runs = spec.eval_runs()
     out = Path(spec.out)
+    _claim(spec)
     own = engine is None
     t0 = time.perf_counter()
     engine = engine or start_engine(spec)
@@ -264,6 +265,30 @@ def run_spec(spec: VLLMRowsSpec, *, progress: bool = True, engine=None) -> dict[
                    answers=str(out / ANSWERS_FILE))
     write_json_atomic(out / METRICS_FILE, metrics)
     return metrics
+
+
+SPEC_FILE = "spec.json"
+RESUME_INDEPENDENT = ("limit", "kv_cache_space_gb")
+"""Spec fields whose change keeps the answers already written (a larger ``limit`` only adds questions)."""
+
+
+def _claim(spec: VLLMRowsSpec) -> None:
+    """Record ``spec`` as the one ``out`` answers for; answers written under another spec are dropped first (a run
+    killed after its settings changed must not resume with the old ones)."""
+    from qzoom_swift.fileio import write_json_atomic
+
+    out = Path(spec.out)
+    new = asdict(spec)
+    old_path = out / SPEC_FILE
+    def key(fields: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in fields.items() if k not in RESUME_INDEPENDENT}
+
+    if old_path.is_file():
+        if key(json.loads(old_path.read_text())) != key(new):
+            (out / ANSWERS_FILE).unlink(missing_ok=True)
+    elif (out / ANSWERS_FILE).is_file():  # answers of unknown settings
+        (out / ANSWERS_FILE).unlink()
+    write_json_atomic(old_path, new)
 
 
 def _versions() -> dict[str, str]:
@@ -390,11 +415,11 @@ def run_in_environment(venv: VLLMEnvironment, spec: VLLMRowsSpec, log: Path) -> 
     so ``tail -f`` shows vLLM's progress); returns the metrics it wrote. A failure raises with the log's tail."""
     from qzoom_swift.fileio import write_json_atomic
 
-    path = write_json_atomic(Path(spec.out) / "spec.json", asdict(spec))
+    path = write_json_atomic(Path(spec.out) / "request.json", asdict(spec))  # run_spec claims out/spec.json
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
-        rc = subprocess.run([str(venv.python), "-m", "qzoom_swift.bench.vllm_rows", str(path), "--no-progress"],
-                            env=venv.env, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run([str(venv.python), "-m", "qzoom_swift.bench.vllm_rows", str(path)], env=venv.env,
+                            stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         tail = log.read_bytes()[-3000:].decode(errors="replace")
         raise RuntimeError(f"the vLLM rows failed (exit {rc}) in {venv.python}; log {log}:\n{tail}")
