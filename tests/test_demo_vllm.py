@@ -33,9 +33,17 @@ def test_vllm_rows_are_off_by_default_and_one_more_stage_when_set():
         demo_config("quick", ["vllm_batch=0"])
 
 
-def test_a_vllm_bin_without_python_is_refused_naming_the_folder(tmp_path):
+def test_a_vllm_bin_without_python_is_refused_before_any_stage_runs(tmp_path):
+    import subprocess
+    import sys
+
     with pytest.raises(FileNotFoundError, match=f"vllm_bin={tmp_path}"):
         vllm_environment(str(tmp_path))
+    res = subprocess.run([sys.executable, "-m", "qzoom_swift.cli", "demo", "--preset", "quick", "--out",
+                          str(tmp_path / "run"), "--set", f"vllm_bin={tmp_path}"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0 and f"qzoom demo: vllm_bin={tmp_path}" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run" / "stages").exists()
 
 
 def test_runs_and_spec():
