@@ -14,6 +14,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -40,6 +42,24 @@ def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) ->
     if parent_pid is not None and os.getppid() != parent_pid:
         os.kill(os.getpid(), sig)
     return True
+
+
+def exit_when_reparented(sig: int = signal.SIGTERM, poll_s: float = 1.0) -> threading.Thread:
+    """Send ``sig`` to this process once its parent is gone (it has been reparented), from a daemon thread.
+
+    For processes a library starts (vLLM's engine core): ``PR_SET_PDEATHSIG`` fires when the parent's *thread*
+    that started the child exits, which may be long before the parent does; polling the parent id does not.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), sig)
+
+    thread = threading.Thread(target=watch, name="qzoom-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _cmdline(pid: int) -> list[str]:

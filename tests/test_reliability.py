@@ -628,6 +628,35 @@ sys.exit(run_child(child))
 """
 
 
+_WATCHED_PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import os, time; from qzoom_swift.procs import exit_when_reparented; "
+                          "exit_when_reparented(poll_s=0.2); print('child', os.getpid(), flush=True); time.sleep(300)"])
+time.sleep(300)
+"""
+
+
+def test_7_a_watched_child_stops_when_its_killed_parent_is_gone():
+    """``exit_when_reparented`` (vLLM's engine processes): no kernel hook, the child polls its parent's id."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", _WATCHED_PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline()
+        assert line.startswith("child "), line
+        child = psutil.Process(int(line.split()[1]))
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        gone, alive = psutil.wait_procs([child], timeout=15)
+        assert not alive, "the child outlived its killed parent"
+    finally:
+        parent.kill()
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_7_a_stopped_or_killed_parent_leaves_no_child(tmp_path, how):
     import signal

@@ -14,10 +14,25 @@ Q-Zoom's positions (LLaVA-1.5's are sequential, so the crop as a second image ri
 zoomed sequence)."""
 
 
+_watching = False
+
+
 def register() -> None:
-    """Register the Q-Zoom model classes with vLLM (lazily: vLLM imports them only when an engine uses them)."""
+    """Register the Q-Zoom model classes with vLLM (lazily: vLLM imports them only when an engine uses them).
+
+    In a process vLLM started (its engine core, where the entry point runs this too), also stop once the process
+    that started it is gone: vLLM's engine core outlives a parent killed with SIGKILL, and its workers with it.
+    """
+    import multiprocessing
+
     from vllm import ModelRegistry
 
+    global _watching
     for name in ARCHITECTURES.values():
         if name is not None and name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"qzoom_swift.vllm_plugin.models:{name}")
+    if not _watching and multiprocessing.parent_process() is not None:
+        from qzoom_swift.procs import exit_when_reparented
+
+        exit_when_reparented()
+        _watching = True
