@@ -36,7 +36,12 @@ class FakeEngine:
         answers = []
         for q in questions:
             if "bad" in q:
-                answers.append(VLLMAnswer("", ZoomStats(reason="error"), None, error=TOO_LONG))
+                answers.append(VLLMAnswer("", ZoomStats(reason="error"), None, error=TOO_LONG,
+                                          failure="prompt_too_long"))
+                continue
+            if "unreadable" in q:
+                answers.append(VLLMAnswer("", ZoomStats(reason="error"), None, error="cannot open",
+                                          failure="unreadable_image"))
                 continue
             zoomed = "zoom" in q
             st = ZoomStats(zoomed=zoomed, reason="gate" if zoomed else "below_gate", gate_prob=0.9 if zoomed else 0.1,
@@ -97,9 +102,9 @@ def test_vllm_backend_answers_a_batch_in_one_generate_and_scores_a_failed_sample
     assert zoom.message.perf_metrics.ttft is None
     assert outputs["plain three"].metadata["qzoom"]["zoomed"] is False
     bad = outputs["bad two"]
-    assert bad.completion == "" and bad.error == f"model_error: RuntimeError: {TOO_LONG}"
+    assert bad.completion == "" and bad.error == f"prompt_too_long: RuntimeError: {TOO_LONG}"
     bad_meta = bad.metadata["qzoom"]
-    assert (bad_meta["failed"], bad_meta["failure"], bad_meta["backend"]) == (True, "model_error", "vllm")
+    assert (bad_meta["failed"], bad_meta["failure"], bad_meta["backend"]) == (True, "prompt_too_long", "vllm")
 
 
 def test_vllm_backend_stops_after_too_many_failed_samples_in_a_row(monkeypatch):
@@ -114,6 +119,9 @@ def test_vllm_backend_stops_after_too_many_failed_samples_in_a_row(monkeypatch):
     api = QZoomAPI("/models/m", backend="vllm")
     for _ in range(MAX_CONSECUTIVE_FAILURES):
         assert api.generate(_message("bad"), [], "auto", GenerateConfig()).metadata["qzoom"]["failed"]
+        # an unreadable image is the sample's own data: scored as failed, never counted toward the stop
+        assert api.generate(_message("unreadable"), [], "auto", GenerateConfig()).metadata["qzoom"]["failure"] == \
+            "unreadable_image"
     with pytest.raises(RuntimeError, match="in a row"):  # every prompt too long: a setting, not bad samples
         api.generate(_message("bad"), [], "auto", GenerateConfig())
 

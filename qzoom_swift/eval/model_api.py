@@ -302,8 +302,11 @@ class QZoomAPI(ModelAPI):
         error = getattr(answer, "error", None)  # a vLLM answer names a sample the engine could not answer
         if error:
             exc = RuntimeError(error)
-            self._count_model_failure(exc)
-            return self._failed(model_failure_reason(exc), exc, input)
+            failure = getattr(answer, "failure", None)
+            if failure == UNREADABLE_IMAGE:  # the sample's own data, as on the transformers backend
+                return self._failed(failure, exc, input)
+            self._count_model_failure(exc)  # prompt_too_long every time is a setting (max_model_len): it stops
+            return self._failed(failure or model_failure_reason(exc), exc, input)
         with self._failures_lock:
             self._failures_in_a_row = 0
         wall = batch_wall / batch_size  # this sample's share of its batch

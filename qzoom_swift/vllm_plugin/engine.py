@@ -36,6 +36,8 @@ class VLLMAnswer(ZoomAnswer):
     """``ZoomAnswer`` plus what vLLM reports; ``error`` names a sample that got no answer (the others still do)."""
 
     error: str | None = None
+    failure: str | None = None
+    """``unreadable_image`` or ``prompt_too_long`` when ``error`` is about the sample's input (``PlannedRequest``)."""
     cached_tokens: int = 0
     """Prompt tokens served from vLLM's prefix cache (``RequestOutput.num_cached_tokens``)."""
     prompt_token_ids: list[int] | None = None
@@ -110,13 +112,14 @@ class QZoomVLLM:
         self._engine_pids = _child_pids() - before
         self.planner.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
-    def shutdown(self) -> None:
-        """Stop the engine's processes (they also stop with this process)."""
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop the engine's processes, waiting at most ``timeout`` seconds for them (they also stop with this
+        process, even one killed outright: ``registration.register`` watches the parent)."""
         llm = getattr(self, "llm", None)
         if llm is not None:
             self.llm = None
             llm.llm_engine.engine_core.shutdown()
-            _wait_for(self._engine_pids)
+            _wait_for(self._engine_pids, timeout)
 
     def plan(self, images, questions: str | list[str], config_overrides: dict | None = None) -> list[PlannedRequest]:
         """Route every sample and build its vLLM prompt (``VLLMRouter.plan``); bad samples get ``error``."""
@@ -141,7 +144,7 @@ class QZoomVLLM:
         t0 = time.perf_counter()
         outputs = self.llm.generate([planned[i].prompt for i in sent], params, use_tqdm=False) if sent else []
         share = (time.perf_counter() - t0) / max(1, len(sent))
-        answers = [VLLMAnswer("", p.stats, None, error=p.error) for p in planned]
+        answers = [VLLMAnswer("", p.stats, None, error=p.error, failure=p.failure) for p in planned]
         for i, out in zip(sent, outputs):
             tokens = list(out.outputs[0].token_ids)
             planned[i].stats.time_decode_s = share

@@ -25,6 +25,7 @@ from qzoom_swift.vllm_plugin.registration import ARCHITECTURES
 from qzoom_swift.zoom import ZoomPlan, ZoomStats
 
 ROI_FIELD = "qzoom_roi"  # models.ROI_FIELD (models.py imports vLLM at import; this module must not)
+UNREADABLE_IMAGE, PROMPT_TOO_LONG = "unreadable_image", "prompt_too_long"
 
 
 @dataclass
@@ -42,6 +43,9 @@ class PlannedRequest:
     prefix_end: int = 0
     """Tokens before the inserted crop (unchanged from the direct prompt, so their KV blocks are shareable)."""
     error: str | None = None
+    failure: str | None = None
+    """What kind of input ``error`` is about: ``unreadable_image`` or ``prompt_too_long`` (the sample's own data,
+    not a failing model: evaluation scores it and goes on)."""
 
 
 def collapse_image_runs(ids: list[int], image_token: int, counts: list[int]) -> list[int]:
@@ -132,7 +136,7 @@ class VLLMRouter:
                 src = [load_image(x, f"sample {i} image {j}") for j, x in enumerate(items)]
                 low = [self.model._low_image(img, cfg, i, j) for j, img in enumerate(src)]
             except (ValueError, TypeError) as exc:
-                planned[i] = PlannedRequest(ZoomStats(reason="error"), error=str(exc))
+                planned[i] = PlannedRequest(ZoomStats(reason="error"), error=str(exc), failure=UNREADABLE_IMAGE)
                 continue
             ready.append((i, src, low))
         for lo in range(0, len(ready), self.batch_size):
@@ -216,6 +220,7 @@ class VLLMRouter:
     def _check_length(self, req: PlannedRequest, what: str) -> None:
         if self.max_model_len is None or req.error is not None or len(req.token_ids) <= self.max_model_len:
             return
+        req.failure = PROMPT_TOO_LONG
         req.error = (f"{what}: its prompt has {len(req.token_ids)} tokens, more than the engine's "
                      f"max_model_len={self.max_model_len}; raise max_model_len or lower the token budgets")
         req.prompt = None
