@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qzoom_swift.bench.side_env import probe_environment, source_root
 from qzoom_swift.recipes_command import RECIPES_DIR
 
 LF_RECIPES = RECIPES_DIR / "llamafactory" / "toy"
@@ -31,10 +31,6 @@ LF_TEMPLATE = "qwen2_vl"
 _WRITE_FOLDER = ("import json, sys; from qzoom_swift.llamafactory_plugin.folder import write_model_folder; "
                  "print(write_model_folder(**json.loads(sys.argv[1])))")
 """``qzoom lf-model`` as a function call: the command has no option for Q-Zoom settings beyond B and R."""
-_PROBE = ("import json, importlib.metadata as m, qzoom_swift; print(json.dumps({**{d: m.version(d) for d in "
-          "('llamafactory', 'transformers', 'torch')}, 'qzoom_swift': qzoom_swift.__file__}))")
-
-
 @dataclass(frozen=True)
 class LFEnvironment:
     """The LLaMA-Factory environment's ``bin/`` folder, the variables its commands run with, its versions."""
@@ -45,14 +41,6 @@ class LFEnvironment:
 
     def tool(self, name: str) -> Path:
         return self.bin / name
-
-
-def source_root() -> Path | None:
-    """The checkout the running qzoom_swift comes from (None for an installed package)."""
-    import qzoom_swift
-
-    root = Path(qzoom_swift.__file__).resolve().parents[1]
-    return root if (root / "setup.cfg").is_file() else None
 
 
 def lf_environment(lf_bin: str) -> LFEnvironment:
@@ -68,17 +56,10 @@ def lf_environment(lf_bin: str) -> LFEnvironment:
             "environment with qzoom_swift[llamafactory] installed")
     env = {k: v for k, v in os.environ.items() if k != "DISABLE_VERSION_CHECK"}  # LLaMA-Factory's pins hold
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", WANDB_DISABLED="true")
-    if root is not None:  # that environment's editable install may point at another checkout than this one
-        env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
-    probe = subprocess.run([str(bin_dir / "python"), "-c", _PROBE], env=env, capture_output=True, text=True)
-    if probe.returncode != 0:
-        raise RuntimeError(f"trainer=llamafactory: {bin_dir / 'python'} cannot import LLaMA-Factory and qzoom_swift "
-                           f"(install qzoom_swift[llamafactory] there, e.g. `make venv-lf`):\n{probe.stderr[-2000:]}")
-    versions = json.loads(probe.stdout.strip().splitlines()[-1])
-    imported = Path(versions.pop("qzoom_swift")).resolve().parents[1]
-    if root is not None and imported != root:
-        raise RuntimeError(f"trainer=llamafactory: {bin_dir / 'python'} imports qzoom_swift from {imported}, this "
-                           f"demo runs {root}; unset PYTHONPATH entries that shadow it")
+    versions = probe_environment(bin_dir / "python", env, imports="llamafactory",
+                                 distributions=("llamafactory", "transformers", "torch"),
+                                 subject="trainer=llamafactory",
+                                 install_hint="install qzoom_swift[llamafactory] there, e.g. `make venv-lf`")
     return LFEnvironment(bin_dir, env, versions)
 
 

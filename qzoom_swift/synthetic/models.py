@@ -208,6 +208,8 @@ class _FamilyBuilder:
     """tokenizer -> ``GenerationConfig`` kwargs."""
     full_size_processor: Callable[[Any], Any] | None = None
     """tokenizer -> processor of the real checkpoints, where it differs from ``processor`` (image size)."""
+    checkpoint_layout: Callable[[Path], None] | None = None
+    """Rewrites the saved weights' keys into the real checkpoints' layout, where transformers saves another."""
 
 
 _BUILDERS: dict[str, _FamilyBuilder] = {
@@ -220,7 +222,8 @@ _BUILDERS: dict[str, _FamilyBuilder] = {
                        partial(build_qwen_tokenizer, None, chat_template=QWEN3_VL_CHAT_TEMPLATE),
                        _qwen3_vl_processor, _qwen_generation),
         _FamilyBuilder("llava", "LlavaConfig", _llava_tiny_config, partial(build_llava_tokenizer, None),
-                       _llava_processor, _llava_generation, partial(_llava_processor, image_size=336)),
+                       _llava_processor, _llava_generation, partial(_llava_processor, image_size=336),
+                       lambda out_dir: _llava_hf_key_layout(out_dir)),
     )
 }
 
@@ -350,8 +353,8 @@ def _write_model_dir(family: str, config, out_dir: Path, seed: int) -> None:
     model.eval()
     model.generation_config = GenerationConfig(**builder.generation(tokenizer))
     model.save_pretrained(str(out_dir))
-    if family == "llava":
-        _llava_hf_key_layout(out_dir)
+    if builder.checkpoint_layout is not None:
+        builder.checkpoint_layout(out_dir)
     processor.save_pretrained(str(out_dir))
 
 

@@ -77,7 +77,7 @@ class QZoomVLLM:
     def __init__(self, model: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *,
                  router: QZoomModel | None = None, config_overrides: dict | None = None, dtype: str = "auto",
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
-                 max_model_len: int | None = None, kv_cache_space_gb: float | None = None,
+                 max_model_len: int | None = None, kv_cache_space_gb: int | None = None,
                  router_device: str | None = None, router_dtype: str | None = None,
                  router_batch_size: int = 8, **engine_kwargs):
         require_extra("vllm", "QZoomVLLM (Q-Zoom on vLLM)")
@@ -99,7 +99,10 @@ class QZoomVLLM:
             set_process_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")
             engine_kwargs.setdefault("distributed_executor_backend", "uni")
         if kv_cache_space_gb is not None:
-            set_process_env(VLLM_CPU_KVCACHE_SPACE=str(kv_cache_space_gb))
+            if kv_cache_space_gb != int(kv_cache_space_gb) or kv_cache_space_gb < 1:
+                raise ValueError(f"kv_cache_space_gb={kv_cache_space_gb}: the CPU build reads whole GiB "
+                                 "(VLLM_CPU_KVCACHE_SPACE is an integer); pass 1 or more")
+            set_process_env(VLLM_CPU_KVCACHE_SPACE=str(int(kv_cache_space_gb)))
         kwargs = {"dtype": dtype, "tensor_parallel_size": tensor_parallel_size, "max_model_len": max_model_len,
                   "limit_mm_per_prompt": {"image": 2}, "enable_prefix_caching": True, **engine_kwargs}
         if gpu_memory_utilization is not None:
@@ -134,11 +137,17 @@ class QZoomVLLM:
         Times: ``time_pass1_s`` the router's pass-1 share, ``time_pass2_s`` the crop's encoding, ``time_decode_s``
         the sample's 1/n share of the engine call (vLLM's whole prefill and decode, batched continuously).
         """
+        return self.answer(self.plan(images, questions, config_overrides), max_new_tokens=max_new_tokens,
+                           sampling_params=sampling_params)
+
+    def answer(self, planned: list[PlannedRequest], *, max_new_tokens: int = 64,
+               sampling_params=None) -> list[VLLMAnswer]:
+        """The engine's half of ``generate``: send the routed requests (``plan``'s, or any ``PlannedRequest`` with
+        a vLLM prompt, e.g. a plain one) as one continuous batch; a request with ``error`` is not sent."""
         import time
 
         from vllm import SamplingParams
 
-        planned = self.plan(images, questions, config_overrides)
         params = sampling_params or SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
         sent = [i for i, p in enumerate(planned) if p.error is None]
         t0 = time.perf_counter()
