@@ -63,7 +63,7 @@ def _guarded_get_infer_engine(original):
         check_infer_backend(args, template, backend)
         if backend != "vllm" or template is None or qzoom_subject(args, template) is None:
             return original(args, template, **kwargs)
-        from qzoom_swift.swift_plugin.vllm_serving import drop_branch_adapter, prepare
+        from qzoom_swift.swift_plugin.vllm_serving import attach_engine, prepare
 
         adapters = list(getattr(args, "adapters", None) or [])
         checkpoint = prepare(args, template)
@@ -72,7 +72,7 @@ def _guarded_get_infer_engine(original):
             engine = original(args, template, **kwargs)
         finally:
             args.adapters = adapters
-        drop_branch_adapter(engine, checkpoint)
+        attach_engine(engine, checkpoint)
         return engine
 
     setattr(get_infer_engine, _GUARD_FLAG, True)

@@ -9,7 +9,7 @@ transformers engine). The engine is told the Q-Zoom model class through ``Templa
 
 ``--adapters``: ms-swift hands them to vLLM as a LoRA. A Q-Zoom branch checkpoint is no LoRA: it is taken out of
 the engine's arguments and loaded by the router instead (``prepare``), and the adapter request ms-swift still
-sends with every request for it is dropped (``drop_branch_adapter``). A Post-SFT LoRA must be merged first.
+sends with every request for it is dropped (``attach_engine``). A Post-SFT LoRA must be merged first.
 """
 
 from __future__ import annotations
@@ -64,8 +64,12 @@ def prepare(args, template) -> str | None:
     return checkpoint
 
 
-def drop_branch_adapter(engine, checkpoint: str | None) -> None:
-    """ms-swift sends ``--adapters[0]`` as a LoRA request with every request; the router holds that checkpoint."""
+def attach_engine(engine, checkpoint: str | None) -> None:
+    """Once ms-swift built the engine: the router learns its ``max_model_len``, and the adapter request ms-swift
+    sends with every request for ``--adapters[0]`` (as a LoRA) is dropped when it is the router's checkpoint."""
+    router = getattr(engine.template, ROUTER_ATTR, None)
+    if router is not None:
+        router.max_model_len = getattr(engine, "max_model_len", None)
     if checkpoint is None:
         return
     add_request = engine._add_request
@@ -80,9 +84,6 @@ def drop_branch_adapter(engine, checkpoint: str | None) -> None:
         return add_request(inputs, generation_config, request_id, adapter_request=adapter_request)
 
     engine._add_request = _add_request
-    router = getattr(engine.template, ROUTER_ATTR, None)
-    if router is not None:
-        router.max_model_len = getattr(engine, "max_model_len", None)
 
 
 def engine_kwargs(family: str) -> dict:
