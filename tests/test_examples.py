@@ -111,7 +111,7 @@ def _paths(text: str) -> tuple[set[str], list[str]]:
         else:
             written |= {f"{d}/{f}" for d in outs for f in WRITES["swift sft"]}
         for m in re.finditer(r"qzoom build-tiny --family (\w+).*?--cache-dir (\S+)", line):
-            written.add(f"{m.group(2)}/models/{m.group(1)}-tiny-s0-v1")
+            written.add(f"{m.group(2)}/models/{m.group(1)}-tiny-s0-v2")
         read += [v for v in _flag_values(line, ("--dataset", "dataset:", "--adapters", "--checkpoint", "--trajectories",
                                                "--model", "model:", "--shard", "--resume_from_checkpoint", "--val_dataset"))
                  if v.startswith(("runs/", ".cache/"))]
@@ -141,7 +141,7 @@ def test_every_path_handed_to_a_later_step_is_one_an_earlier_step_writes():
 
 
 def test_the_tiny_recipes_model_is_what_build_tiny_writes(tiny_dir):
-    assert tiny_dir("qwen2_5_vl").name == "qwen2_5_vl-tiny-s0-v1"  # the name the recipes and the parser use
+    assert tiny_dir("qwen2_5_vl").name == "qwen2_5_vl-tiny-s0-v2"  # the name the recipes and the parser use
 
 
 def test_demo_writes_what_the_toy_recipes_name():
@@ -406,7 +406,7 @@ def test_infer_example_answers_with_zoom(examples):
 @pytest.mark.slow
 def test_deploy_example_serves_an_image_request_and_stops_the_server(examples):
     work, log = _ok(examples, "deploy.sh")
-    assert re.search(r"qwen2_5_vl-tiny-s0-v1: '.*' \(\d+ prompt tokens\)", log), log[-2000:]
+    assert re.search(r"qwen2_5_vl-tiny-s0-v2: '.*' \(\d+ prompt tokens\)", log), log[-2000:]
     assert "qzoom: zoom(gate)" in (work / "runs/deploy/qwen2_5_vl_7b/deploy.log").read_text()
     port = int(examples[2]["deploy_port"])
     deadline = time.monotonic() + 30

@@ -571,7 +571,8 @@ def test_11_deploy_usage_counts_the_tokens_the_zoomed_pass_read(deploy):
                                     {"type": "text", "text": "What colour is it?"}])
     assert code == 200, body
     time.sleep(0.5)
-    decisions = re.findall(r"qzoom: zoom\(forced\) p=\S+ read=(\d+) visual=(\d+)\+(\d+)", log.read_text())
+    decisions = re.findall(r"qzoom: zoom\(forced\) p=\S+(?: box=\[[^]]*\]/\[[^]]*\])? read=(\d+) visual=(\d+)\+(\d+)",
+                           log.read_text())
     assert decisions, log.read_text()[-2000:]
     read, low, roi = map(int, decisions[-1])
     assert roi > 0 and read > low + roi
