@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads, this process and the engine's (default: 2)")
     p.add_argument("--kv-cache-gb", type=int, default=1, help="vLLM CPU KV cache in GiB (default: 1)")
     p.add_argument("--no-transformers", action="store_true", help="vLLM rows only")
+    p.add_argument("--embeds", action="store_true",
+                   help="add Q-Zoom on vLLM with the router's image features passed to vLLM instead of the images "
+                        "(QZoomVLLM(pass_embeddings=True); Qwen2.5-VL): vLLM skips its vision tower")
     p.add_argument("--out", default=None, help="optional JSON results path (written atomically)")
     args = p.parse_args(argv)
     args.batch_list = [int(b) for b in args.batches.split(",")]
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     qz_run, low_run, high_run = vruns
     spec = VLLMRowsSpec(args.model or summary["model_dir"], args.checkpoint or summary["checkpoint"], bench_root,
                         out="", runs=[asdict(r) for r in vruns], reference=high_run.name, low_tokens=low,
-                        kv_cache_space_gb=args.kv_cache_gb, max_new_tokens=demo["eval_new_tokens"])
+                        kv_cache_space_gb=args.kv_cache_gb, max_new_tokens=demo["eval_new_tokens"],
+                        engine_kwargs={"enable_mm_embeds": True} if args.embeds else {})
     new_tokens = demo["eval_new_tokens"]
     import vllm
 
@@ -135,10 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.batch_list:
         for (tname, trun), vrun in zip(trows, vruns):
             rows_spec.append((f"{vrun.name} b{b}", "vllm", vrun, b))
+            if args.embeds and vrun is qz_run:
+                rows_spec.append((f"{vrun.name} embeds b{b}", "vllm-embeds", vrun, b))
             if not args.no_transformers:
                 rows_spec.append((f"{tname} (transformers) b{b}", "transformers", trun, b))
 
     def answer(backend: str, run, batch: int, recs) -> list[dict]:
+        if backend == "vllm-embeds":  # the same engine and router, the router's image features sent instead
+            engine.planner.pass_embeddings = True
+            try:
+                return answer_rows(engine, recs, [run], None, batch_size=batch, max_new_tokens=new_tokens,
+                                   block=len(recs), progress=False)
+            finally:
+                engine.planner.pass_embeddings = False
         if backend == "vllm":
             return answer_rows(engine, recs, [run], None, batch_size=batch, max_new_tokens=new_tokens, block=len(recs),
                                progress=False)
@@ -188,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         table[label] = {"backend": backend, "run": run.name, "batch": b, "answers_per_s": rate, "accuracy": _acc(rows),
                         "accuracy_fine": _acc(rows, "fine"), "accuracy_coarse": _acc(rows, "coarse"),
                         "zoom_rate": sum(r["zoomed"] for r in rows) / len(rows), "visual_tokens": vis,
-                        "router_share": router if backend == "vllm" and run.mode != "never" else None,
+                        "router_share": router if backend.startswith("vllm") and run.mode != "never" else None,
                         "router_ms": 1000 * sum(r.get("time_router_s", 0.0) for r in rows) / len(rows),
                         "engine_ms": 1000 * sum(r.get("time_engine_s", 0.0) for r in rows) / len(rows),
                         "errors": sum(r.get("error") is not None for r in rows)}
@@ -209,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             lines += [("Q-Zoom vLLM / Q-Zoom transformers", q, tq), (f"plain vLLM@{high} / transformers@{high}", hi, thi),
                       (f"plain vLLM@{low} / transformers@{low}", lo, tlo),
                       (f"Q-Zoom transformers / transformers@{high}", tq, thi)]
+        if args.embeds:
+            lines.append(("Q-Zoom vLLM embeds / Q-Zoom vLLM images", table[f"{qz_run.name} embeds b{b}"], q))
         for text, a, c in lines:
             ratio = a["answers_per_s"] / c["answers_per_s"]
             print(f"  batch {b}: {text:<48} {ratio:6.2f}x")
@@ -240,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             same = sum(v[i]["answer"] == t[i]["answer"] for i in v) / len(v)
             dec = sum(bool(v[i]["zoomed"]) == bool(t[i]["zoomed"]) for i in v) / len(v)
             print(f"  batch {b}: Q-Zoom vLLM vs transformers: same answer {_pct(same)}, same zoom decision {_pct(dec)}")
+    for b in args.batch_list if args.embeds else []:
+        e = {r["id"]: r for r in results[f"{qz_run.name} embeds b{b}"]}
+        v = {r["id"]: r for r in results[f"{qz_run.name} b{b}"]}
+        print(f"  batch {b}: Q-Zoom vLLM embeds vs images: same answer "
+              f"{_pct(sum(e[i]['answer'] == v[i]['answer'] for i in e) / len(e))}")
     if args.out:
         from qzoom_swift.fileio import write_json_atomic
 

@@ -37,6 +37,9 @@ class FamilySpec:
     """LLaMA-Factory's chat template of the family's base chat format (a recipe's ``template``; Qwen3-VL Instruct
     checkpoints use ``qwen3_vl_nothink``, LLaMA-Factory's own mapping for them)."""
     vllm_architecture: str | None = None
+    vllm_image_embeds: bool = False
+    """Whether the vLLM wing can hand vLLM the router's image features instead of the images
+    (``QZoomVLLM(pass_embeddings=True)``); Qwen3-VL's carry DeepStack levels and LLaVA's another layout: not done."""
     """The Q-Zoom model class registered with vLLM (``vllm_plugin.models``); None when vLLM's stock model already
     places the crop at Q-Zoom's positions (sequential positions: the crop right after the source image)."""
     known_branch_layers: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -58,7 +61,7 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("qwen2_5_vl", "Qwen2.5-VL", ("qwen2_5_vl",), patch_unit=28, fixed_resolution=False,
                    swift_model_type="qwen2_5_vl", swift_template="qwen2_5_vl", swift_model_arch="qwen2_vl",
                    adapter="qzoom_swift.families.qwen:Qwen2_5VLAdapter", llamafactory_template="qwen2_vl",
-                   vllm_architecture="QZoomQwen2_5_VLForConditionalGeneration",
+                   vllm_architecture="QZoomQwen2_5_VLForConditionalGeneration", vllm_image_embeds=True,
                    known_branch_layers={(36, 2048): 24,  # Qwen2.5-VL-3B
                                         (28, 3584): 18}),  # Qwen2.5-VL-7B
         FamilySpec("qwen3_vl", "Qwen3-VL", ("qwen3_vl",), patch_unit=32, fixed_resolution=False,

@@ -72,6 +72,8 @@ class QZoomVLLM:
     ``checkpoint``, or ``router``: a ready ``QZoomModel``, e.g. fresh branches in tests). Engine arguments:
     ``dtype``, ``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``, ``kv_cache_space_gb``
     (the CPU build's KV memory), anything else through ``engine_kwargs`` (``vllm.LLM``'s arguments).
+    ``pass_embeddings`` (Qwen2.5-VL): send the router's image features instead of the images, so vLLM skips the
+    vision tower (the router encodes the crop instead).
     """
 
     def __init__(self, model: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *,
@@ -79,14 +81,16 @@ class QZoomVLLM:
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
                  max_model_len: int | None = None, kv_cache_space_gb: int | None = None,
                  router_device: str | None = None, router_dtype: str | None = None,
-                 router_batch_size: int = 8, **engine_kwargs):
+                 router_batch_size: int = 8, pass_embeddings: bool = False, **engine_kwargs):
         require_extra("vllm", "QZoomVLLM (Q-Zoom on vLLM)")
         if router is None:  # a checkpoint that does not fit the model is refused here, before any engine starts
             router = load_router(model, checkpoint, device=router_device, dtype=router_dtype,
                                  config_overrides=config_overrides)
         self.router = router
         self.family = router.adapter.name
-        self.planner = VLLMRouter(router, batch_size=router_batch_size)
+        self.planner = VLLMRouter(router, batch_size=router_batch_size, pass_embeddings=pass_embeddings)
+        if pass_embeddings:  # vLLM takes the router's image features instead of re-encoding the images
+            engine_kwargs.setdefault("enable_mm_embeds", True)
         from vllm import LLM
 
         from qzoom_swift.config import set_process_env

@@ -111,11 +111,17 @@ class VLLMRouter:
     ``max_model_len``: prompts longer than the engine takes get ``error`` instead of a request.
     """
 
-    def __init__(self, model: QZoomModel, batch_size: int = 8, max_model_len: int | None = None):
+    def __init__(self, model: QZoomModel, batch_size: int = 8, max_model_len: int | None = None,
+                 pass_embeddings: bool = False):
         self.model = model
         self.family = model.adapter.name
         self.batch_size = max(1, int(batch_size))
         self.max_model_len = max_model_len
+        if pass_embeddings and not model.adapter.spec.vllm_image_embeds:
+            raise ValueError(f"pass_embeddings: not done for {self.family} (Qwen2.5-VL only)")
+        self.pass_embeddings = pass_embeddings
+        """Send the router's image features (the low-resolution image's from pass 1, the crop's encoded here)
+        instead of the images, so vLLM does not run the vision tower again (the engine needs enable_mm_embeds)."""
         self._lock = threading.Lock()  # concurrent server requests share one router model
 
     def plan(self, images, questions: str | list[str], config_overrides: dict | None = None) -> list[PlannedRequest]:
@@ -210,12 +216,32 @@ class VLLMRouter:
             st.time_pass2_s += plan.encode_s  # the crop's encoding; vLLM's prefill is not seen from here
         token_ids = ids.tolist()
         prompt: dict = {"prompt_token_ids": collapse_image_runs(token_ids, adapter.image_token_id(model), counts)}
-        if images:
+        if images and self.pass_embeddings:
+            t0 = time.perf_counter()
+            prompt["multi_modal_data"] = {"image": self._image_embeds(state, b, plan)}
+            st.time_pass2_s += time.perf_counter() - t0 if plan is not None else 0.0
+        elif images:
             prompt["multi_modal_data"] = {"image": images}
         if plan is not None and ARCHITECTURES[self.family] is not None:  # a Q-Zoom model class reads the box
             prompt["mm_processor_kwargs"] = {ROI_FIELD: boxes}
         st.prompt_tokens = len(token_ids)
         return PlannedRequest(st, prompt, token_ids, positions, prefix_end)
+
+    def _image_embeds(self, state, b: int, plan: ZoomPlan | None) -> dict[str, torch.Tensor]:
+        """vLLM's embedding input of sample ``b``: its images' features from pass 1 (the low-resolution prompt's,
+        as scattered into it) and the crop's, run through the vision tower here, with their patch grids."""
+        model, adapter = self.model.model, self.model.adapter
+        inner = adapter.inner_model(model)
+        merge = int(inner.visual.spatial_merge_size)
+        feats = [state.embedded.inputs_embeds[b][state.embedded.visual_mask[b]]]
+        grids = [[1, r * merge, c * merge] for (r, c), owner in zip(state.embedded.grids, state.image_samples())
+                 if owner == b]
+        if plan is not None:
+            out = inner.get_image_features(plan.encoded["pixel_values"], plan.encoded["image_grid_thw"],
+                                           return_dict=True)
+            feats.append(torch.cat(out.pooler_output, dim=0).to(feats[0].dtype))
+            grids += plan.encoded["image_grid_thw"].tolist()
+        return {"image_embeds": torch.cat(feats).cpu(), "image_grid_thw": torch.tensor(grids, dtype=torch.int64)}
 
     def _check_length(self, req: PlannedRequest, what: str) -> None:
         if self.max_model_len is None or req.error is not None or len(req.token_ids) <= self.max_model_len:
