@@ -336,6 +336,13 @@ class FamilyAdapter:
         """Processor outputs for images alone: ``pixel_values`` (+ ``image_grid_thw`` for Qwen)."""
         raise NotImplementedError
 
+    def serving_image_embeds(self, model: nn.Module, features: torch.Tensor, grids: list[tuple[int, int]],
+                             crop: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """A serving engine's image-embedding input (vLLM's ``image_embeds`` item) for images already encoded
+        (``features`` of the merged-token ``grids``, as ``embed`` scatters them) plus an optional ``crop`` still to
+        encode (its processor outputs). Families that do not have it raise (``FamilySpec.vllm_image_embeds``)."""
+        raise NotImplementedError(f"{self.name}: no image-embedding input for serving engines")
+
     def encoded_grid(self, model: nn.Module, encoded: dict[str, torch.Tensor]) -> tuple[int, int]:
         """Merged-token grid (rows, cols) of one image encoded by ``encode_images``."""
         raise NotImplementedError

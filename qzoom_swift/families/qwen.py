@@ -222,6 +222,17 @@ class _QwenVLAdapter(FamilyAdapter):
         out = processor.image_processor(images=images, return_tensors="pt", do_resize=False)
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
+    def serving_image_embeds(self, model, features, grids, crop=None):
+        """vLLM's Qwen-VL embedding item: the merged features and each image's patch grid ``[1, h, w]``."""
+        inner = self.inner_model(model)
+        merge = int(inner.visual.spatial_merge_size)
+        feats, thw = [features], [[1, r * merge, c * merge] for r, c in grids]
+        if crop is not None:
+            out = inner.get_image_features(crop["pixel_values"], crop["image_grid_thw"], return_dict=True)
+            feats.append(torch.cat(out.pooler_output, dim=0).to(features.dtype))
+            thw += crop["image_grid_thw"].tolist()
+        return {"image_embeds": torch.cat(feats).cpu(), "image_grid_thw": torch.tensor(thw, dtype=torch.int64)}
+
     def encoded_grid(self, model, encoded):
         merge = int(self.inner_model(model).visual.spatial_merge_size)
         _, h, w = encoded["image_grid_thw"][0].tolist()

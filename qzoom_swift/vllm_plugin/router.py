@@ -228,20 +228,11 @@ class VLLMRouter:
         return PlannedRequest(st, prompt, token_ids, positions, prefix_end)
 
     def _image_embeds(self, state, b: int, plan: ZoomPlan | None) -> dict[str, torch.Tensor]:
-        """vLLM's embedding input of sample ``b``: its images' features from pass 1 (the low-resolution prompt's,
-        as scattered into it) and the crop's, run through the vision tower here, with their patch grids."""
-        model, adapter = self.model.model, self.model.adapter
-        inner = adapter.inner_model(model)
-        merge = int(inner.visual.spatial_merge_size)
-        feats = [state.embedded.inputs_embeds[b][state.embedded.visual_mask[b]]]
-        grids = [[1, r * merge, c * merge] for (r, c), owner in zip(state.embedded.grids, state.image_samples())
-                 if owner == b]
-        if plan is not None:
-            out = inner.get_image_features(plan.encoded["pixel_values"], plan.encoded["image_grid_thw"],
-                                           return_dict=True)
-            feats.append(torch.cat(out.pooler_output, dim=0).to(feats[0].dtype))
-            grids += plan.encoded["image_grid_thw"].tolist()
-        return {"image_embeds": torch.cat(feats).cpu(), "image_grid_thw": torch.tensor(grids, dtype=torch.int64)}
+        """vLLM's embedding input of sample ``b``: its images' features from pass 1 and the crop, encoded here."""
+        grids = [g for g, owner in zip(state.embedded.grids, state.image_samples()) if owner == b]
+        features = state.embedded.inputs_embeds[b][state.embedded.visual_mask[b]]
+        return self.model.adapter.serving_image_embeds(self.model.model, features, grids,
+                                                       None if plan is None else plan.encoded)
 
     def _check_length(self, req: PlannedRequest, what: str) -> None:
         if self.max_model_len is None or req.error is not None or len(req.token_ids) <= self.max_model_len:
